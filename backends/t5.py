@@ -1,0 +1,33 @@
+"""T5 family: encoder-decoder LLM; the distiller is a (smaller) T5 encoder. Vectors are prepended
+to the LLM's encoder input and options are scored as decoder targets."""
+from transformers import T5Config, T5EncoderModel, T5ForConditionalGeneration
+
+from mendctl.backend import Backend as Base
+from mendctl.lm import Seq2SeqLM
+
+
+class T5LM(Seq2SeqLM):
+    def head(self, hidden):
+        # T5 rescales the decoder output before a tied LM head (as its own forward does).
+        if self.model.config.tie_word_embeddings:
+            hidden = hidden * self.model.config.d_model ** -0.5
+        return super().head(hidden)
+
+
+class Backend(Base):
+    name = "t5"
+    aliases = ("t5-lm-adapt", "flan-t5")
+    lm_class = T5LM
+    llm_class = T5ForConditionalGeneration
+    distiller_class = T5EncoderModel
+    distiller_is_causal = False
+    layers_attr = "block"
+
+    def llm_base(self, model):
+        return model.get_encoder()
+
+    def tiny_config(self, spec, tokenizer, *, encoder_only=False):
+        return T5Config(vocab_size=len(tokenizer), d_model=spec.hidden, d_kv=spec.hidden // spec.heads,
+                        d_ff=spec.hidden * 4, num_layers=spec.layers, num_decoder_layers=spec.layers,
+                        num_heads=spec.heads, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                        decoder_start_token_id=tokenizer.pad_token_id, is_encoder_decoder=not encoder_only)

@@ -1,0 +1,84 @@
+"""Where training state lives on disk.
+
+output_dir/<stage>/
+  distiller.safetensors, distiller.json, run.json   the final distiller, read by later stages
+  checkpoints/step_0000100/                         resumable state (Accelerate's save_state + ours)
+  metrics.jsonl
+A checkpoint is written to a temporary folder and renamed when complete, so a run killed while
+saving leaves the previous checkpoint as the latest one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from .config import Recipe, resolved_dict
+from .fileio import atomic_path, write_json
+from .provenance import file_hash, stamp
+
+WEIGHTS = "distiller.safetensors"
+STATE = "trainer_state.json"
+
+
+def save_distiller(out_dir: Path, distiller: nn.Module, recipe: Recipe, info: dict) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / WEIGHTS
+    with atomic_path(path) as tmp:
+        save_model(distiller, str(tmp))
+    write_json(out_dir / "distiller.json", {
+        "backend": recipe.backend, "num_vectors": distiller.num_vectors, "causal": distiller.causal,
+        "body_config": distiller.body.config.to_dict(), "weights_sha256_16": file_hash(path)})
+    write_json(out_dir / "run.json", {"recipe": resolved_dict(recipe), **stamp(), **info})
+    return path
+
+
+def find_distiller(path: Path) -> Path:
+    path = Path(path)
+    return path / WEIGHTS if path.is_dir() else path
+
+
+def load_distiller(distiller: nn.Module, path: Path) -> str:
+    """Loads weights into `distiller`; returns the weights' hash (what vectors files record)."""
+    path = find_distiller(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no distiller weights at {path}")
+    missing, unexpected = load_model(distiller, str(path), strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path} does not fit this recipe's distiller (missing {sorted(missing)[:3]}, "
+                         f"unexpected {sorted(unexpected)[:3]}): was it trained with another recipe?")
+    return file_hash(path)
+
+
+def checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    if not root.is_dir():
+        return []
+    done = [p for p in root.iterdir() if p.name.startswith("step_") and (p / STATE).is_file()]
+    return sorted(done, key=lambda p: int(p.name.split("_")[1]))
+
+
+def save_checkpoint(accelerator, root: Path, step: int, state: dict, keep_last: int) -> Path:
+    final = root / f"step_{step:07d}"
+    tmp = root / f".tmp_step_{step:07d}"
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=True)
+    if accelerator.is_main_process:
+        (tmp / STATE).write_text(json.dumps(state, indent=2))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in checkpoints(root)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def read_state(checkpoint: Path) -> dict:
+    return json.loads((checkpoint / STATE).read_text())

@@ -1,0 +1,169 @@
+"""The `mendctl` command line: every command takes a recipe and dotted key=value overrides."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from .config import Recipe, RecipeError, load_recipe
+
+console = Console()
+err_console = Console(stderr=True)
+RECIPES_DIR = Path("recipes")
+
+
+class UserError(click.ClickException):
+    """A problem with the user's input: printed without a traceback."""
+
+    def show(self, file=None) -> None:
+        err_console.print(f"[red]error:[/] {self.message}", highlight=False)
+
+
+def _recipe(path: str, overrides: tuple[str, ...]) -> Recipe:
+    try:
+        return load_recipe(path, overrides)
+    except RecipeError as e:
+        err_console.print(f"[red]invalid recipe[/] {e}", highlight=False)
+        sys.exit(2)
+
+
+def _run(fn, *args, **kwargs):
+    """Runs a command; errors the user can fix are shown as one message, not a traceback."""
+    from .data.metaicl import DataError
+    from .trainer import TrainingDiverged
+    from .vectors import VectorsMismatch
+
+    try:
+        return fn(*args, **kwargs)
+    except (DataError, VectorsMismatch, FileNotFoundError, TrainingDiverged, ValueError) as e:
+        raise UserError(str(e)) from None
+    except KeyboardInterrupt:
+        err_console.print("[yellow]interrupted[/]: the last checkpoint is kept; continue with --resume")
+        sys.exit(130)
+
+
+recipe_arg = click.argument("recipe", type=click.Path(dir_okay=False))
+overrides_arg = click.argument("overrides", nargs=-1)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="mendctl")
+def cli() -> None:
+    """MEND: distil few-shot demonstrations into K vectors a frozen LLM reads instead.
+
+    Every command takes a recipe (YAML) and optional key=value overrides, e.g.
+    `mendctl finetune recipes/tiny/gpt2.yaml finetune.steps=10 output_dir=/tmp/x`.
+    """
+
+
+def _stage_command(stage: str, doc: str):
+    @cli.command(stage, help=doc)
+    @recipe_arg
+    @overrides_arg
+    @click.option("--resume", is_flag=True, help="Continue the interrupted run from its last checkpoint.")
+    def command(recipe: str, overrides: tuple[str, ...], resume: bool) -> None:
+        from .trainer import train
+
+        _run(train, _recipe(recipe, overrides), stage, resume=resume, console=console)
+
+    return command
+
+
+_stage_command("pretrain", "Stage 1: meta-distillation pretraining on plain text (KL only).")
+_stage_command("finetune", "Stage 2: meta-distillation finetuning on meta-train tasks (CE + kl_weight x KL).")
+
+
+@cli.command()
+@recipe_arg
+@overrides_arg
+@click.option("--force", is_flag=True, help="Rewrite vectors files that are already up to date.")
+def distill(recipe: str, overrides: tuple[str, ...], force: bool) -> None:
+    """Distil each test task's demonstrations into output_dir/vectors/{task}/{seed}.safetensors."""
+    from .distill import run_distill
+
+    _run(run_distill, _recipe(recipe, overrides), force=force, console=console)
+
+
+@cli.command("eval")
+@recipe_arg
+@overrides_arg
+@click.option("--limit", type=click.IntRange(min=1), default=None,
+              help="At most N queries per task and seed (for quick checks; results are then partial).")
+def eval_(recipe: str, overrides: tuple[str, ...], limit: int | None) -> None:
+    """Compare zero-shot, ICL and MEND on the test tasks: quality, FLOPs, latency, memory."""
+    from .evaluate import run_eval
+
+    _run(run_eval, _recipe(recipe, overrides), limit=limit, console=console)
+
+
+@cli.command()
+@click.argument("recipes", nargs=-1, required=True, type=click.Path(dir_okay=False))
+def validate(recipes: tuple[str, ...]) -> None:
+    """Check recipes (schema, paths, backend names) without loading any model."""
+    failed = 0
+    for path in recipes:
+        try:
+            load_recipe(path)
+            console.print(f"[green]ok[/] {path}")
+        except RecipeError as e:
+            failed += 1
+            err_console.print(f"[red]invalid recipe[/] {e}", highlight=False)
+    if failed:
+        sys.exit(2)
+
+
+@cli.command("ls")
+@click.argument("what", type=click.Choice(["all", "recipes", "backends", "partitions"]), default="all")
+def ls(what: str) -> None:
+    """List shipped recipes, registered backends and partitions."""
+    if what in ("all", "recipes"):
+        table = Table("recipe", "first line", title="recipes")
+        for path in sorted(RECIPES_DIR.rglob("*.yaml")):
+            first = path.read_text().splitlines()[0].lstrip("# ") if path.stat().st_size else ""
+            table.add_row(str(path), first)
+        console.print(table)
+    if what in ("all", "backends"):
+        from .registry import available
+
+        table = Table("backend", "aliases", "module", title="backends (entry points: mendctl.backends)")
+        for name, cls in available().items():
+            table.add_row(name, ", ".join(getattr(cls, "aliases", ())), cls.__module__)
+        console.print(table)
+    if what in ("all", "partitions"):
+        from .partitions import list_partitions, load_partition
+
+        table = Table("partition", "train tasks", "test tasks", title="partitions")
+        for name in list_partitions():
+            p = load_partition(name)
+            table.add_row(name, str(len(p.train)), str(len(p.test)))
+        console.print(table)
+
+
+@cli.group()
+def data() -> None:
+    """Prepare task data."""
+
+
+@data.command("bigbench")
+@click.argument("src", required=False, type=click.Path(exists=True))
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--tasks", help="Comma-separated task names (default: all).")
+@click.option("--fetch", is_flag=True, help="Download the bigbench==1.0.0 sdist with pip into the cache and use it.")
+@click.option("--k", default=16, show_default=True, help="Demonstrations per train/dev split.")
+def data_bigbench(src: str | None, out: str, tasks: str | None, fetch: bool, k: int) -> None:
+    """Convert BIG-bench task files (a folder, or the sdist tarball) into the MetaICL layout in OUT."""
+    from .data.bigbench import convert_bigbench, fetch_bigbench
+    from .model_sources import cache_dir
+
+    if (src is None) == (not fetch):
+        raise UserError("give either SRC or --fetch")
+    source = Path(src) if src else _run(fetch_bigbench, cache_dir() / "bigbench")
+    report = _run(convert_bigbench, source, Path(out), tasks=tasks.split(",") if tasks else None, k=k, progress=True)
+    console.print(report.summary())
+
+
+def main() -> None:
+    cli(prog_name="mendctl")

@@ -1,0 +1,334 @@
+"""Recipe schema: one YAML file describes one experiment.
+
+Every section is a pydantic model that forbids unknown keys, so a typo is an error rather than a
+silently ignored option. `load_recipe` reports all problems at once, each with its key path and,
+where the YAML has it, the line.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_SEEDS = [100, 13, 21, 42, 87]
+METHODS = ("zero-shot", "icl", "icl-truncated", "mend")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _existing(path: Path, what: str) -> Path:
+    if not Path(path).exists():
+        raise ValueError(f"{what} does not exist: {path}")
+    return path
+
+
+class RandomInit(Strict):
+    """A randomly initialised model with a byte-level tokenizer built in-process (no download)."""
+
+    layers: int = Field(2, ge=1)
+    hidden: int = Field(64, ge=8)
+    heads: int = Field(2, ge=1)
+
+    @model_validator(mode="after")
+    def _heads_divide_hidden(self) -> "RandomInit":
+        if self.hidden % self.heads:
+            raise ValueError(f"hidden ({self.hidden}) must be divisible by heads ({self.heads})")
+        return self
+
+
+Dtype = Literal["float32", "bfloat16", "float16"]
+
+
+class ModelSpec(Strict):
+    """Where a model comes from: a hub id, a local directory, a packaged alias, a GGUF file, or random."""
+
+    source: str | None = None
+    gguf_file: str | None = None
+    random_init: RandomInit | None = None
+    dtype: Dtype = "float32"
+
+    def _sources(self) -> list[str]:
+        return [n for n in ("source", "random_init") if getattr(self, n) is not None]
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ModelSpec":
+        if len(self._sources()) != 1:
+            raise ValueError(f"set exactly one of {self._source_keys()}")
+        if self.gguf_file is not None:
+            if self.source is None:
+                raise ValueError("gguf_file needs source: the directory holding it")
+            _existing(Path(self.source) / self.gguf_file, "gguf_file")
+        return self
+
+    def _source_keys(self) -> str:
+        return "source, random_init"
+
+
+class DistillerSpec(ModelSpec):
+    init_from_llm_layers: int | None = Field(None, ge=1)
+    placeholder_init: Literal["random", "vocab"] = "random"
+    max_length: int = Field(1024, ge=8, description="distiller input tokens; demonstrations beyond are cut from the left")
+
+    def _sources(self) -> list[str]:
+        return super()._sources() + (["init_from_llm_layers"] if self.init_from_llm_layers else [])
+
+    def _source_keys(self) -> str:
+        return "source, random_init, init_from_llm_layers"
+
+
+class TemplateSpec(Strict):
+    """How a demonstration is rendered: input + output, demonstrations joined by separator.
+
+    The query is rendered as `input`, its options as `output`; the same string is fed to the
+    teacher and to the distiller.
+    """
+
+    input: str = "{input}"
+    output: str = " {output}"
+    separator: str = " "
+    max_example_tokens: int = Field(256, ge=1, description="LLM tokens per demonstration input")
+    max_context_tokens: int = Field(1024, ge=1, description="LLM tokens for all demonstrations")
+
+    @field_validator("input")
+    @classmethod
+    def _has_input(cls, v: str) -> str:
+        if "{input}" not in v:
+            raise ValueError("must contain {input}")
+        return v
+
+    @field_validator("output")
+    @classmethod
+    def _has_output(cls, v: str) -> str:
+        if "{output}" not in v:
+            raise ValueError("must contain {output}")
+        return v
+
+
+class TasksSpec(Strict):
+    """Tasks in the MetaICL layout: data_dir/{task}/{task}_{k}_{seed}_{split}.jsonl."""
+
+    data_dir: Path | None = None
+    bigbench: Literal["fetch"] | Path | None = Field(
+        None, description="convert BIG-bench into output_dir/data first: a task directory, the sdist, or 'fetch'")
+    partition: str
+    k: int = Field(16, ge=1)
+    seeds: list[int] = Field(default_factory=lambda: list(DEFAULT_SEEDS), min_length=1)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "TasksSpec":
+        if (self.data_dir is None) == (self.bigbench is None):
+            raise ValueError("set exactly one of data_dir, bigbench")
+        if self.data_dir is not None:
+            _existing(self.data_dir, "data_dir")
+        if isinstance(self.bigbench, Path):
+            _existing(self.bigbench, "bigbench")
+        return self
+
+    @field_validator("partition")
+    @classmethod
+    def _partition_exists(cls, v: str) -> str:
+        if v.endswith(".json") or os.sep in v:
+            _existing(Path(v), "partition file")
+        else:
+            from .partitions import load_partition
+
+            load_partition(v)
+        return v
+
+
+class TrainSpec(Strict):
+    steps: int = Field(ge=1)
+    batch_size: int = Field(8, ge=1, description="examples per process per optimiser step, before accumulation")
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    temperature: float = Field(1.0, gt=0)
+    save_every: int = Field(500, ge=1)
+    keep_last: int = Field(2, ge=1)
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    trackers: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list)
+
+
+class PretrainSpec(TrainSpec):
+    lr: float = Field(5e-5, gt=0)
+    text: list[Path] | None = Field(None, description=".txt files, folders of them, or .jsonl with a text field")
+    hf_dataset: str | None = Field(None, description="a Hugging Face dataset id, streamed (needs a network)")
+    hf_split: str = "train"
+    bigbench_passages: bool = Field(False, description="passages of BIG-bench tasks in no test list of the partition")
+    max_length: int = Field(1024, ge=8)
+    demo_fraction: float = Field(0.8, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "PretrainSpec":
+        chosen = [self.text is not None, self.hf_dataset is not None, self.bigbench_passages]
+        if sum(chosen) != 1:
+            raise ValueError("set exactly one of text, hf_dataset, bigbench_passages")
+        for i, p in enumerate(self.text or []):
+            _existing(p, f"text[{i}]")
+        return self
+
+
+class FinetuneSpec(TrainSpec):
+    lr: float = Field(1e-5, gt=0)
+    train_file: str = Field("{task}_16384_100_train.jsonl", description="meta-train file of each task, under data_dir/{task}/")
+    kl_weight: float = Field(1.0, ge=0)
+    init_from: Path | None = Field(None, description="stage-1 output; default output_dir/pretrain when present")
+
+    @field_validator("train_file")
+    @classmethod
+    def _has_task(cls, v: str) -> str:
+        if "{task}" not in v:
+            raise ValueError("must contain {task}")
+        return v
+
+
+class DistillSpec(Strict):
+    batch_size: int = Field(8, ge=1)
+    checkpoint: Path | None = Field(None, description="distiller to use; default output_dir/finetune, else output_dir/pretrain")
+
+
+class EvalSpec(Strict):
+    methods: list[Literal["zero-shot", "icl", "icl-truncated", "mend"]] = Field(
+        default_factory=lambda: ["zero-shot", "icl", "mend"], min_length=1)
+    batch_size: int = Field(8, ge=1, description="distillation batch when vectors are made on the fly")
+
+
+class Recipe(Strict):
+    backend: str
+    output_dir: Path
+    seed: int = 0
+    num_vectors: int = Field(ge=1, description="K, the number of distilled vectors")
+    llm: ModelSpec
+    distiller: DistillerSpec
+    template: TemplateSpec | None = Field(None, description="default: the backend's")
+    tasks: TasksSpec | None = None
+    pretrain: PretrainSpec | None = None
+    finetune: FinetuneSpec | None = None
+    distill: DistillSpec = Field(default_factory=DistillSpec)
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+
+    @field_validator("backend")
+    @classmethod
+    def _registered(cls, v: str) -> str:
+        from .registry import resolve_name
+
+        return resolve_name(v)
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.output_dir / stage
+
+
+# --------------------------------------------------------------------------- loading
+
+
+@dataclass
+class RecipeError(Exception):
+    """All problems of one recipe, each as (location, key path, message)."""
+
+    source: str
+    problems: list[tuple[str, str, str]]
+
+    def __str__(self) -> str:
+        lines = [f"{self.source}: {len(self.problems)} error(s)"]
+        lines += [f"  {loc}: {key}: {msg}" if key else f"  {loc}: {msg}" for loc, key, msg in self.problems]
+        return "\n".join(lines)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ValueError(f"override {text!r} is not key=value")
+    key, raw = text.split("=", 1)
+    # YAML parsing gives numbers, booleans, lists and null the way they read in a recipe.
+    return key.strip().split("."), yaml.safe_load(raw) if raw != "" else ""
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[path[-1]] = value
+    return data
+
+
+def _line_of(node: yaml.Node | None, path: tuple) -> int | None:
+    """Line (1-based) of the deepest YAML node on `path` that exists."""
+    line = None
+    for part in path:
+        if isinstance(node, yaml.MappingNode):
+            match = [(k, v) for k, v in node.value if k.value == str(part)]
+            if not match:
+                break
+            line = match[0][0].start_mark.line + 1
+            node = match[0][1]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line
+
+
+def _format_key(loc: tuple) -> str:
+    # pydantic puts validator names like "function-after[...]" in loc for model validators: drop them.
+    parts = [str(p) for p in loc if not str(p).startswith(("function-", "literal[", "lax-or-strict"))]
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if p.isdigit() else (f".{p}" if out else p)
+    return out
+
+
+def validate_data(data: Any, source: str, root: yaml.Node | None = None, overridden: set[str] = frozenset()) -> Recipe:
+    if not isinstance(data, dict):
+        raise RecipeError(source, [(source, "", "a recipe must be a mapping of keys to values")])
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as e:
+        problems = []
+        for err in e.errors():
+            key = _format_key(err["loc"])
+            msg = err["msg"].removeprefix("Value error, ")
+            top = key.split(".")[0].split("[")[0]
+            if key in overridden or top in overridden:
+                loc = "command line"
+            else:
+                line = _line_of(root, err["loc"])
+                loc = f"{source}:{line}" if line else source
+            problems.append((loc, key, msg))
+        raise RecipeError(source, problems) from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(str(path), [(str(path), "", "recipe file not found")])
+    text = path.read_text()
+    try:
+        root = yaml.compose(text)
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        loc = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise RecipeError(str(path), [(loc, "", f"invalid YAML: {getattr(e, 'problem', e)}")]) from None
+    try:
+        data = apply_overrides(data, list(overrides))
+    except ValueError as e:
+        raise RecipeError(str(path), [("command line", "", str(e))]) from None
+    overridden = {o.split("=", 1)[0].strip() for o in overrides}
+    return validate_data(data, str(path), root, overridden)
+
+
+def resolved_dict(recipe: Recipe) -> dict:
+    """The recipe as plain JSON-able data, defaults filled in: what outputs are stamped with."""
+    return recipe.model_dump(mode="json")

@@ -1,0 +1,421 @@
+"""Convert BIG-bench JSON tasks into the MetaICL data layout.
+
+Source: a directory tree holding ``<task>/task.json`` files (possibly nested, e.g.
+``fact_checker/fever/task.json``) or the PyPI sdist ``bigbench-1.0.0.tar.gz``, read in place.
+A task is named by its path under the root with "/" replaced by "-"
+(``fact_checker/fever`` -> ``fact_checker-fever``).
+
+Output, per task, under ``OUT/{task}/``, one JSON object per line
+``{"task", "input", "output", "options"}``:
+
+* ``{task}_{k}_{seed}_train.jsonl`` / ``_dev.jsonl``: k examples each, drawn with ``seed``;
+* ``{task}_{k}_{seed}_test.jsonl``: one test split shared by every seed (same content);
+* ``{task}_16384_100_train.jsonl``: every non-test example (at most 16384), the data used
+  when the task is a META-TRAIN task (MetaICL's naming). Meta-test tasks only use the
+  k-shot files; their test examples never appear in this file.
+
+Only multiple-choice examples (with ``target_scores``) are used. The task's options are those
+of its first multiple-choice example, in that order. Examples are skipped (and counted) when
+their option set differs, when they have no unique gold option (no positive maximum score, or
+a tie at the maximum), or when their input repeats an earlier example's input (so a test input
+can never also be a demonstration). Inputs are used as written (whitespace-stripped), without
+BIG-bench's task prefix or appended choices.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import random
+import subprocess
+import sys
+import tarfile
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from rich.progress import track
+
+SEEDS: tuple[int, ...] = (100, 13, 21, 42, 87)
+DEFAULT_K = 16
+# 200 test examples keep a 5-seed x 7-task evaluation affordable while macro-F1 stays
+# meaningful; pass a larger test_size for final numbers.
+DEFAULT_TEST_SIZE = 200
+META_TRAIN_SIZE = 16384
+META_TRAIN_SEED = 100
+# The test split must not depend on the demonstration seeds, so it has its own fixed seed.
+TEST_SPLIT_SEED = 0
+
+BIGBENCH_VERSION = "1.0.0"
+SDIST_NAME = f"bigbench-{BIGBENCH_VERSION}.tar.gz"
+_SDIST_TASKS_DIR = "bigbench/benchmark_tasks/"
+_TASK_FILE = "task.json"
+
+Reader = Callable[[], bytes]
+
+
+# ---------------------------------------------------------------- task names and sources
+
+
+def task_name_from_path(path: str) -> str:
+    """Task name for a path under the tasks root: ``a/b/task.json`` or ``a/b`` -> ``a-b``."""
+    parts = PurePosixPath(path.strip("/")).parts
+    if parts and parts[-1] == _TASK_FILE:
+        parts = parts[:-1]
+    return "-".join(parts)
+
+
+def list_tasks(src: Path) -> list[str]:
+    """Names of the tasks found in ``src`` (directory or sdist tarball), sorted."""
+    with _task_files(Path(src)) as files:
+        return sorted(files)
+
+
+@contextmanager
+def _task_files(src: Path) -> Iterator[dict[str, Reader]]:
+    """Map task name -> reader of its task.json bytes, in a deterministic source order."""
+    if src.is_dir():
+        yield _dir_task_files(src)
+    elif src.is_file() and tarfile.is_tarfile(src):
+        with tarfile.open(src, "r:*") as tar:
+            yield _tar_task_files(tar)
+    else:
+        raise ValueError(
+            f"{src}: expected a directory of */task.json or a BIG-bench sdist tarball"
+        )
+
+
+def _dir_task_files(root: Path) -> dict[str, Reader]:
+    rel_paths = {p.relative_to(root).as_posix(): p for p in root.rglob(_TASK_FILE)}
+    return {
+        name: rel_paths[rel].read_bytes
+        for name, rel in _named_task_paths(sorted(rel_paths)).items()
+    }
+
+
+def _tar_task_files(tar: tarfile.TarFile) -> dict[str, Reader]:
+    # Archive order, not sorted order: a gzip stream only seeks forward cheaply.
+    members: dict[str, tarfile.TarInfo] = {}
+    for member in tar.getmembers():
+        _, sep, rel = member.name.partition(_SDIST_TASKS_DIR)
+        if sep and member.isfile() and PurePosixPath(rel).name == _TASK_FILE:
+            members[rel] = member
+
+    def reader(member: tarfile.TarInfo) -> Reader:
+        def read() -> bytes:
+            handle = tar.extractfile(member)
+            assert handle is not None  # isfile() was checked above
+            return handle.read()
+
+        return read
+
+    return {name: reader(members[rel]) for name, rel in _named_task_paths(list(members)).items()}
+
+
+def _named_task_paths(rel_paths: list[str]) -> dict[str, str]:
+    """Name each task.json path, dropping parent tasks that only group subtasks."""
+    dirs = [PurePosixPath(rel).parent for rel in rel_paths]
+    named: dict[str, str] = {}
+    for rel, directory in zip(rel_paths, dirs):
+        if directory == PurePosixPath("."):
+            continue  # a task.json at the root has no name
+        if any(other != directory and directory in other.parents for other in dirs):
+            continue  # e.g. cs_algorithms/task.json next to cs_algorithms/*/task.json
+        name = task_name_from_path(rel)
+        if name in named:
+            raise ValueError(f"task paths {named[name]!r} and {rel!r} both map to name {name!r}")
+        named[name] = rel
+    return named
+
+
+def _resolve_names(requested: Iterable[str], available: Iterable[str], what: str) -> list[str]:
+    """Normalise names given in either form and reject unknown ones with a suggestion."""
+    known = set(available)
+    resolved, errors = [], []
+    for raw in requested:
+        name = task_name_from_path(raw)
+        if name in known:
+            resolved.append(name)
+            continue
+        close = difflib.get_close_matches(name, sorted(known), n=1)
+        errors.append(f"{raw!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    if errors:
+        raise ValueError(f"unknown BIG-bench {what}: {', '.join(errors)}")
+    return list(dict.fromkeys(resolved))
+
+
+# ---------------------------------------------------------------- examples
+
+
+@dataclass(frozen=True)
+class _Example:
+    input: str
+    output: str
+
+
+@dataclass
+class _TaskExamples:
+    options: list[str]
+    examples: list[_Example]
+    skipped_option_set: int = 0
+    skipped_no_gold: int = 0
+    skipped_duplicate: int = 0
+
+
+def _unique_gold(scores: dict[str, Any]) -> str | None:
+    best = max(scores.values())
+    winners = [option for option, score in scores.items() if score == best]
+    return winners[0] if best > 0 and len(winners) == 1 else None
+
+
+def _usable_examples(data: dict[str, Any]) -> _TaskExamples:
+    multiple_choice = [
+        ex
+        for ex in data.get("examples", [])
+        if isinstance(ex.get("target_scores"), dict) and ex["target_scores"]
+    ]
+    options = list(multiple_choice[0]["target_scores"]) if multiple_choice else []
+    result = _TaskExamples(options=options, examples=[])
+    seen_inputs: set[str] = set()
+    for ex in multiple_choice:
+        scores = ex["target_scores"]
+        if set(scores) != set(options):
+            result.skipped_option_set += 1
+            continue
+        gold = _unique_gold(scores)
+        if gold is None:
+            result.skipped_no_gold += 1
+            continue
+        text = str(ex["input"]).strip()
+        if text in seen_inputs:
+            result.skipped_duplicate += 1
+            continue
+        seen_inputs.add(text)
+        result.examples.append(_Example(text, gold))
+    return result
+
+
+# ---------------------------------------------------------------- splits and writing
+
+
+@dataclass(frozen=True)
+class _Splits:
+    test: list[int]
+    pool: list[int]
+    per_seed: dict[int, tuple[list[int], list[int]]]  # seed -> (train, dev)
+
+
+def _make_splits(n: int, k: int, seeds: Sequence[int], test_size: int) -> _Splits:
+    n_test = min(test_size, n - 2 * k)
+    test = sorted(random.Random(TEST_SPLIT_SEED).sample(range(n), n_test))
+    test_set = set(test)
+    pool = [i for i in range(n) if i not in test_set]
+    per_seed = {}
+    for seed in seeds:
+        chosen = random.Random(seed).sample(pool, 2 * k)
+        per_seed[seed] = (chosen[:k], chosen[k:])
+    return _Splits(test=test, pool=pool, per_seed=per_seed)
+
+
+def _records(
+    task: str, options: list[str], examples: list[_Example], idx: Iterable[int]
+) -> list[str]:
+    lines = []
+    for i in idx:
+        record = {"task": task, "input": examples[i].input, "output": examples[i].output,
+                  "options": options}
+        lines.append(json.dumps(record, ensure_ascii=False))
+    return lines
+
+
+def _write_lines_atomic(path: Path, lines: list[str]) -> None:
+    # A unique temp name in the target directory makes os.replace atomic and lets two
+    # conversions into the same tree never see each other's half-written files.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
+            handle.write("".join(line + "\n" for line in lines))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _write_task(out: Path, task: str, found: _TaskExamples, splits: _Splits, k: int) -> None:
+    task_dir = out / task
+    task_dir.mkdir(parents=True, exist_ok=True)
+    opts, exs = found.options, found.examples
+    test_lines = _records(task, opts, exs, splits.test)
+    for seed, (train, dev) in splits.per_seed.items():
+        prefix = task_dir / f"{task}_{k}_{seed}"
+        _write_lines_atomic(Path(f"{prefix}_train.jsonl"), _records(task, opts, exs, train))
+        _write_lines_atomic(Path(f"{prefix}_dev.jsonl"), _records(task, opts, exs, dev))
+        _write_lines_atomic(Path(f"{prefix}_test.jsonl"), test_lines)
+    meta_train = list(splits.pool)
+    random.Random(META_TRAIN_SEED).shuffle(meta_train)
+    _write_lines_atomic(
+        task_dir / f"{task}_{META_TRAIN_SIZE}_{META_TRAIN_SEED}_train.jsonl",
+        _records(task, opts, exs, meta_train[:META_TRAIN_SIZE]),
+    )
+
+
+# ---------------------------------------------------------------- public conversion API
+
+
+@dataclass
+class ConversionReport:
+    """What a conversion wrote and skipped.
+
+    ``tasks[task]`` holds ``written`` (examples used: test split plus non-test pool),
+    ``skipped_option_set``, ``skipped_no_gold``, ``skipped_duplicate`` and ``test`` (test
+    split size). ``skipped_tasks[task]`` gives the reason a task produced no files.
+    """
+
+    out: Path
+    k: int
+    seeds: tuple[int, ...]
+    tasks: dict[str, dict[str, int]] = field(default_factory=dict)
+    skipped_tasks: dict[str, str] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        cols = ("written", "test", "skipped_option_set", "skipped_no_gold", "skipped_duplicate")
+        heads = ("used", "test", "opt-set", "no-gold", "dup")
+        width = max([len("task"), *(len(t) for t in self.tasks)])
+        lines = [
+            f"BIG-bench -> {self.out} (k={self.k}, seeds {','.join(map(str, self.seeds))})",
+            "task".ljust(width) + "".join(h.rjust(9) for h in heads),
+        ]
+        for task, counts in self.tasks.items():
+            lines.append(task.ljust(width) + "".join(str(counts[c]).rjust(9) for c in cols))
+        totals = {c: sum(counts[c] for counts in self.tasks.values()) for c in cols}
+        lines.append("total".ljust(width) + "".join(str(totals[c]).rjust(9) for c in cols))
+        lines.append(f"{len(self.tasks)} tasks converted, {len(self.skipped_tasks)} skipped")
+        lines.extend(f"skipped {task}: {why}" for task, why in self.skipped_tasks.items())
+        return "\n".join(lines)
+
+
+def _skip_reason(found: _TaskExamples, k: int) -> str | None:
+    counts = (
+        f"{found.skipped_option_set} option-set, {found.skipped_no_gold} no-gold, "
+        f"{found.skipped_duplicate} duplicate examples skipped"
+    )
+    if not found.options:
+        return "no multiple-choice examples"
+    if not found.examples:
+        return f"no usable examples ({counts})"
+    if len(found.examples) <= 2 * k:
+        return f"only {len(found.examples)} usable examples, need more than 2k={2 * k} ({counts})"
+    return None
+
+
+def _check_settings(k: int, seeds: Sequence[int], test_size: int) -> tuple[int, ...]:
+    seeds = tuple(seeds)
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must be a non-empty list of distinct integers, got {seeds}")
+    if test_size < 1:
+        raise ValueError(f"test_size must be at least 1, got {test_size}")
+    return seeds
+
+
+def convert_bigbench(
+    src: Path,
+    out: Path,
+    tasks: list[str] | None = None,
+    k: int = DEFAULT_K,
+    seeds: Sequence[int] = SEEDS,
+    test_size: int = DEFAULT_TEST_SIZE,
+    progress: bool = False,
+) -> ConversionReport:
+    """Convert BIG-bench tasks from ``src`` into MetaICL-layout JSONL files under ``out``.
+
+    ``tasks`` filters by name, written either way ("fact_checker/fever" or
+    "fact_checker-fever"); an unknown name raises ``ValueError``. The test split holds
+    ``min(test_size, n - 2k)`` of a task's n usable examples, chosen with a fixed seed and
+    shared by all seeds; per seed, train and dev (k each, disjoint) come from the rest.
+    Tasks with at most 2k usable examples are skipped and reported. The output is
+    byte-identical for identical inputs and settings.
+    """
+    seeds = _check_settings(k, seeds, test_size)
+    out = Path(out)
+    results: dict[str, dict[str, int]] = {}
+    skipped: dict[str, str] = {}
+    with _task_files(Path(src)) as files:
+        wanted = set(_resolve_names(tasks, files, "task") if tasks is not None else files)
+        selected = [name for name in files if name in wanted]
+        for name in track(selected, description="BIG-bench", disable=not progress):
+            found = _usable_examples(json.loads(files[name]()))
+            reason = _skip_reason(found, k)
+            if reason:
+                skipped[name] = reason
+                continue
+            splits = _make_splits(len(found.examples), k, seeds, test_size)
+            _write_task(out, name, found, splits, k)
+            results[name] = {
+                "written": len(found.examples),
+                "skipped_option_set": found.skipped_option_set,
+                "skipped_no_gold": found.skipped_no_gold,
+                "skipped_duplicate": found.skipped_duplicate,
+                "test": len(splits.test),
+            }
+    return ConversionReport(
+        out=out,
+        k=k,
+        seeds=seeds,
+        tasks=dict(sorted(results.items())),
+        skipped_tasks=dict(sorted(skipped.items())),
+    )
+
+
+def iter_passages(src: Path, exclude_tasks: set[str], min_chars: int = 200) -> Iterator[str]:
+    """Yield plain-text passages for stage-1 pretraining on a machine without other text.
+
+    Passages are example inputs of at least ``min_chars`` characters (multiple-choice or
+    not) from every task in ``src`` except ``exclude_tasks`` (names in either form; unknown
+    names raise ``ValueError``, since a typo would leak a meta-test task's text into
+    pretraining). Exact repeats are yielded once. Order is deterministic: tasks in source
+    order (sorted for a directory, archive order for the tarball), examples in file order.
+    """
+    with _task_files(Path(src)) as files:
+        excluded = set(_resolve_names(exclude_tasks, files, "task to exclude"))
+        seen: set[str] = set()
+        for name, read in files.items():
+            if name in excluded:
+                continue
+            for ex in json.loads(read()).get("examples", []):
+                text = str(ex.get("input", "")).strip()
+                if len(text) >= min_chars and text not in seen:
+                    seen.add(text)
+                    yield text
+
+
+def fetch_bigbench(cache_dir: Path) -> Path:
+    """Return the path of the BIG-bench sdist in ``cache_dir``, downloading it if absent.
+
+    Runs ``pip download --no-deps bigbench==1.0.0`` (the package is never installed).
+    Raises ``RuntimeError`` with pip's output when the download fails.
+    """
+    cache_dir = Path(cache_dir)
+    tarball = cache_dir / SDIST_NAME
+    if tarball.is_file():
+        return tarball
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    cmd = [
+        sys.executable, "-m", "pip", "download", "--no-deps",
+        f"bigbench=={BIGBENCH_VERSION}", "-d", str(cache_dir),
+    ]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        message = (result.stderr or result.stdout).strip()
+        raise RuntimeError(f"pip download of bigbench=={BIGBENCH_VERSION} failed:\n{message}")
+    if not tarball.is_file():
+        present = sorted(p.name for p in cache_dir.iterdir())
+        raise RuntimeError(
+            f"pip download succeeded but {tarball} is missing; {cache_dir} has {present}"
+        )
+    return tarball

@@ -1,0 +1,104 @@
+"""`mendctl distill`: each test task's k demonstrations (per seed) distilled once into a vectors file."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import Progress
+
+from .backend import Models
+from .checkpoint import load_distiller
+from .config import Recipe, TemplateSpec
+from .data.metaicl import load_split
+from .registry import get_backend
+from .render import render_context
+from .provenance import text_hash
+from .trainer import distiller_inputs
+from .vectors import read_metadata, save_vectors
+from .workspace import data_dir, partition_for, stage_input
+
+
+@dataclass
+class DemoSet:
+    task: str
+    seed: int
+    demos: list[dict]
+    context: str  # the demonstrations rendered with the template, as the distiller reads them
+
+
+def demo_sets(recipe: Recipe, template: TemplateSpec, tokenizer) -> list[DemoSet]:
+    """One demonstration set per (test task, seed): the `_train` split of that seed."""
+    root, tasks = data_dir(recipe), recipe.tasks
+    out = []
+    for task in partition_for(recipe).test:
+        for seed in tasks.seeds:
+            demos = load_split(root, task, tasks.k, seed, "train")
+            out.append(DemoSet(task, seed, demos, render_context(template, demos, tokenizer)))
+    return out
+
+
+@torch.no_grad()
+def distil(models: Models, contexts: list[str], max_length: int, batch_size: int) -> list[torch.Tensor]:
+    """[K, d_llm] vectors per context, in the LLM's dtype; batching does not change them (left padding)."""
+    distiller = models.distiller.eval()
+    device = models.llm.device
+    out = []
+    for i in range(0, len(contexts), batch_size):
+        ids, mask = distiller_inputs(contexts[i:i + batch_size], models.distiller_tokenizer, max_length, device)
+        out += list(distiller(ids, mask).to(models.llm.dtype))
+    return out
+
+
+def load_trained(recipe: Recipe, require: bool = True) -> tuple[Models, str]:
+    """The recipe's models with the latest trained distiller loaded; returns them and its weights hash."""
+    models = get_backend(recipe.backend).build(recipe)
+    source = stage_input(recipe, "distill")
+    if source is None:
+        if require:
+            raise FileNotFoundError(f"no trained distiller under {recipe.output_dir}: run `mendctl pretrain` and/or "
+                                    "`mendctl finetune` first, or set distill.checkpoint")
+        return models, "untrained"
+    return models, load_distiller(models.distiller, source)
+
+
+def vectors_path(recipe: Recipe, task: str, seed: int) -> Path:
+    return recipe.output_dir / "vectors" / task / f"{seed}.safetensors"
+
+
+def vectors_metadata(recipe: Recipe, models: Models, distiller_hash: str, template: TemplateSpec, ds: DemoSet) -> dict:
+    return {"backend": recipe.backend, "llm_id": models.llm_id, "llm_config_hash": models.llm_config_hash,
+            "distiller_hash": distiller_hash, "task": ds.task, "seed": ds.seed, "num_demos": len(ds.demos),
+            "demos_hash": text_hash(ds.context), "template": template.model_dump()}
+
+
+def _up_to_date(path: Path, meta: dict) -> bool:
+    if not path.is_file():
+        return False
+    have = read_metadata(path)
+    return all(have.get(k) == (json.dumps(v, sort_keys=True) if isinstance(v, dict) else str(v)) for k, v in meta.items())
+
+
+def run_distill(recipe: Recipe, force: bool = False, console: Console | None = None) -> list[Path]:
+    console = console or Console()
+    models, distiller_hash = load_trained(recipe)
+    template = get_backend(recipe.backend).template(recipe)
+    sets = demo_sets(recipe, template, models.llm_tokenizer)
+    metas = [vectors_metadata(recipe, models, distiller_hash, template, ds) for ds in sets]
+    todo = [i for i, m in enumerate(metas) if force or not _up_to_date(vectors_path(recipe, sets[i].task, sets[i].seed), m)]
+    if len(todo) < len(sets):
+        console.print(f"{len(sets) - len(todo)} vectors file(s) already up to date (use --force to redo them)")
+    batch = recipe.distill.batch_size
+    with Progress(console=console) as progress:
+        bar = progress.add_task("distilling", total=len(todo))
+        for start in range(0, len(todo), batch):
+            chunk = todo[start:start + batch]
+            vectors = distil(models, [sets[i].context for i in chunk], recipe.distiller.max_length, batch)
+            for i, v in zip(chunk, vectors):
+                save_vectors(vectors_path(recipe, sets[i].task, sets[i].seed), v, metas[i])
+            progress.advance(bar, len(chunk))
+    paths = [vectors_path(recipe, ds.task, ds.seed) for ds in sets]
+    console.print(f"[green]{len(paths)} vectors file(s)[/] in {recipe.output_dir / 'vectors'}")
+    return paths

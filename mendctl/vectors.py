@@ -1,0 +1,107 @@
+"""Distilled vectors files: one safetensors file per demonstration set, usable without the distiller.
+
+A file holds the tensor `vectors` [K, d_llm] and string metadata saying what made it and for which
+LLM; loading it against another LLM is refused rather than silently giving garbage.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from . import __version__
+from .fileio import atomic_path
+
+FORMAT_VERSION = "1"
+REQUIRED = ("format_version", "llm_id", "llm_config_hash", "distiller_hash", "num_vectors", "dtype", "task",
+            "num_demos", "demos_hash", "template", "mendctl_version", "backend")
+
+
+class VectorsMismatch(ValueError):
+    pass
+
+
+@dataclass
+class VectorsFile:
+    vectors: torch.Tensor  # [K, d_llm]
+    metadata: dict[str, str]
+    path: Path | None = None
+
+    @property
+    def template(self) -> dict:
+        return json.loads(self.metadata["template"])
+
+
+def save_vectors(path: Path, vectors: torch.Tensor, metadata: dict) -> None:
+    meta = {k: str(v) if not isinstance(v, (dict, list)) else json.dumps(v, sort_keys=True) for k, v in metadata.items()}
+    meta.update(format_version=FORMAT_VERSION, mendctl_version=__version__, num_vectors=str(vectors.shape[0]),
+                dtype=str(vectors.dtype).removeprefix("torch."))
+    missing = [k for k in REQUIRED if k not in meta]
+    if missing:
+        raise ValueError(f"vectors metadata lacks {missing}")
+    with atomic_path(Path(path)) as tmp:
+        save_file({"vectors": vectors.detach().cpu().contiguous()}, str(tmp), metadata=meta)
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
+def check_compatible(vf: VectorsFile, config_hash: str, hidden_size: int, where: str) -> None:
+    meta = vf.metadata
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise VectorsMismatch(f"{where}: format version {meta.get('format_version')!r}, this mendctl reads {FORMAT_VERSION}")
+    if meta["llm_config_hash"] != config_hash or vf.vectors.shape[-1] != hidden_size:
+        raise VectorsMismatch(
+            f"{where} was distilled for LLM {meta['llm_id']} (config {meta['llm_config_hash']}, "
+            f"hidden {vf.vectors.shape[-1]}), not for the LLM in use (config {config_hash}, hidden {hidden_size}). "
+            "Distil vectors for this LLM with `mendctl distill`.")
+
+
+def load_vectors(path: str | Path, model=None) -> VectorsFile:
+    """Reads a vectors file; with `model` (a transformers model) also checks it was made for that LLM."""
+    path = Path(path)
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata() or {})
+        if "vectors" not in f.keys():
+            raise VectorsMismatch(f"{path}: not a mendctl vectors file (no 'vectors' tensor)")
+        vectors = f.get_tensor("vectors")
+    missing = [k for k in REQUIRED if k not in meta]
+    if missing:
+        raise VectorsMismatch(f"{path}: not a mendctl vectors file (metadata lacks {', '.join(missing)})")
+    vf = VectorsFile(vectors, meta, path)
+    if model is not None:
+        from .backend import config_hash
+
+        check_compatible(vf, config_hash(model.config), model.get_input_embeddings().weight.shape[1], str(path))
+    return vf
+
+
+def apply(model, tokenizer, vectors: VectorsFile | str | Path, query: str, options: list[str]) -> dict:
+    """Scores `options` for `query` with the LLM reading the vectors instead of the demonstrations.
+
+    Needs only the LLM, its tokenizer and the file: no distiller. Returns the prediction and the
+    mean per-token loss of each option (lower is better).
+    """
+    from .config import TemplateSpec
+    from .registry import get_backend
+    from .render import render_query
+
+    vf = vectors if isinstance(vectors, VectorsFile) else load_vectors(vectors, model)
+    if isinstance(vectors, VectorsFile):
+        from .backend import config_hash
+
+        check_compatible(vf, config_hash(model.config), model.get_input_embeddings().weight.shape[1], "vectors")
+    backend = get_backend(vf.metadata["backend"])
+    lm = backend.lm_class(model, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+    q = render_query(TemplateSpec(**vf.template), query, options, tokenizer)
+    device = lm.device
+    with torch.no_grad():
+        losses = lm.option_losses(vf.vectors.to(device), torch.tensor(q.x, device=device),
+                                  [torch.tensor(o, device=device) for o in q.options])
+    return {"prediction": options[int(losses.argmin())], "losses": dict(zip(options, losses.tolist()))}

@@ -1,0 +1,64 @@
+"""Where a recipe's inputs are: its task data, its partition, and the output of earlier stages."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .checkpoint import WEIGHTS
+from .config import Recipe
+from .partitions import Partition, load_partition
+
+
+def _tasks(recipe: Recipe):
+    if recipe.tasks is None:
+        raise ValueError("the recipe has no `tasks` section (data_dir or bigbench, and a partition)")
+    return recipe.tasks
+
+
+def partition_for(recipe: Recipe) -> Partition:
+    return load_partition(_tasks(recipe).partition)
+
+
+def bigbench_source(recipe: Recipe) -> Path:
+    src = _tasks(recipe).bigbench
+    if src is None:
+        raise ValueError("tasks.bigbench is not set: BIG-bench passages need a BIG-bench source")
+    if src == "fetch":
+        from .data.bigbench import fetch_bigbench
+        from .model_sources import cache_dir
+
+        return fetch_bigbench(cache_dir() / "bigbench")
+    return Path(src)
+
+
+def data_dir(recipe: Recipe) -> Path:
+    """The MetaICL-layout task folder; BIG-bench is converted into output_dir/data on first use."""
+    tasks = _tasks(recipe)
+    if tasks.data_dir is not None:
+        return Path(tasks.data_dir)
+    out = recipe.output_dir / "data"
+    partition = partition_for(recipe)
+    wanted = list(partition.train) + list(partition.test)
+    if not all((out / t).is_dir() for t in wanted):
+        from .data.bigbench import convert_bigbench
+
+        report = convert_bigbench(bigbench_source(recipe), out, tasks=wanted, k=tasks.k, seeds=tuple(tasks.seeds),
+                                  progress=True)
+        print(report.summary())
+    return out
+
+
+def stage_input(recipe: Recipe, stage: str) -> Path | None:
+    """The distiller a stage starts from: the recipe's explicit choice, else the latest earlier stage."""
+    if stage == "finetune":
+        explicit, fallbacks = recipe.finetune.init_from, ["pretrain"]
+    else:
+        explicit, fallbacks = recipe.distill.checkpoint, ["finetune", "pretrain"]
+    if explicit is not None:
+        path = Path(explicit)
+        if not (path / WEIGHTS if path.is_dir() else path).is_file():
+            raise FileNotFoundError(f"no distiller weights at {path}")
+        return path
+    for name in fallbacks:
+        if (recipe.stage_dir(name) / WEIGHTS).is_file():
+            return recipe.stage_dir(name)
+    return None
