@@ -19,4 +19,4 @@ class Backend(Base):
     def tiny_config(self, spec, tokenizer, *, encoder_only=False):
         return GPT2Config(vocab_size=len(tokenizer), n_positions=4096, n_embd=spec.hidden, n_layer=spec.layers,
                           n_head=spec.heads, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                          pad_token_id=tokenizer.pad_token_id)
+                          pad_token_id=tokenizer.pad_token_id, initializer_range=spec.init_std)

@@ -19,4 +19,4 @@ class Backend(Base):
                            num_hidden_layers=spec.layers, num_attention_heads=spec.heads,
                            num_key_value_heads=spec.heads, max_position_embeddings=4096, tie_word_embeddings=True,
                            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                           pad_token_id=tokenizer.pad_token_id)
+                           pad_token_id=tokenizer.pad_token_id, initializer_range=spec.init_std)

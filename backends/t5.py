@@ -30,4 +30,6 @@ class Backend(Base):
         return T5Config(vocab_size=len(tokenizer), d_model=spec.hidden, d_kv=spec.hidden // spec.heads,
                         d_ff=spec.hidden * 4, num_layers=spec.layers, num_decoder_layers=spec.layers,
                         num_heads=spec.heads, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                        decoder_start_token_id=tokenizer.pad_token_id, is_encoder_decoder=not encoder_only)
+                        decoder_start_token_id=tokenizer.pad_token_id, is_encoder_decoder=not encoder_only,
+                        # T5 scales its own 1/sqrt(d) init by this factor: 1.0 (its default) at init_std 0.2.
+                        initializer_factor=spec.init_std * 5)

@@ -19,14 +19,14 @@ class UserError(click.ClickException):
     """A problem with the user's input: printed without a traceback."""
 
     def show(self, file=None) -> None:
-        err_console.print(f"[red]error:[/] {self.message}", highlight=False)
+        err_console.print(f"[red]error:[/] {self.message}", highlight=False, soft_wrap=True)
 
 
 def _recipe(path: str, overrides: tuple[str, ...]) -> Recipe:
     try:
         return load_recipe(path, overrides)
     except RecipeError as e:
-        err_console.print(f"[red]invalid recipe[/] {e}", highlight=False)
+        err_console.print(f"[red]invalid recipe[/] {e}", highlight=False, soft_wrap=True)
         sys.exit(2)
 
 
@@ -110,7 +110,7 @@ def validate(recipes: tuple[str, ...]) -> None:
             console.print(f"[green]ok[/] {path}")
         except RecipeError as e:
             failed += 1
-            err_console.print(f"[red]invalid recipe[/] {e}", highlight=False)
+            err_console.print(f"[red]invalid recipe[/] {e}", highlight=False, soft_wrap=True)
     if failed:
         sys.exit(2)
 

@@ -75,7 +75,7 @@ def step_loss(models: Models, distiller, batch: list[Example], recipe: Recipe, k
     ce_loss = TargetCE()(student.logits[student.is_y], student.targets[student.is_y]) if ce_weight else kl_loss.new_zeros(())
     loss = kl_weight * kl_loss + ce_weight * ce_loss
     tokens = int(d_mask.sum()) + sum(len(e.ctx) + 2 * (len(e.x) + len(e.y)) for e in batch)
-    return StepStats(loss, float(kl_loss), float(ce_loss), tokens)
+    return StepStats(loss, kl_loss.item(), ce_loss.item(), tokens)
 
 
 def _progress(console: Console, enabled: bool) -> Progress:
@@ -177,11 +177,11 @@ def train(recipe: Recipe, stage: str, resume: bool = False, console: Console | N
                     stats = step_loss(models, distiller, batch, recipe, kl, ce_weight, kl_weight, accelerator.device)
                     if not torch.isfinite(stats.loss):
                         where = f"; the last good checkpoint is {last_good}" if last_good else "; no checkpoint was written yet"
-                        raise TrainingDiverged(f"{stage}: the loss became {float(stats.loss)} at step {step + 1}{where}. "
+                        raise TrainingDiverged(f"{stage}: the loss became {stats.loss.item()} at step {step + 1}{where}. "
                                                "Lower the learning rate or use mixed_precision: no.")
                     accelerator.backward(stats.loss / spec.grad_accum)
                 tokens += stats.tokens
-                kl_sum, ce_sum, loss_sum = kl_sum + stats.kl, ce_sum + stats.ce, loss_sum + float(stats.loss)
+                kl_sum, ce_sum, loss_sum = kl_sum + stats.kl, ce_sum + stats.ce, loss_sum + stats.loss.item()
             if spec.max_grad_norm:
                 accelerator.clip_grad_norm_(distiller.parameters(), spec.max_grad_norm)
             optimizer.step()

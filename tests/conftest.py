@@ -1,0 +1,25 @@
+import os
+from pathlib import Path
+
+import pytest
+
+from mendctl.config import load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+BACKENDS = ("gpt2", "t5", "llama")
+
+
+@pytest.fixture(autouse=True)
+def _repo_cwd(monkeypatch):
+    # Shipped recipes resolve relative paths against the working directory, as users run them.
+    monkeypatch.chdir(ROOT)
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    """tiny(backend, *overrides) -> the tiny recipe with output_dir in tmp_path."""
+
+    def make(backend: str, *overrides: str):
+        return load_recipe(ROOT / "recipes" / "tiny" / f"{backend}.yaml", [f"output_dir={tmp_path / backend}", *overrides])
+
+    return make

@@ -1,0 +1,104 @@
+"""For each backend on its tiny recipe: vector shapes, a frozen LLM, a trainable distiller, vectors files."""
+import pytest
+import torch
+
+from mendctl import apply, load_vectors
+from mendctl.registry import get_backend
+from mendctl.trainer import distiller_inputs
+from mendctl.vectors import VectorsMismatch, save_vectors
+
+BACKENDS = ("gpt2", "t5", "llama")
+
+
+def build(tiny, backend, *overrides):
+    recipe = tiny(backend, *overrides)
+    return recipe, get_backend(recipe.backend).build(recipe)
+
+
+def vectors_for(models, texts):
+    ids, mask = distiller_inputs(texts, models.distiller_tokenizer, 512, "cpu")
+    return models.distiller(ids, mask)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_vectors_have_shape_batch_k_dllm(tiny, backend):
+    recipe, models = build(tiny, backend)
+    v = vectors_for(models, ["a b c", "a longer demonstration"])
+    assert v.shape == (2, recipe.num_vectors, models.llm.hidden_size)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_vectors_do_not_depend_on_what_they_are_batched_with(tiny, backend):
+    _, models = build(tiny, backend)
+    models.distiller.eval()
+    alone = vectors_for(models, ["the cat says meow"])
+    batched = vectors_for(models, ["the cat says meow", "a much longer demonstration set that forces padding " * 3])
+    torch.testing.assert_close(batched[0], alone[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_optimiser_step_changes_distiller_not_llm(tiny, backend):
+    _, models = build(tiny, backend)
+    llm_before = {k: v.clone() for k, v in models.llm.model.state_dict().items()}
+    dist_before = {k: v.clone() for k, v in models.distiller.state_dict().items()}
+    opt = torch.optim.AdamW(models.distiller.parameters(), lr=1e-2)
+    v = vectors_for(models, ["some demonstrations", "other ones"])
+    x = [torch.tensor([5, 6, 7]), torch.tensor([8, 9])]
+    y = [torch.tensor([10, 11]), torch.tensor([12])]
+    out = models.llm.target_logits(list(v), x, y)
+    torch.nn.functional.cross_entropy(out.logits, out.targets).backward()
+    assert all(p.grad is None for p in models.llm.model.parameters())
+    assert all(not p.requires_grad for p in models.llm.model.parameters())
+    assert models.distiller.placeholders.grad is not None and models.distiller.placeholders.grad.abs().sum() > 0
+    opt.step()
+    for k, v in models.llm.model.state_dict().items():
+        assert torch.equal(v, llm_before[k]), k
+    changed = [k for k, v in models.distiller.state_dict().items() if not torch.equal(v, dist_before[k])]
+    assert "placeholders" in changed and len(changed) > 2
+
+
+def _meta(recipe, models, **extra):
+    meta = {"backend": recipe.backend, "llm_id": models.llm_id, "llm_config_hash": models.llm_config_hash,
+            "distiller_hash": "abc", "task": "t", "seed": 1, "num_demos": 2, "demos_hash": "d",
+            "template": {"input": "{input}", "output": " {output}", "separator": "\n"}}
+    meta.update(extra)
+    return meta
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_vectors_file_round_trips_and_runs_without_distiller(tiny, backend, tmp_path):
+    recipe, models = build(tiny, backend)
+    v = vectors_for(models, ["the cat says meow"])[0].detach()
+    path = tmp_path / "v" / "t.safetensors"
+    save_vectors(path, v, _meta(recipe, models))
+    loaded = load_vectors(path, models.llm.model)
+    assert torch.equal(loaded.vectors, v)
+    assert loaded.metadata["task"] == "t" and loaded.metadata["num_vectors"] == str(recipe.num_vectors)
+    assert loaded.template["separator"] == "\n"
+    assert not list(tmp_path.glob("v/*.tmp"))
+    out = apply(models.llm.model, models.llm_tokenizer, path, "the dog says", ["woof", "meow"])
+    assert out["prediction"] in ("woof", "meow")
+    expected = models.llm.option_losses(v, torch.tensor(models.llm_tokenizer("the dog says").input_ids),
+                                        [torch.tensor(models.llm_tokenizer(" woof").input_ids),
+                                         torch.tensor(models.llm_tokenizer(" meow").input_ids)])
+    assert out["losses"]["woof"] == pytest.approx(float(expected[0]), rel=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_vectors_for_another_llm_are_refused(tiny, backend, tmp_path):
+    recipe, models = build(tiny, backend)
+    v = vectors_for(models, ["abc"])[0].detach()
+    path = tmp_path / "v.safetensors"
+    save_vectors(path, v, _meta(recipe, models))
+    _, other = build(tiny, backend, "llm.random_init.layers=3")
+    with pytest.raises(VectorsMismatch, match="distilled for LLM"):
+        load_vectors(path, other.llm.model)
+
+
+def test_a_file_that_is_not_a_vectors_file_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "x.safetensors"
+    save_file({"weights": torch.zeros(2)}, str(path))
+    with pytest.raises(VectorsMismatch, match="not a mendctl vectors file"):
+        load_vectors(path)

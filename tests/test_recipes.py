@@ -1,0 +1,105 @@
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from mendctl.cli import cli
+from mendctl.config import RecipeError, load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SHIPPED = sorted((ROOT / "recipes").rglob("*.yaml"))
+
+
+def test_some_recipes_are_shipped():
+    assert {p.name for p in SHIPPED} >= {"gpt2.yaml", "t5.yaml", "llama.yaml"}
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(ROOT)))
+def test_shipped_recipe_is_valid_and_documents_its_command(path):
+    recipe = load_recipe(path)
+    first = path.read_text().splitlines()[:8]
+    assert first[0].startswith("#")
+    assert any(f"mendctl" in line and str(path.relative_to(ROOT)) in line for line in first), \
+        "a recipe's header comment gives the exact command to run it"
+    assert recipe.num_vectors >= 1
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "r.yaml"
+    p.write_text(text)
+    return p
+
+
+BASE = """backend: gpt2
+output_dir: {out}
+num_vectors: 4
+llm:
+  random_init: {{layers: 1, hidden: 16, heads: 2}}
+distiller:
+  random_init: {{layers: 1, hidden: 16, heads: 2}}
+"""
+
+
+def test_unknown_key_is_an_error_with_its_path_and_line(tmp_path):
+    p = write(tmp_path, BASE.format(out=tmp_path) + "finetune:\n  steps: 3\n  lrr: 0.1\n")
+    with pytest.raises(RecipeError) as e:
+        load_recipe(p)
+    (loc, key, msg), = e.value.problems
+    assert key == "finetune.lrr" and "Extra inputs" in msg
+    assert loc == f"{p}:10"
+
+
+def test_wrong_type_names_the_key(tmp_path):
+    p = write(tmp_path, BASE.format(out=tmp_path) + "finetune:\n  steps: 3\n  lr: fast\n")
+    with pytest.raises(RecipeError) as e:
+        load_recipe(p)
+    assert [(k, m) for _, k, m in e.value.problems] == [("finetune.lr", "Input should be a valid number, unable to parse string as a number")]
+
+
+def test_missing_file_names_the_key(tmp_path):
+    p = write(tmp_path, BASE.format(out=tmp_path) + "pretrain:\n  steps: 3\n  text: [nowhere/at/all.txt]\n")
+    with pytest.raises(RecipeError) as e:
+        load_recipe(p)
+    (loc, key, msg), = e.value.problems
+    assert key == "pretrain.text[0]" and msg == "path does not exist: nowhere/at/all.txt"
+    assert loc == f"{p}:10"
+
+
+def test_all_errors_are_reported_at_once(tmp_path):
+    p = write(tmp_path, BASE.format(out=tmp_path).replace("num_vectors: 4", "num_vectors: 0")
+              + "colour: red\nfinetune:\n  steps: -1\n  lr: fast\n")
+    with pytest.raises(RecipeError) as e:
+        load_recipe(p)
+    keys = {k for _, k, _ in e.value.problems}
+    assert keys == {"num_vectors", "colour", "finetune.steps", "finetune.lr"}
+
+
+def test_unknown_backend_suggests_the_close_one(tmp_path):
+    p = write(tmp_path, BASE.format(out=tmp_path).replace("backend: gpt2", "backend: gtp2"))
+    with pytest.raises(RecipeError) as e:
+        load_recipe(p)
+    assert "Did you mean 'gpt2'" in str(e.value)
+
+
+def test_overrides_apply_before_validation_and_are_blamed_on_the_command_line(tmp_path):
+    p = write(tmp_path, BASE.format(out=tmp_path) + "finetune:\n  steps: 3\n")
+    r = load_recipe(p, ["finetune.steps=10", "output_dir=/tmp/x", "finetune.trackers=[tensorboard]"])
+    assert r.finetune.steps == 10 and str(r.output_dir) == "/tmp/x" and r.finetune.trackers == ["tensorboard"]
+    with pytest.raises(RecipeError) as e:
+        load_recipe(p, ["finetune.lr=abc"])
+    assert e.value.problems[0][0] == "command line"
+
+
+def test_cli_validate_exits_2_without_traceback(tmp_path):
+    p = write(tmp_path, BASE.format(out=tmp_path) + "colour: red\n")
+    result = CliRunner().invoke(cli, ["validate", str(p)])
+    assert result.exit_code == 2
+    assert "colour" in result.output and "Traceback" not in result.output
+
+
+def test_cli_ls_lists_backends_recipes_and_partitions():
+    result = CliRunner().invoke(cli, ["ls"])
+    assert result.exit_code == 0, result.output
+    for word in ("gpt2", "t5", "llama", "recipes/tiny/gpt2.yaml", "class_to_class"):
+        assert word in result.output

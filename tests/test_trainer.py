@@ -1,0 +1,131 @@
+"""Both training stages on the tiny recipes: outputs, learning, a frozen LLM, resume, bad data, NaN."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from rich.console import Console
+from safetensors.torch import load_file
+
+import mendctl.backend
+from mendctl.cli import cli
+from mendctl.registry import get_backend
+from mendctl.trainer import TrainingDiverged, train
+
+BACKENDS = ("gpt2", "t5", "llama")
+QUIET = Console(quiet=True)
+
+
+def metrics(out: Path, stage: str) -> list[dict]:
+    return [json.loads(line) for line in (out / stage / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_both_stages_run_from_the_cli_and_write_their_outputs(backend, tmp_path):
+    out = tmp_path / backend
+    common = [f"recipes/tiny/{backend}.yaml", f"output_dir={out}"]
+    for stage in ("pretrain", "finetune"):
+        result = CliRunner().invoke(cli, [stage, *common, f"{stage}.steps=4", f"{stage}.save_every=2"])
+        assert result.exit_code == 0, result.output
+        d = out / stage
+        assert (d / "distiller.safetensors").is_file()
+        assert sorted(p.name for p in (d / "checkpoints").iterdir()) == ["step_0000002", "step_0000004"]
+        run = json.loads((d / "run.json").read_text())
+        assert run["recipe"]["backend"] == backend and run["stage"] == stage and run["steps"] == 4
+        assert "torch" in run["versions"] and "git" in run
+        assert json.loads((d / "distiller.json").read_text())["num_vectors"] == 4
+        assert [m["step"] for m in metrics(out, stage)] == [1, 2, 3, 4]
+    assert "Starting from" in result.output  # finetune picked up the stage-1 distiller
+    assert json.loads((out / "finetune" / "run.json").read_text())["initialised_from"] == str(out / "pretrain")
+    assert all(m["ce"] > 0 for m in metrics(out, "finetune"))
+    assert all(m["ce"] == 0 for m in metrics(out, "pretrain"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kl_falls_on_a_tiny_overfit_set_and_llm_stays_bit_identical(backend, tiny, tmp_path, monkeypatch):
+    doc = tmp_path / "doc.txt"
+    doc.write_text((Path("data/tiny/text/moby_dick_excerpt.txt").read_text())[:600])
+    recipe = tiny(backend, "pretrain.steps=60", "pretrain.lr=1e-2", f"pretrain.text=[{doc}]", "num_vectors=16")
+    built = []
+    real_build = mendctl.backend.Backend.build
+
+    def spy(self, r):
+        built.append(real_build(self, r))
+        return built[-1]
+
+    monkeypatch.setattr(mendctl.backend.Backend, "build", spy)
+    train(recipe, "pretrain", console=QUIET)
+    fresh = real_build(get_backend(backend), recipe)
+    for k, v in fresh.llm.model.state_dict().items():
+        assert torch.equal(v, built[0].llm.model.state_dict()[k]), k
+    kl = [m["kl"] for m in metrics(recipe.output_dir, "pretrain")]
+    assert sum(kl[-5:]) / 5 < 0.6 * kl[0], kl
+
+
+def test_resume_after_sigkill_gives_the_same_final_weights(tmp_path):
+    args = ["recipes/tiny/gpt2.yaml", "finetune.steps=24", "finetune.save_every=3"]
+    cmd = [sys.executable, "-m", "mendctl", "finetune"]
+    subprocess.run(cmd + args + [f"output_dir={tmp_path / 'a'}"], check=True, capture_output=True)
+    b = tmp_path / "b"
+    proc = subprocess.Popen(cmd + args + [f"output_dir={b}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (b / "finetune" / "checkpoints" / "step_0000006").exists():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (b / "finetune" / "distiller.safetensors").exists(), "killed too late to test anything"
+    resumed = subprocess.run(cmd + args + [f"output_dir={b}", "--resume"], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "Resuming from" in resumed.stdout
+    wa = load_file(tmp_path / "a" / "finetune" / "distiller.safetensors")
+    wb = load_file(b / "finetune" / "distiller.safetensors")
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=1e-5)
+    assert [m["step"] for m in metrics(b, "finetune")] == list(range(1, 25))
+
+
+def test_malformed_jsonl_line_fails_with_file_and_line(tmp_path):
+    data = tmp_path / "tasks"
+    for task in ("tiny_parity", "tiny_color", "tiny_sound", "tiny_length", "tiny_sentiment", "tiny_compare"):
+        src = Path("data/tiny/tasks") / task
+        (data / task).mkdir(parents=True)
+        for f in src.iterdir():
+            (data / task / f.name).write_text(f.read_text())
+    bad = data / "tiny_color" / "tiny_color_16384_100_train.jsonl"
+    lines = bad.read_text().splitlines()
+    lines[6] = '{"input": "sky", "output": '
+    bad.write_text("\n".join(lines) + "\n")
+    result = CliRunner().invoke(cli, ["finetune", "recipes/tiny/gpt2.yaml", f"output_dir={tmp_path / 'o'}",
+                                      f"tasks.data_dir={data}", "finetune.steps=2"])
+    assert result.exit_code == 1
+    assert f"{bad}:7: malformed JSON" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny, monkeypatch):
+    import mendctl.trainer as trainer
+
+    recipe = tiny("gpt2", "pretrain.steps=10", "pretrain.save_every=2")
+    real = trainer.step_loss
+    calls = []
+
+    def poisoned(*args, **kwargs):
+        stats = real(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 5:
+            stats.loss = stats.loss * float("nan")
+        return stats
+
+    monkeypatch.setattr(trainer, "step_loss", poisoned)
+    with pytest.raises(TrainingDiverged, match=r"loss became nan at step 5; the last good checkpoint is .*step_0000004"):
+        train(recipe, "pretrain", console=QUIET)
+    ckpts = sorted(p.name for p in (recipe.output_dir / "pretrain" / "checkpoints").iterdir())
+    assert ckpts == ["step_0000002", "step_0000004"]
+    assert not (recipe.output_dir / "pretrain" / "distiller.safetensors").exists()
