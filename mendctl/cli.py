@@ -32,13 +32,16 @@ def _recipe(path: str, overrides: tuple[str, ...]) -> Recipe:
 
 def _run(fn, *args, **kwargs):
     """Runs a command; errors the user can fix are shown as one message, not a traceback."""
+    from .data.bigbench import FetchError
     from .data.metaicl import DataError
+    from .model_sources import ModelSourceError
     from .trainer import TrainingDiverged
     from .vectors import VectorsMismatch
 
     try:
         return fn(*args, **kwargs)
-    except (DataError, VectorsMismatch, FileNotFoundError, TrainingDiverged, ValueError) as e:
+    except (DataError, VectorsMismatch, FileNotFoundError, TrainingDiverged, ValueError, FetchError,
+            ModelSourceError) as e:
         raise UserError(str(e)) from None
     except KeyboardInterrupt:
         err_console.print("[yellow]interrupted[/]: the last checkpoint is kept; continue with --resume")

@@ -51,6 +51,7 @@ META_TRAIN_SEED = 100
 TEST_SPLIT_SEED = 0
 
 BIGBENCH_VERSION = "1.0.0"
+_OLD_PIP = "23.2.1"
 SDIST_NAME = f"bigbench-{BIGBENCH_VERSION}.tar.gz"
 _SDIST_TASKS_DIR = "bigbench/benchmark_tasks/"
 _TASK_FILE = "task.json"
@@ -394,25 +395,40 @@ def iter_passages(src: Path, exclude_tasks: set[str], min_chars: int = 200) -> I
                     yield text
 
 
+class FetchError(RuntimeError):
+    pass
+
+
+def _run_old_pip(args: list[str], cache_dir: Path) -> subprocess.CompletedProcess:
+    wheels = cache_dir / ".pip"
+    got = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", f"pip=={_OLD_PIP}", "-d", str(wheels)],
+                         capture_output=True, text=True)
+    if got.returncode != 0:
+        return got
+    wheel = next(wheels.glob(f"pip-{_OLD_PIP}-*.whl"))
+    return subprocess.run([sys.executable, str(wheel / "pip"), *args], capture_output=True, text=True)
+
+
 def fetch_bigbench(cache_dir: Path) -> Path:
     """Return the path of the BIG-bench sdist in ``cache_dir``, downloading it if absent.
 
     Runs ``pip download --no-deps bigbench==1.0.0`` (the package is never installed).
-    Raises ``RuntimeError`` with pip's output when the download fails.
+    Raises ``FetchError`` with pip's output when the download fails.
     """
     cache_dir = Path(cache_dir)
     tarball = cache_dir / SDIST_NAME
     if tarball.is_file():
         return tarball
     cache_dir.mkdir(parents=True, exist_ok=True)
-    cmd = [
-        sys.executable, "-m", "pip", "download", "--no-deps",
-        f"bigbench=={BIGBENCH_VERSION}", "-d", str(cache_dir),
-    ]
-    result = subprocess.run(cmd, capture_output=True, text=True)
+    args = ["download", "--no-deps", f"bigbench=={BIGBENCH_VERSION}", "-d", str(cache_dir)]
+    result = subprocess.run([sys.executable, "-m", "pip", *args], capture_output=True, text=True)
+    if result.returncode != 0 and "direct URL dependencies" in result.stderr:
+        # Newer pip refuses the sdist's metadata (it names bleurt by URL) even with --no-deps;
+        # pip 23.2.1, run straight from its wheel, still downloads it.
+        result = _run_old_pip(args, cache_dir)
     if result.returncode != 0:
         message = (result.stderr or result.stdout).strip()
-        raise RuntimeError(f"pip download of bigbench=={BIGBENCH_VERSION} failed:\n{message}")
+        raise FetchError(f"pip download of bigbench=={BIGBENCH_VERSION} failed:\n{message}")
     if not tarball.is_file():
         present = sorted(p.name for p in cache_dir.iterdir())
         raise RuntimeError(
