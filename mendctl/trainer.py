@@ -188,8 +188,11 @@ def train(recipe: Recipe, stage: str, resume: bool = False, console: Console | N
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            n = spec.grad_accum
-            record = {"step": step, "loss": loss_sum / n, "kl": kl_sum / n, "ce": ce_sum / n,
+            # Logged values are averaged over processes (tokens summed), not rank 0's alone.
+            sums = torch.tensor([loss_sum, kl_sum, ce_sum, tokens], dtype=torch.float64, device=accelerator.device)
+            loss_m, kl_m, ce_m, tokens = (accelerator.reduce(sums, "sum") / torch.tensor(
+                [accelerator.num_processes * spec.grad_accum] * 3 + [1], dtype=torch.float64, device=accelerator.device)).tolist()
+            record = {"step": step, "loss": loss_m, "kl": kl_m, "ce": ce_m,
                       "lr": scheduler.get_last_lr()[0], "tokens_per_s": tokens / (time.perf_counter() - tic),
                       "elapsed_s": time.perf_counter() - t0}
             if main:

@@ -129,3 +129,15 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny, monkeyp
     ckpts = sorted(p.name for p in (recipe.output_dir / "pretrain" / "checkpoints").iterdir())
     assert ckpts == ["step_0000002", "step_0000004"]
     assert not (recipe.output_dir / "pretrain" / "distiller.safetensors").exists()
+
+
+def test_accelerate_launch_runs_two_processes_on_cpu(tmp_path):
+    launcher = Path(sys.executable).parent / "accelerate"
+    out = tmp_path / "mp"
+    result = subprocess.run([str(launcher), "launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+                             "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "mendctl", "finetune",
+                             "recipes/tiny/gpt2.yaml", f"output_dir={out}", "finetune.steps=2", "finetune.save_every=2"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (out / "finetune" / "distiller.safetensors").is_file()
+    assert [m["step"] for m in metrics(out, "finetune")] == [1, 2]  # written once, by the main process
