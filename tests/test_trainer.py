@@ -141,3 +141,23 @@ def test_accelerate_launch_runs_two_processes_on_cpu(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert (out / "finetune" / "distiller.safetensors").is_file()
     assert [m["step"] for m in metrics(out, "finetune")] == [1, 2]  # written once, by the main process
+
+
+def test_streamed_dataset_is_read_in_order_and_skipped_on_resume(monkeypatch, tiny):
+    import mendctl.examples as examples
+
+    opened = []
+
+    def fake_stream(dataset_id, split):
+        opened.append((dataset_id, split))
+        return iter([f"document number {i} " * 5 for i in range(100)])
+
+    monkeypatch.setattr(examples, "iter_hf", fake_stream)
+    recipe = tiny("gpt2", "pretrain.text=null", "pretrain.hf_dataset=allenai/c4")
+    tok = get_backend("gpt2").build(recipe).llm_tokenizer
+    source = examples.TextExamples(recipe.pretrain, tok, 0, False)
+    first = [source.get(p) for p in range(3)]
+    assert tok.decode(first[2].ctx).startswith("document number 2")
+    resumed = examples.TextExamples(recipe.pretrain, tok, 0, False)
+    assert resumed.get(2) == first[2]  # a fresh stream skips what the first run consumed
+    assert opened == [("allenai/c4", "train")] * 2
