@@ -13,6 +13,7 @@ class Backend(Base):
     llm_class = GPT2LMHeadModel
     distiller_class = GPT2Model
     layers_attr = "h"
+    gated_mlp = False
     # MetaICL's format for GPT-2: input, a space, output; demonstrations joined by a space.
     default_template = TemplateSpec(input="{input}", output=" {output}", separator=" ")
 

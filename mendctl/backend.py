@@ -32,6 +32,7 @@ class Models:
     llm_config_hash: str  # what it is: vectors made for another LLM are refused on this
     distiller: Distiller
     distiller_tokenizer: PreTrainedTokenizerBase
+    gated_mlp: bool       # what FLOPs counting needs to know of both models' MLPs
 
 
 def config_hash(config: PretrainedConfig) -> str:
@@ -47,6 +48,8 @@ class Backend:
     llm_class: ClassVar[type]        # a transformers LM class with from_pretrained / from_config
     distiller_class: ClassVar[type]  # the distiller body: a base model returning last_hidden_state
     layers_attr: ClassVar[str]       # attribute of the base model holding its nn.ModuleList of layers
+    gated_mlp: ClassVar[bool] = True  # three MLP matrices (SwiGLU-style) or two: FLOPs counting needs it
+    distiller_is_causal: ClassVar[bool] = True
     default_template: ClassVar[TemplateSpec] = TemplateSpec(input="{input}\n", output="{output}", separator="\n\n")
 
     def tiny_config(self, spec: RandomInit, tokenizer: PreTrainedTokenizerBase, *, encoder_only: bool = False
@@ -115,13 +118,14 @@ class Backend:
         body, dist_tok = self.load_distiller_body(recipe.distiller, llm, llm_tok, recipe.seed + 1)
         if dist_tok.pad_token_id is None:
             dist_tok.pad_token = dist_tok.eos_token
-        gen = torch.Generator().manual_seed(recipe.seed + 2)
         init_std = getattr(body.config, "initializer_range", None) or getattr(body.config, "initializer_factor", 0.02)
-        distiller = Distiller(body, llm.hidden_size, recipe.num_vectors, placeholder_init=recipe.distiller.placeholder_init,
-                              causal=self.distiller_is_causal, init_std=init_std, generator=gen)
-        return Models(llm, llm_tok, llm_id, config_hash(llm.model.config), distiller, dist_tok)
-
-    distiller_is_causal: ClassVar[bool] = True
+        # Seeded so that two builds of one recipe start from the same placeholders and projector.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(recipe.seed + 2)
+            distiller = Distiller(body, llm.hidden_size, recipe.num_vectors,
+                                  placeholder_init=recipe.distiller.placeholder_init,
+                                  causal=self.distiller_is_causal, init_std=init_std)
+        return Models(llm, llm_tok, llm_id, config_hash(llm.model.config), distiller, dist_tok, self.gated_mlp)
 
     def template(self, recipe: Recipe) -> TemplateSpec:
         return recipe.template or self.default_template

@@ -14,17 +14,17 @@ class Distiller(nn.Module):
     """
 
     def __init__(self, body: nn.Module, d_llm: int, num_vectors: int, *, placeholder_init: str = "random",
-                 causal: bool = True, init_std: float = 0.02, generator: torch.Generator | None = None):
+                 causal: bool = True, init_std: float = 0.02):
         super().__init__()
         self.body = body
         self.causal = causal
         embeddings = body.get_input_embeddings().weight
         d = embeddings.shape[1]
         if placeholder_init == "vocab":
-            rows = torch.randint(0, embeddings.shape[0], (num_vectors,), generator=generator)
+            rows = torch.randint(0, embeddings.shape[0], (num_vectors,))
             init = embeddings.detach()[rows].clone().float()
         elif placeholder_init == "random":
-            init = torch.randn(num_vectors, d, generator=generator) * init_std
+            init = torch.randn(num_vectors, d) * init_std
         else:
             raise ValueError(f"placeholder_init must be 'random' or 'vocab', not {placeholder_init!r}")
         self.placeholders = nn.Parameter(init)

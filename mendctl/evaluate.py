@@ -58,7 +58,7 @@ class QuerySet:
 @dataclass
 class MendVectors:
     vectors: torch.Tensor
-    source: dict                       # how the vectors were obtained: recorded in the results
+    source: dict  # file or distilled now, and by which distiller: recorded in the results
     distill_flops: float
 
 
@@ -101,7 +101,8 @@ def _saved_vectors(recipe: Recipe, models: Models, ds: DemoSet) -> tuple[torch.T
 
 def _distill_input_len(models: Models, recipe: Recipe, context: str) -> int:
     # As distiller_inputs cuts them: the oldest tokens beyond max_length are dropped.
-    return min(len(models.distiller_tokenizer(context, add_special_tokens=False).input_ids), recipe.distiller.max_length)
+    ids = models.distiller_tokenizer(context, add_special_tokens=False).input_ids
+    return min(len(ids), recipe.distiller.max_length)
 
 
 def _mend_vectors(recipe: Recipe, models: Models, distiller_hash: str, sets: list[DemoSet],
@@ -118,18 +119,21 @@ def _mend_vectors(recipe: Recipe, models: Models, distiller_hash: str, sets: lis
     if stale and distiller_hash != UNTRAINED:
         console.print(f"[yellow]warning[/]: some vectors files were made by another distiller than {distiller_hash}: "
                       "run `mendctl distill --force` to remake them")
-    made = _distil_now(recipe, models, distiller_hash, todo)
+    made = _distil_now(recipe, models, todo)
     out = {}
     for ds in sets:
         key = f"{ds.task}/{ds.seed}"
-        vectors, source = saved[key] if saved[key][0] is not None else (made[key], saved[key][1] | {"distiller_hash": distiller_hash})
+        vectors, source = saved[key]
+        if vectors is None:
+            vectors, source = made[key], source | {"distiller_hash": distiller_hash}
         cost = flops.distill_flops(models.distiller.body.config, _distill_input_len(models, recipe, ds.context),
-                                   models.distiller.num_vectors, causal=models.distiller.causal)
+                                   models.distiller.num_vectors, causal=models.distiller.causal,
+                                   gated_mlp=models.gated_mlp)
         out[key] = MendVectors(vectors.to(models.llm.device, models.llm.dtype), source, cost)
     return out
 
 
-def _distil_now(recipe: Recipe, models: Models, distiller_hash: str, todo: list[DemoSet]) -> dict[str, torch.Tensor]:
+def _distil_now(recipe: Recipe, models: Models, todo: list[DemoSet]) -> dict[str, torch.Tensor]:
     if not todo:
         return {}
     vectors = distil(models, [ds.context for ds in todo], recipe.distiller.max_length, recipe.eval.batch_size)
@@ -161,7 +165,7 @@ def _losses(llm, prefix: torch.Tensor, query: Query) -> torch.Tensor:
                              [torch.tensor(o, dtype=torch.long, device=device) for o in query.options])
 
 
-def _score(llm, prefix: torch.Tensor, qs: QuerySet, advance) -> MethodRun:
+def _score(llm, prefix: torch.Tensor, qs: QuerySet, advance, gated_mlp: bool) -> MethodRun:
     run, device, config = MethodRun(), llm.device, llm.model.config
     lengths = [(prefix.shape[0], len(q.x), [len(o) for o in q.options]) for q in qs.queries]
     if device.type == "cuda":
@@ -176,13 +180,14 @@ def _score(llm, prefix: torch.Tensor, qs: QuerySet, advance) -> MethodRun:
         run.seconds.append(time.perf_counter() - start)
         run.losses.append(losses.tolist())
         run.predictions.append(int(losses.argmin()))
-        run.flops.append(flops.llm_query_flops(config, p, x, opts, llm.is_encoder_decoder))
+        run.flops.append(flops.llm_query_flops(config, p, x, opts, llm.is_encoder_decoder, gated_mlp))
         advance()
     if device.type == "cuda":
         run.memory_bytes = torch.cuda.max_memory_allocated(device)
     else:
         # No allocator counter on CPU: an analytic estimate for the longest query (flops.query_memory_bytes).
-        run.memory_bytes = max(flops.query_memory_bytes(config, p, x, opts, llm.is_encoder_decoder, llm.dtype.itemsize)
+        run.memory_bytes = max(flops.query_memory_bytes(config, p, x, opts, llm.is_encoder_decoder, llm.dtype.itemsize,
+                                                         gated_mlp)
                                for p, x, opts in lengths)
     return run
 
@@ -207,13 +212,8 @@ def _warm_up(llm, qs: QuerySet) -> None:
 # --------------------------------------------------------------------------- aggregation
 
 
-def _mean_over_seeds_then_tasks(tasks: dict, get) -> float | None:
-    per_task = []
-    for task in tasks.values():
-        values = [v for v in (get(s) for s in task["seeds"].values()) if v is not None]
-        if values:
-            per_task.append(statistics.fmean(values))
-    return statistics.fmean(per_task) if per_task else None
+def _mean_over_seeds_then_tasks(tasks: dict, get) -> float:
+    return statistics.fmean(statistics.fmean(get(s) for s in task["seeds"].values()) for task in tasks.values())
 
 
 def _aggregate(tasks: dict, methods: list[str]) -> dict:
@@ -261,7 +261,8 @@ def _ratio(x: float | None) -> str:
 
 
 def _memory(n: int, estimated: bool) -> str:
-    return f"{n / 2**20:.1f} MiB" + (" (est.)" if estimated else "")
+    unit, scale = next(((u, s) for u, s in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)) if n >= s), ("B", 1))
+    return f"{n / scale:.1f} {unit}" + (" (est.)" if estimated else "")
 
 
 HEADER = ("method", "quality (%)", "FLOPs/query", "ratio to icl", "latency ms/query", "ratio", "memory",
@@ -298,7 +299,8 @@ def _markdown(results: dict) -> str:
     lines += ["", "## Per task (mean over seeds, %)", "", "| task | metric | " + " | ".join(methods) + " |",
               "|" + "---|" * (len(methods) + 2)]
     for name, task in results["tasks"].items():
-        lines.append(f"| {name} | {task['metric']} | " + " | ".join(f"{100 * task['scores'][m]:.1f}" for m in methods) + " |")
+        scores = " | ".join(f"{100 * task['scores'][m]:.1f}" for m in methods)
+        lines.append(f"| {name} | {task['metric']} | {scores} |")
     if results["memory_kind"] == "estimated":
         lines += ["", "memory (est.): analytic estimate of the KV cache and activations of the longest query, "
                       "weights excluded (no allocator counter on CPU); see docs/evaluation.md"]
@@ -358,11 +360,10 @@ def _evaluate_set(qs: QuerySet, methods: list[str], models: Models, template: Te
     for method in methods:
         progress.update(bar, description=f"{qs.demos.task} seed {qs.demos.seed} {method}")
         prefix = _prefix(method, qs, models, template, recipe.num_vectors, mend)
-        runs[method] = _score(models.llm, prefix, qs, lambda: progress.advance(bar))
+        runs[method] = _score(models.llm, prefix, qs, lambda: progress.advance(bar), models.gated_mlp)
         result["methods"][method] = _method_result(runs[method], qs, prefix, classification)
     if "mend" in methods:
         result["methods"]["mend"]["distill_flops"] = mend[qs.key].distill_flops
-        result["methods"]["mend"]["vectors"] = mend[qs.key].source
     if {"icl", "mend"} <= set(methods):
         result["mend_vs_icl"] = _compare(runs["icl"], runs["mend"])
     return result
@@ -375,7 +376,7 @@ def _progress(console: Console) -> Progress:
 
 @torch.no_grad()
 def run_eval(recipe: Recipe, limit: int | None = None, console: Console | None = None) -> dict:
-    """Evaluates every method of recipe.eval.methods; writes output_dir/eval/results.{json,md} and returns the results."""
+    """Evaluates recipe.eval.methods on the test tasks; writes output_dir/eval/results.{json,md}; returns them."""
     console = console or Console()
     methods = list(recipe.eval.methods)
     models, distiller_hash, device = _load(recipe)
@@ -383,7 +384,9 @@ def run_eval(recipe: Recipe, limit: int | None = None, console: Console | None =
     partition = partition_for(recipe)
     sets = [_query_set(recipe, ds, template, models.llm_tokenizer, limit)
             for ds in demo_sets(recipe, template, models.llm_tokenizer)]
-    mend = _mend_vectors(recipe, models, distiller_hash, [qs.demos for qs in sets], console) if "mend" in methods else {}
+    mend = {}
+    if "mend" in methods:
+        mend = _mend_vectors(recipe, models, distiller_hash, [qs.demos for qs in sets], console)
     _warm_up(models.llm, sets[0])
     tasks: dict[str, dict] = {}
     with _progress(console) as progress:

@@ -6,7 +6,8 @@ standard transformers config aliases (`num_hidden_layers`, `hidden_size`, `num_a
 `head_dim`, `num_key_value_heads`, `vocab_size`, and `intermediate_size` / `d_ff` / `n_inner`).
 
 With d = hidden size, d_attn = heads x head_dim, d_kv = kv_heads x head_dim (GQA) and
-m = 3 for a gated MLP (Llama's SwiGLU, T5 v1.1's gated-gelu) else 2, one layer holds
+m = 3 for a gated MLP (Llama's SwiGLU, T5 v1.1's gated-gelu) else 2 (GPT-2); the backend
+says which (`Backend.gated_mlp`) unless the config does (T5's `is_gated_act`), one layer holds
 
     P = 2 d d_attn (Q, O) + 2 d d_kv (K, V) + m d d_ff                  weights of its matrices
 
@@ -34,12 +35,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# Model types whose MLP is two matrices; every other architecture mendctl runs (Llama family) is
-# gated with three, and T5 says which it is in `is_gated_act`. A backend for another ungated
-# architecture adds its model_type here.
-UNGATED_MLP = frozenset({"gpt2"})
-
-
 @dataclass(frozen=True)
 class Dims:
     layers: int          # encoder layers for an encoder-decoder model
@@ -53,14 +48,15 @@ class Dims:
     vocab: int
 
     @classmethod
-    def from_config(cls, config) -> "Dims":
+    def from_config(cls, config, gated_mlp: bool = True) -> "Dims":
+        """`gated_mlp` comes from the backend (`Backend.gated_mlp`); a config's own `is_gated_act` wins."""
         d, heads = config.hidden_size, config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or d // heads
         kv_heads = getattr(config, "num_key_value_heads", None) or heads
         layers = config.num_hidden_layers
         return cls(layers=layers, decoder_layers=getattr(config, "num_decoder_layers", None) or layers, d=d,
                    heads=heads, d_attn=heads * head_dim, d_kv=kv_heads * head_dim, d_ff=_d_ff(config),
-                   mlp_matrices=_mlp_matrices(config), vocab=config.vocab_size)
+                   mlp_matrices=3 if getattr(config, "is_gated_act", gated_mlp) else 2, vocab=config.vocab_size)
 
     @property
     def layer_params(self) -> int:
@@ -75,13 +71,6 @@ def _d_ff(config) -> int:
             return value
     # GPT-2 leaves n_inner unset to mean 4 d.
     return 4 * config.hidden_size
-
-
-def _mlp_matrices(config) -> int:
-    gated = getattr(config, "is_gated_act", None)
-    if gated is None:
-        gated = config.model_type not in UNGATED_MLP
-    return 3 if gated else 2
 
 
 def _attention(dims: Dims, keys: float) -> float:
@@ -112,9 +101,10 @@ def head_flops(dims: Dims, positions: int) -> float:
     return 2 * dims.d * dims.vocab * positions
 
 
-def llm_query_flops(config, prefix_len: int, x_len: int, option_lens: list[int], is_encoder_decoder: bool) -> float:
+def llm_query_flops(config, prefix_len: int, x_len: int, option_lens: list[int], is_encoder_decoder: bool,
+                    gated_mlp: bool = True) -> float:
     """Forward FLOPs of scoring one query's options after a prefix (see the module docstring)."""
-    dims, c = Dims.from_config(config), prefix_len + x_len
+    dims, c = Dims.from_config(config, gated_mlp), prefix_len + x_len
     if is_encoder_decoder:
         cross_kv = dims.decoder_layers * 2 * (2 * dims.d * dims.d_attn) * c
         options = sum(decoder_layers_flops(dims, m, c) + head_flops(dims, m) for m in option_lens)
@@ -123,14 +113,14 @@ def llm_query_flops(config, prefix_len: int, x_len: int, option_lens: list[int],
     return causal_layers_flops(dims, c, 0) + head_flops(dims, 1) + options
 
 
-def distill_flops(config, input_len: int, num_vectors: int, causal: bool = True) -> float:
+def distill_flops(config, input_len: int, num_vectors: int, causal: bool = True, gated_mlp: bool = True) -> float:
     """Forward FLOPs of the distiller body over one demonstration set plus the K placeholders."""
-    dims, tokens = Dims.from_config(config), input_len + num_vectors
+    dims, tokens = Dims.from_config(config, gated_mlp), input_len + num_vectors
     return causal_layers_flops(dims, tokens, 0) if causal else encoder_layers_flops(dims, tokens)
 
 
 def query_memory_bytes(config, prefix_len: int, x_len: int, option_lens: list[int], is_encoder_decoder: bool,
-                       dtype_bytes: int) -> int:
+                       dtype_bytes: int, gated_mlp: bool = True) -> int:
     """Rough peak of what scoring one query holds beyond the weights, for devices without an allocator counter.
 
     keys/values: every layer's, for the c context tokens copied once per option (the batched option
@@ -140,7 +130,7 @@ def query_memory_bytes(config, prefix_len: int, x_len: int, option_lens: list[in
                  its attention probabilities (heads x queries x keys)
     logits: float32 logits and log-probabilities over the vocabulary where the head runs
     """
-    dims, c, n, longest = Dims.from_config(config), prefix_len + x_len, len(option_lens), max(option_lens)
+    dims, c, n, longest = Dims.from_config(config, gated_mlp), prefix_len + x_len, len(option_lens), max(option_lens)
     if is_encoder_decoder:
         cache = dims.decoder_layers * 2 * dims.d_attn * n * (c + longest)
         head_positions = sum(option_lens)

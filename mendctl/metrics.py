@@ -1,9 +1,12 @@
 """Quality metrics of the MetaICL protocol, and how far MEND's predictions are from ICL's.
 
-`macro_f1` follows MetaICL's definition, quirk included: a class that is never predicted gets
-precision 1.0 (not 0 and not undefined), so a model that never outputs a rare class is punished
-through recall only. Reported numbers stay comparable with MetaICL's and MEND's papers only if this
-is kept.
+`macro_f1` follows MetaICL's definition so that numbers stay comparable with MetaICL's and MEND's
+papers, quirks included:
+- a class that is never predicted gets precision 1.0 (not 0, not undefined). Its recall is then 0,
+  so its F1 is 0 all the same: the quirk is kept for fidelity but cannot change a score.
+- the average is over the classes that occur among the golds; a label that is predicted but never
+  gold is not averaged in (scikit-learn's macro average would add it with F1 0). This one does
+  change scores.
 """
 from __future__ import annotations
 

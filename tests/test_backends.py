@@ -102,3 +102,11 @@ def test_a_file_that_is_not_a_vectors_file_is_refused(tmp_path):
     save_file({"weights": torch.zeros(2)}, str(path))
     with pytest.raises(VectorsMismatch, match="not a mendctl vectors file"):
         load_vectors(path)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_two_builds_of_one_recipe_give_the_same_distiller(tiny, backend):
+    _, a = build(tiny, backend)
+    _, b = build(tiny, backend)
+    for k, v in a.distiller.state_dict().items():
+        assert torch.equal(v, b.distiller.state_dict()[k]), k
