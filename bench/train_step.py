@@ -38,7 +38,7 @@ def main() -> None:
         query = torch.randint(100, vocab, (a.query_tokens,), generator=gen).tolist()
         batch.append(Example(models.distiller_tokenizer.decode(demo), demo, query[:-5], query[-5:]))
     distiller = models.distiller.train()
-    opt = torch.optim.AdamW(distiller.parameters(), lr=1e-5)
+    opt = torch.optim.AdamW(distiller.parameters(), lr=1e-5, fused=True)  # as the trainer
     kl = ForwardKL()
     times = []
     for i in range(a.steps + 1):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .config import FinetuneSpec, PretrainSpec, TasksSpec, TemplateSpec
 from .data.metaicl import DataError, read_examples
-from .data.text import chunk_ids, iter_hf, iter_local
+from .data.text import iter_hf, iter_local, pieces
 from .render import context_ids, render_context, render_query
 
 
@@ -32,14 +32,13 @@ class TextExamples:
 
     def __init__(self, spec: PretrainSpec, tokenizer, seed: int, encoder_decoder: bool, documents=None):
         self.spec, self.tokenizer, self.seed, self.encoder_decoder = spec, tokenizer, seed, encoder_decoder
-        min_len = max(8, int(spec.max_length * 0.25))
         if spec.hf_dataset:
             self.chunks, self._stream, self._streamed = None, None, 0
         else:
             texts = documents if documents is not None else iter_local(spec.text)
-            self.chunks = chunk_ids(texts, tokenizer, spec.max_length, min_len)
+            self.chunks = pieces(texts, tokenizer, spec.max_length)
             if not self.chunks:
-                raise DataError(f"pretrain data has no document of at least {min_len} tokens")
+                raise DataError("pretrain data has no text")
         self._order: dict[int, list[int]] = {}
 
     def _chunk(self, position: int) -> list[int]:
@@ -50,14 +49,17 @@ class TextExamples:
             order = list(range(len(self.chunks)))
             random.Random(f"{self.seed}:{epoch}").shuffle(order)
             self._order = {epoch: order}
-        return self.chunks[self._order[epoch][i]]
+        return self._ids(self.chunks[self._order[epoch][i]])
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False).input_ids[: self.spec.max_length]
 
     def _next_streamed(self, position: int) -> list[int]:
         # A stream cannot be indexed: positions must come in order; a resumed run skips ahead.
         if self._stream is None or position < self._streamed:
             self._stream, self._streamed = iter_hf(self.spec.hf_dataset, self.spec.hf_split), 0
         while True:
-            ids = self.tokenizer(next(self._stream), add_special_tokens=False).input_ids[: self.spec.max_length]
+            ids = self._ids(next(self._stream))
             if len(ids) >= 8:
                 self._streamed += 1
                 if self._streamed > position:

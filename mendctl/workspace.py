@@ -1,6 +1,7 @@
 """Where a recipe's inputs are: its task data, its partition, and the output of earlier stages."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from .checkpoint import WEIGHTS
@@ -45,6 +46,26 @@ def data_dir(recipe: Recipe) -> Path:
                                   progress=True)
         print(report.summary())
     return out
+
+
+def passages_file(recipe: Recipe) -> Path:
+    """BIG-bench passages for stage 1, extracted once into output_dir/data/passages.jsonl."""
+    path = recipe.output_dir / "data" / "passages.jsonl"
+    if path.is_file():
+        return path
+    from rich.console import Console
+
+    from .data.bigbench import iter_passages
+    from .fileio import atomic_path
+
+    src, exclude = bigbench_source(recipe), set(partition_for(recipe).test)
+    with Console(stderr=True).status(f"extracting stage-1 passages from {src} (once)") as status, \
+            atomic_path(path) as tmp, tmp.open("w") as f:
+        for n, text in enumerate(iter_passages(src, exclude), 1):
+            f.write(json.dumps({"text": text}) + "\n")
+            if n % 1000 == 0:
+                status.update(f"extracting stage-1 passages from {src}: {n}")
+    return path
 
 
 def stage_input(recipe: Recipe, stage: str) -> Path | None:

@@ -49,10 +49,27 @@ def iter_hf(dataset_id: str, split: str) -> Iterator[str]:
         yield row["text"]
 
 
-def chunk_ids(texts: Iterator[str], tokenizer, max_length: int, min_length: int) -> list[list[int]]:
-    """Tokenised documents cut into windows of max_length tokens; shorter tails than min_length dropped."""
-    chunks = []
+def pieces(texts: Iterator[str], tokenizer, max_length: int) -> list[str]:
+    """Texts cut, at whitespace, into pieces of about `max_length` tokens.
+
+    Cutting is done on characters, at the tokenizer's characters-per-token ratio measured on a
+    sample, so that a corpus is never tokenised as a whole up front: each piece is tokenised when
+    a training step draws it.
+    """
+    texts = [t for t in texts if t.strip()]
+    sample = "".join(texts)[:20000]
+    ratio = len(sample) / max(1, len(tokenizer(sample, add_special_tokens=False).input_ids))
+    size = max(16, int(max_length * ratio))
+    out = []
     for text in texts:
-        ids = tokenizer(text, add_special_tokens=False).input_ids
-        chunks += [ids[i:i + max_length] for i in range(0, len(ids), max_length) if len(ids) - i >= min_length]
-    return chunks
+        start = 0
+        while start < len(text):
+            end = start + size
+            if end < len(text):
+                space = text.rfind(" ", start + size // 2, end)
+                end = space if space > 0 else end
+            piece = text[start:end].strip()
+            if len(piece) >= size // 4:  # a short tail teaches little and splits badly 80/20
+                out.append(piece)
+            start = end
+    return out
