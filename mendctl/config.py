@@ -165,13 +165,13 @@ class PretrainSpec(TrainSpec):
     text: list[ExistingPath] | None = Field(None, description=".txt files, folders of them, or .jsonl with a text field")
     hf_dataset: str | None = Field(None, description="a Hugging Face dataset id, streamed (needs a network)")
     hf_split: str = "train"
-    bigbench_passages: bool = Field(False, description="passages of BIG-bench tasks in no test list of the partition")
+    bigbench_passages: int | None = Field(None, ge=1, description="this many passages of BIG-bench tasks in no test list")
     max_length: int = Field(1024, ge=8)
     demo_fraction: float = Field(0.8, gt=0, lt=1)
 
     @model_validator(mode="after")
     def _one_source(self) -> "PretrainSpec":
-        chosen = [self.text is not None, self.hf_dataset is not None, self.bigbench_passages]
+        chosen = [self.text is not None, self.hf_dataset is not None, self.bigbench_passages is not None]
         if sum(chosen) != 1:
             raise ValueError("set exactly one of text, hf_dataset, bigbench_passages")
         return self

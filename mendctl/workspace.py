@@ -49,8 +49,9 @@ def data_dir(recipe: Recipe) -> Path:
 
 
 def passages_file(recipe: Recipe) -> Path:
-    """BIG-bench passages for stage 1, extracted once into output_dir/data/passages.jsonl."""
-    path = recipe.output_dir / "data" / "passages.jsonl"
+    """BIG-bench passages for stage 1, extracted once into output_dir/data/passages-N.jsonl."""
+    limit = recipe.pretrain.bigbench_passages
+    path = recipe.output_dir / "data" / f"passages-{limit}.jsonl"
     if path.is_file():
         return path
     from rich.console import Console
@@ -61,7 +62,7 @@ def passages_file(recipe: Recipe) -> Path:
     src, exclude = bigbench_source(recipe), set(partition_for(recipe).test)
     with Console(stderr=True).status(f"extracting stage-1 passages from {src} (once)") as status, \
             atomic_path(path) as tmp, tmp.open("w") as f:
-        for n, text in enumerate(iter_passages(src, exclude), 1):
+        for n, text in enumerate(iter_passages(src, exclude, limit=limit), 1):
             f.write(json.dumps({"text": text}) + "\n")
             if n % 1000 == 0:
                 status.update(f"extracting stage-1 passages from {src}: {n}")

@@ -110,3 +110,20 @@ def test_two_builds_of_one_recipe_give_the_same_distiller(tiny, backend):
     _, b = build(tiny, backend)
     for k, v in a.distiller.state_dict().items():
         assert torch.equal(v, b.distiller.state_dict()[k]), k
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_distiller_from_the_llms_first_layers_is_an_independent_copy(tiny, backend):
+    _, models = build(tiny, backend, "distiller.random_init=null", "distiller.init_from_llm_layers=1")
+    body, llm_embed = models.distiller.body, models.llm.model.get_input_embeddings().weight
+    assert body.config.num_hidden_layers == 1
+    assert models.distiller_tokenizer is models.llm_tokenizer
+    assert torch.equal(body.get_input_embeddings().weight, llm_embed)
+    assert body.get_input_embeddings().weight.data_ptr() != llm_embed.data_ptr()
+    assert all(p.requires_grad for p in body.parameters())
+    assert not any(p.requires_grad for p in models.llm.model.parameters())
+
+
+def test_init_from_more_layers_than_the_llm_has_is_an_error(tiny):
+    with pytest.raises(ValueError, match="init_from_llm_layers=5 but the LLM has 2 layers"):
+        build(tiny, "llama", "distiller.init_from_llm_layers=5")

@@ -277,3 +277,11 @@ def test_fetch_success_returns_downloaded_path(tmp_path, monkeypatch):
 
     monkeypatch.setattr(bigbench.subprocess, "run", fake_pip)
     assert fetch_bigbench(tmp_path).read_bytes() == b"sdist"
+
+
+def test_iter_passages_limit_spreads_over_tasks(src):
+    everything = list(iter_passages(src, exclude_tasks={"group-sub"}))
+    # three eligible tasks (alpha, tiny, empty): a limit of 6 lets each give at most 2
+    assert list(iter_passages(src, exclude_tasks={"group-sub"}, limit=6)) == everything[:2]
+    assert list(iter_passages(src, exclude_tasks={"group-sub"}, limit=1)) == everything[:1]
+    assert len(list(iter_passages(src, exclude_tasks={"group-sub"}, limit=100))) == len(everything)

@@ -373,7 +373,8 @@ def convert_bigbench(
     )
 
 
-def iter_passages(src: Path, exclude_tasks: set[str], min_chars: int = 200) -> Iterator[str]:
+def iter_passages(src: Path, exclude_tasks: set[str], min_chars: int = 200, limit: int | None = None
+                  ) -> Iterator[str]:
     """Yield plain-text passages for stage-1 pretraining on a machine without other text.
 
     Passages are example inputs of at least ``min_chars`` characters (multiple-choice or
@@ -381,18 +382,26 @@ def iter_passages(src: Path, exclude_tasks: set[str], min_chars: int = 200) -> I
     names raise ``ValueError``, since a typo would leak a meta-test task's text into
     pretraining). Exact repeats are yielded once. Order is deterministic: tasks in source
     order (sorted for a directory, archive order for the tarball), examples in file order.
+    With ``limit``, at most that many passages, at most limit / (number of tasks) from each
+    task (rounded up), so that a few huge tasks do not crowd out the rest.
     """
     with _task_files(Path(src)) as files:
         excluded = set(_resolve_names(exclude_tasks, files, "task to exclude"))
+        names = [name for name in files if name not in excluded]
+        quota = -(-limit // max(1, len(names))) if limit else None
         seen: set[str] = set()
-        for name, read in files.items():
-            if name in excluded:
-                continue
-            for ex in json.loads(read()).get("examples", []):
+        for name in names:
+            taken = 0
+            for ex in json.loads(files[name]()).get("examples", []):
                 text = str(ex.get("input", "")).strip()
                 if len(text) >= min_chars and text not in seen:
                     seen.add(text)
                     yield text
+                    taken += 1
+                    if limit and len(seen) >= limit:
+                        return
+                    if quota and taken >= quota:
+                        break
 
 
 class FetchError(RuntimeError):
