@@ -126,6 +126,8 @@ def train(recipe: Recipe, stage: str, resume: bool = False, console: Console | N
     main = accelerator.is_main_process
     set_seed(recipe.seed)
     backend = get_backend(recipe.backend)
+    if main:
+        console.print(f"{stage}: loading the {recipe.backend} LLM and distiller")
     models = backend.build(recipe)
     start_from = _init_weights(stage, spec, recipe, models, console if main else Console(quiet=True))
     models.llm.to(accelerator.device)

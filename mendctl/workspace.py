@@ -60,12 +60,14 @@ def passages_file(recipe: Recipe) -> Path:
     from .fileio import atomic_path
 
     src, exclude = bigbench_source(recipe), set(partition_for(recipe).test)
-    with Console(stderr=True).status(f"extracting stage-1 passages from {src} (once)") as status, \
+    console = Console(stderr=True)
+    console.print(f"extracting up to {limit} stage-1 passages from {src} into {path} (once)")
+    with console.status("extracting passages") as status, \
             atomic_path(path) as tmp, tmp.open("w") as f:
         for n, text in enumerate(iter_passages(src, exclude, limit=limit), 1):
             f.write(json.dumps({"text": text}) + "\n")
             if n % 1000 == 0:
-                status.update(f"extracting stage-1 passages from {src}: {n}")
+                status.update(f"extracting passages: {n}")
     return path
 
 
