@@ -9,13 +9,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DEFAULT_SEEDS = [100, 13, 21, 42, 87]
-METHODS = ("zero-shot", "icl", "icl-truncated", "mend")
+Method = Literal["zero-shot", "icl", "icl-truncated", "mend"]
+METHODS = get_args(Method)
 
 
 class Strict(BaseModel):
@@ -197,7 +198,7 @@ class DistillSpec(Strict):
 
 
 class EvalSpec(Strict):
-    methods: list[Literal["zero-shot", "icl", "icl-truncated", "mend"]] = Field(
+    methods: list[Method] = Field(
         default_factory=lambda: ["zero-shot", "icl", "mend"], min_length=1)
     batch_size: int = Field(8, ge=1, description="distillation batch when vectors are made on the fly")
 

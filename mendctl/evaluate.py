@@ -217,17 +217,19 @@ def _mean_over_seeds_then_tasks(tasks: dict, get) -> float:
 
 
 def _aggregate(tasks: dict, methods: list[str]) -> dict:
+    def mean(method: str, key: str) -> float:
+        return _mean_over_seeds_then_tasks(tasks, lambda s: s["methods"][method][key])
+
     out = {}
     for m in methods:
-        mean = lambda key: _mean_over_seeds_then_tasks(tasks, lambda s: s["methods"][m][key])  # noqa: E731
-        out[m] = {"score": mean("score"), "flops_per_query": mean("flops_per_query"),
-                  "latency_ms_per_query": mean("latency_ms_per_query"),
+        out[m] = {"score": mean(m, "score"), "flops_per_query": mean(m, "flops_per_query"),
+                  "latency_ms_per_query": mean(m, "latency_ms_per_query"),
                   "memory_bytes": max(s["methods"][m]["memory_bytes"] for t in tasks.values()
                                       for s in t["seeds"].values())}
         if m == "mend":
-            out[m]["distill_flops_per_set"] = mean("distill_flops")
+            out[m]["distill_flops_per_set"] = mean(m, "distill_flops")
     if "icl" in out:
-        for m, row in out.items():
+        for row in out.values():
             row["flops_ratio_to_icl"] = row["flops_per_query"] / out["icl"]["flops_per_query"]
             row["latency_ratio_to_icl"] = row["latency_ms_per_query"] / out["icl"]["latency_ms_per_query"]
     return out

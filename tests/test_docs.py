@@ -1,6 +1,5 @@
 """Every recipe key is documented: the schema and docs/recipes.md must not drift apart."""
 import re
-import types
 import typing
 from pathlib import Path
 

@@ -3,7 +3,6 @@ import textwrap
 
 import pytest
 
-from mendctl.config import load_recipe
 from mendctl.registry import UnknownBackend, available, get_backend, resolve_name
 
 

@@ -20,7 +20,7 @@ def test_shipped_recipe_is_valid_and_documents_its_command(path):
     recipe = load_recipe(path)
     first = path.read_text().splitlines()[:8]
     assert first[0].startswith("#")
-    assert any(f"mendctl" in line and str(path.relative_to(ROOT)) in line for line in first), \
+    assert any("mendctl" in line and str(path.relative_to(ROOT)) in line for line in first), \
         "a recipe's header comment gives the exact command to run it"
     assert recipe.num_vectors >= 1
 

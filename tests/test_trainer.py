@@ -1,6 +1,5 @@
 """Both training stages on the tiny recipes: outputs, learning, a frozen LLM, resume, bad data, NaN."""
 import json
-import os
 import signal
 import subprocess
 import sys
