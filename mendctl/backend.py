@@ -58,10 +58,10 @@ class Backend:
 
     # ------------------------------------------------------------------ loading
 
-    def _resolve(self, spec: ModelSpec):
+    def _resolve(self, spec: ModelSpec, model_class: type):
         from .model_sources import resolve_source
 
-        return resolve_source(spec.source, spec.gguf_file, spec.dtype)
+        return resolve_source(spec.source, spec.gguf_file, spec.dtype, model_class if spec.gguf_file else None)
 
     def load_llm(self, spec: ModelSpec, seed: int) -> tuple[FrozenLM, PreTrainedTokenizerBase, str]:
         dtype = DTYPES[spec.dtype]
@@ -72,7 +72,7 @@ class Backend:
                 model = self.llm_class(self.tiny_config(spec.random_init, tokenizer)).to(dtype)
             identity = f"random-init:{self.name}:seed={seed}"
         else:
-            src = self._resolve(spec)
+            src = self._resolve(spec, self.llm_class)
             tokenizer = AutoTokenizer.from_pretrained(src.path)
             model = self.llm_class.from_pretrained(src.path, dtype=dtype)
             identity = src.identity
@@ -110,7 +110,7 @@ class Backend:
                 torch.manual_seed(seed)
                 body = self.distiller_class(self.tiny_config(spec.random_init, tokenizer, encoder_only=True))
             return body, tokenizer
-        src = self._resolve(spec)
+        src = self._resolve(spec, self.distiller_class)
         return self.distiller_class.from_pretrained(src.path, dtype=torch.float32), AutoTokenizer.from_pretrained(src.path)
 
     def build(self, recipe: Recipe) -> Models:

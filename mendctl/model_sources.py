@@ -69,25 +69,30 @@ def cache_dir() -> Path:
     return base / "mendctl"
 
 
-def resolve_source(source: str, gguf_file: str | None = None, dtype: str = "float32") -> ResolvedSource:
-    """Resolve a recipe's model name, converting a GGUF into the cache on first use."""
+def resolve_source(source: str, gguf_file: str | None = None, dtype: str = "float32", model_class=None
+                   ) -> ResolvedSource:
+    """Resolve a recipe's model name, converting a GGUF into the cache on first use.
+
+    `model_class` is the transformers class the GGUF is read into (the backend's LLM or distiller
+    class); default AutoModelForCausalLM.
+    """
     if gguf_file is not None:
         gguf_path = Path(source).expanduser() / gguf_file
         if not gguf_path.is_file():
             raise ModelSourceError(f"GGUF file not found: {gguf_path}")
         _require_gguf("pip install gguf")
-        return _resolve_gguf(gguf_path, dtype)
+        return _resolve_gguf(gguf_path, dtype, model_class)
     if source in ALIASES:
-        return _resolve_alias(source, ALIASES[source], dtype)
+        return _resolve_alias(source, ALIASES[source], dtype, model_class)
     # A local directory gets an absolute identity so provenance does not depend on the cwd.
     local = Path(source).expanduser()
     identity = str(local.resolve()) if local.is_dir() else source
     return ResolvedSource(path=source, description=source, identity=identity)
 
 
-def _resolve_gguf(gguf_path: Path, dtype: str) -> ResolvedSource:
+def _resolve_gguf(gguf_path: Path, dtype: str, model_class) -> ResolvedSource:
     fingerprint = _fingerprint(gguf_path)
-    target = _convert_once(gguf_path, fingerprint, dtype)
+    target = _convert_once(gguf_path, fingerprint, dtype, model_class)
     return ResolvedSource(
         path=str(target),
         description=f"{gguf_path.name} (GGUF -> {target})",
@@ -95,10 +100,10 @@ def _resolve_gguf(gguf_path: Path, dtype: str) -> ResolvedSource:
     )
 
 
-def _resolve_alias(alias: str, model: PackagedModel, dtype: str) -> ResolvedSource:
+def _resolve_alias(alias: str, model: PackagedModel, dtype: str, model_class) -> ResolvedSource:
     dist, gguf_path = _locate_packaged_file(model)
     _require_gguf(model.install)
-    target = _convert_once(gguf_path, _fingerprint(gguf_path), dtype)
+    target = _convert_once(gguf_path, _fingerprint(gguf_path), dtype, model_class)
     return ResolvedSource(
         path=str(target),
         description=f"{alias} ({model.package} {dist.version}, GGUF {model.quant} -> {target})",
@@ -150,13 +155,15 @@ def _torch_dtype(dtype: str) -> torch.dtype:
     return value
 
 
-def _convert_once(gguf_path: Path, fingerprint: str, dtype: str) -> Path:
+def _convert_once(gguf_path: Path, fingerprint: str, dtype: str, model_class=None) -> Path:
     """The cached plain model dir for this GGUF and dtype, converting it if absent.
 
     Only complete conversions are ever renamed into place, so an existing target is complete.
     """
     torch_dtype = _torch_dtype(dtype)
-    target = cache_dir() / f"{gguf_path.stem}-{fingerprint}-{dtype}"
+    # The default (a causal LM) keeps the plain name; another class gets its own folder.
+    suffix = f"-{model_class.__name__}" if model_class is not None else ""
+    target = cache_dir() / f"{gguf_path.stem}-{fingerprint}-{dtype}{suffix}"
     if target.is_dir():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -169,7 +176,7 @@ def _convert_once(gguf_path: Path, fingerprint: str, dtype: str) -> Path:
         # A plain line too: the spinner alone leaves no trace in logs or non-terminal output.
         console.print(f"converting {gguf_path.name} to safetensors once, cached at {target}", markup=False)
         with console.status(f"converting {gguf_path.name}"):
-            _convert(gguf_path, staging, torch_dtype)
+            _convert(gguf_path, staging, torch_dtype, model_class)
         _publish(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -185,17 +192,21 @@ def _publish(staging: Path, target: Path) -> None:
             raise
 
 
-def _convert(gguf_path: Path, out: Path, torch_dtype: torch.dtype) -> None:
+def _convert(gguf_path: Path, out: Path, torch_dtype: torch.dtype, model_class=None) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    model_class = model_class or AutoModelForCausalLM
     directory, name = str(gguf_path.parent), gguf_path.name
-    loaded = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch_dtype)
+    loaded = model_class.from_pretrained(directory, gguf_file=name, dtype=torch_dtype)
     # The GGUF quantizer marks the model unserialisable; a fresh model without it saves normally.
     config = copy.deepcopy(loaded.config)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    # Auto classes build from a config with from_config, concrete classes with their constructor.
+    plain = (model_class.from_config(config, dtype=torch_dtype) if hasattr(model_class, "from_config")
+             else model_class(config).to(torch_dtype))
     plain.load_state_dict(loaded.state_dict(), strict=True)
-    plain.generation_config = loaded.generation_config
+    if getattr(loaded, "generation_config", None) is not None:  # base models (a distiller body) have none
+        plain.generation_config = loaded.generation_config
     plain.save_pretrained(out)
     AutoTokenizer.from_pretrained(directory, gguf_file=name).save_pretrained(out)

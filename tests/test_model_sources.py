@@ -171,7 +171,7 @@ def test_failed_conversion_leaves_nothing_loadable(cache: Path, tiny_gguf, monke
     gguf_path, _ = tiny_gguf
     real_convert = model_sources._convert
 
-    def crash_midway(gguf: Path, out: Path, dtype: torch.dtype) -> None:
+    def crash_midway(gguf: Path, out: Path, dtype: torch.dtype, model_class=None) -> None:
         (out / "config.json").write_text("{}")
         raise KeyboardInterrupt
 
@@ -194,7 +194,7 @@ def test_concurrent_conversion_keeps_the_winner(
     stash = tmp_path / "winner"
     target.rename(stash)
 
-    def lose_the_race(gguf: Path, out: Path, dtype: torch.dtype) -> None:
+    def lose_the_race(gguf: Path, out: Path, dtype: torch.dtype, model_class=None) -> None:
         stash.rename(target)  # another process publishes while this one converts
         (out / "loser").write_text("x")
 
@@ -307,3 +307,23 @@ def test_real_smollm2_alias_runs_a_forward() -> None:
     logits = _logits(model, ids)
     assert logits.shape == (1, len(ids), 49152)
     assert tokenizer.decode(logits[0, -1].argmax()).strip() == "Paris"
+
+
+def test_a_recipe_runs_on_a_gguf_llm_and_a_gguf_distiller(cache: Path, tiny_gguf, tmp_path: Path) -> None:
+    """`llm: {source: DIR, gguf_file: NAME}` through the llama backend; the distiller body from the same GGUF."""
+    from mendctl.config import load_recipe
+    from mendctl.registry import get_backend
+    from mendctl.trainer import distiller_inputs
+
+    gguf_path, _ = tiny_gguf
+    src = [f"llm.source={gguf_path.parent}", f"llm.gguf_file={gguf_path.name}", "llm.random_init=null",
+           "distiller.random_init=null", f"distiller.source={gguf_path.parent}", f"distiller.gguf_file={gguf_path.name}"]
+    root = Path(__file__).resolve().parents[1]
+    recipe = load_recipe(root / "recipes" / "tiny" / "llama.yaml",
+                         [f"output_dir={tmp_path / 'o'}", "distiller.init_from_llm_layers=null", *src])
+    models = get_backend("llama").build(recipe)
+    assert models.llm_id.startswith(f"gguf:{gguf_path.name}@")
+    assert type(models.distiller.body).__name__ == "LlamaModel"
+    ids, mask = distiller_inputs(["hello"], models.distiller_tokenizer, 64, "cpu")
+    assert models.distiller(ids, mask).shape == (1, recipe.num_vectors, models.llm.hidden_size)
+    assert sorted(p.name.rsplit("-", 1)[-1] for p in cache.iterdir()) == ["LlamaForCausalLM", "LlamaModel"]
