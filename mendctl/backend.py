@@ -95,23 +95,24 @@ class Backend:
         body.config = copy.deepcopy(base.config)
         body.config.num_hidden_layers = layers
         body.requires_grad_(True)
-        return body.float()
+        return body
 
     def llm_base(self, model: nn.Module) -> nn.Module:
         return model.base_model
 
     def load_distiller_body(self, spec: DistillerSpec, llm: FrozenLM, llm_tokenizer: PreTrainedTokenizerBase,
                             seed: int) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+        dtype = DTYPES[spec.dtype]
         if spec.init_from_llm_layers:
-            return self.distiller_body_from_llm(llm, spec.init_from_llm_layers), llm_tokenizer
+            return self.distiller_body_from_llm(llm, spec.init_from_llm_layers).to(dtype), llm_tokenizer
         if spec.random_init is not None:
             tokenizer = byte_tokenizer()
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
                 body = self.distiller_class(self.tiny_config(spec.random_init, tokenizer, encoder_only=True))
-            return body, tokenizer
+            return body.to(dtype), tokenizer
         src = self._resolve(spec, self.distiller_class)
-        return self.distiller_class.from_pretrained(src.path, dtype=torch.float32), AutoTokenizer.from_pretrained(src.path)
+        return self.distiller_class.from_pretrained(src.path, dtype=dtype), AutoTokenizer.from_pretrained(src.path)
 
     def build(self, recipe: Recipe) -> Models:
         llm, llm_tok, llm_id = self.load_llm(recipe.llm, recipe.seed)

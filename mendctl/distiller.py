@@ -46,4 +46,5 @@ class Distiller(nn.Module):
         if self.causal:
             kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
         hidden = self.body(inputs_embeds=embeds, attention_mask=mask, **kwargs).last_hidden_state
-        return self.projector(hidden[:, -k:])
+        # Placeholders and projector stay float32 whatever the body's dtype.
+        return self.projector(hidden[:, -k:].to(self.placeholders.dtype))

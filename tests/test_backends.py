@@ -127,3 +127,11 @@ def test_distiller_from_the_llms_first_layers_is_an_independent_copy(tiny, backe
 def test_init_from_more_layers_than_the_llm_has_is_an_error(tiny):
     with pytest.raises(ValueError, match="init_from_llm_layers=5 but the LLM has 2 layers"):
         build(tiny, "llama", "distiller.init_from_llm_layers=5")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_distiller_dtype_sets_the_body_weights(tiny, backend):
+    _, models = build(tiny, backend, "distiller.dtype=bfloat16")
+    assert {p.dtype for p in models.distiller.body.parameters()} == {torch.bfloat16}
+    v = vectors_for(models, ["some demonstrations"])
+    assert v.dtype == torch.float32 and torch.isfinite(v).all()
