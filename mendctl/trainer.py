@@ -8,11 +8,13 @@ multiple processes; the single-process CPU run is the same code.
 from __future__ import annotations
 
 import json
+import random
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
@@ -165,49 +167,39 @@ def train(recipe: Recipe, stage: str, resume: bool = False, console: Console | N
     bar = progress.add_task(stage, total=spec.steps, completed=step, stats="")
     last_good = checkpoints(ckpt_root)[-1] if resume else None
     t0 = time.perf_counter()
-    with progress:
-        while step < spec.steps:
-            tokens, kl_sum, ce_sum, loss_sum = 0, 0.0, 0.0, 0.0
-            tic = time.perf_counter()
-            for micro in range(spec.grad_accum):
-                base = step * per_step + (micro * accelerator.num_processes + accelerator.process_index) * spec.batch_size
-                batch = [examples.get(base + i) for i in range(spec.batch_size)]
-                sync = micro == spec.grad_accum - 1
-                with accelerator.autocast(), (accelerator.no_sync(distiller) if not sync else nullcontext()):
-                    stats = step_loss(models, distiller, batch, recipe, kl, ce_weight, kl_weight, accelerator.device)
-                    if not torch.isfinite(stats.loss):
-                        where = f"; the last good checkpoint is {last_good}" if last_good else "; no checkpoint was written yet"
-                        raise TrainingDiverged(f"{stage}: the loss became {stats.loss.item()} at step {step + 1}{where}. "
-                                               "Lower the learning rate or use mixed_precision: no.")
-                    accelerator.backward(stats.loss / spec.grad_accum)
-                tokens += stats.tokens
-                kl_sum, ce_sum, loss_sum = kl_sum + stats.kl, ce_sum + stats.ce, loss_sum + stats.loss.item()
-            if spec.max_grad_norm:
-                accelerator.clip_grad_norm_(distiller.parameters(), spec.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            # Logged values are averaged over processes (tokens summed), not rank 0's alone.
-            sums = torch.tensor([loss_sum, kl_sum, ce_sum, tokens], dtype=torch.float64, device=accelerator.device)
-            loss_m, kl_m, ce_m, tokens = (accelerator.reduce(sums, "sum") / torch.tensor(
-                [accelerator.num_processes * spec.grad_accum] * 3 + [1], dtype=torch.float64, device=accelerator.device)).tolist()
-            record = {"step": step, "loss": loss_m, "kl": kl_m, "ce": ce_m,
-                      "lr": scheduler.get_last_lr()[0], "tokens_per_s": tokens / (time.perf_counter() - tic),
-                      "elapsed_s": time.perf_counter() - t0}
-            if main:
-                log.write(json.dumps(record) + "\n")
-                log.flush()
-                stats_text = (f"loss {record['loss']:.4f}  kl {record['kl']:.4f}" + (f"  ce {record['ce']:.4f}" if ce_weight else "")
-                              + f"  {record['tokens_per_s']:.0f} tok/s")
-                progress.update(bar, completed=step, stats=stats_text)
-                if not console.is_terminal and (step % max(1, spec.steps // 20) == 0 or step == spec.steps):
-                    console.print(f"{stage} step {step}/{spec.steps}  {stats_text}")
-            if spec.trackers:
-                accelerator.log(record, step=step)
-            if step % spec.save_every == 0 or step == spec.steps:
-                last_good = save_checkpoint(accelerator, ckpt_root, step, {"step": step, "position": step * per_step},
-                                            spec.keep_last)
+    rng = _rng_state()
+    try:
+        with progress:
+            while step < spec.steps:
+                tic = time.perf_counter()
+                sums = _optimizer_step(models, distiller, optimizer, scheduler, examples, accelerator, recipe, spec,
+                                       kl, ce_weight, kl_weight, step, per_step, last_good, stage)
+                step += 1
+                rng = _rng_state()
+                # Logged values are averaged over processes (tokens summed), not rank 0's alone.
+                loss_m, kl_m, ce_m, tokens = (accelerator.reduce(sums, "sum") / torch.tensor(
+                    [accelerator.num_processes * spec.grad_accum] * 3 + [1], dtype=torch.float64,
+                    device=accelerator.device)).tolist()
+                record = {"step": step, "loss": loss_m, "kl": kl_m, "ce": ce_m,
+                          "lr": scheduler.get_last_lr()[0], "tokens_per_s": tokens / (time.perf_counter() - tic),
+                          "elapsed_s": time.perf_counter() - t0}
+                if main:
+                    _report(record, log, progress, bar, console, spec.steps, stage, show_ce=bool(ce_weight))
+                if spec.trackers:
+                    accelerator.log(record, step=step)
+                if step % spec.save_every == 0 or step == spec.steps:
+                    last_good = save_checkpoint(accelerator, ckpt_root, step, {"step": step, "position": step * per_step},
+                                                spec.keep_last)
+    except KeyboardInterrupt:
+        # Keep the finished steps: checkpoint the last completed one, with the RNG as it was then, so
+        # that --resume continues exactly as if nothing had happened. A multi-process run cannot
+        # rely on every process being interrupted at once, so it keeps its last regular checkpoint.
+        if accelerator.num_processes == 1 and step > 0 and (last_good is None or read_state(last_good)["step"] != step):
+            _set_rng_state(rng)
+            saved = save_checkpoint(accelerator, ckpt_root, step, {"step": step, "position": step * per_step},
+                                    spec.keep_last)
+            console.print(f"[yellow]interrupted[/]: step {step} saved to {saved}")
+        raise
     if log:
         log.close()
     accelerator.wait_for_everyone()
@@ -221,6 +213,57 @@ def train(recipe: Recipe, stage: str, resume: bool = False, console: Console | N
     if spec.trackers:
         accelerator.end_training()
     return path
+
+
+def _optimizer_step(models, distiller, optimizer, scheduler, examples, accelerator, recipe, spec, kl, ce_weight,
+                    kl_weight, step, per_step, last_good, stage) -> torch.Tensor:
+    """One optimiser step over grad_accum micro-batches; returns [loss, kl, ce, tokens] summed over them."""
+    sums = torch.zeros(4, dtype=torch.float64, device=accelerator.device)
+    for micro in range(spec.grad_accum):
+        base = step * per_step + (micro * accelerator.num_processes + accelerator.process_index) * spec.batch_size
+        batch = [examples.get(base + i) for i in range(spec.batch_size)]
+        sync = micro == spec.grad_accum - 1
+        with accelerator.autocast(), (accelerator.no_sync(distiller) if not sync else nullcontext()):
+            stats = step_loss(models, distiller, batch, recipe, kl, ce_weight, kl_weight, accelerator.device)
+            if not torch.isfinite(stats.loss):
+                where = f"; the last good checkpoint is {last_good}" if last_good else "; no checkpoint was written yet"
+                raise TrainingDiverged(f"{stage}: the loss became {stats.loss.item()} at step {step + 1}{where}. "
+                                       "Lower the learning rate or use mixed_precision: no.")
+            accelerator.backward(stats.loss / spec.grad_accum)
+        sums += torch.tensor([stats.loss.item(), stats.kl, stats.ce, stats.tokens], dtype=torch.float64,
+                             device=accelerator.device)
+    if spec.max_grad_norm:
+        accelerator.clip_grad_norm_(distiller.parameters(), spec.max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return sums
+
+
+def _report(record: dict, log, progress: Progress, bar, console: Console, total: int, stage: str, show_ce: bool) -> None:
+    log.write(json.dumps(record) + "\n")
+    log.flush()
+    text = (f"loss {record['loss']:.4f}  kl {record['kl']:.4f}" + (f"  ce {record['ce']:.4f}" if show_ce else "")
+            + f"  {record['tokens_per_s']:.0f} tok/s")
+    progress.update(bar, completed=record["step"], stats=text)
+    # Without a terminal the bar is invisible: a plain line every 5% keeps logs informative.
+    if not console.is_terminal and (record["step"] % max(1, total // 20) == 0 or record["step"] == total):
+        console.print(f"{stage} step {record['step']}/{total}  {text}")
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _check_frozen(models: Models, before: dict) -> None:

@@ -160,3 +160,32 @@ def test_streamed_dataset_is_read_in_order_and_skipped_on_resume(monkeypatch, ti
     resumed = examples.TextExamples(recipe.pretrain, tok, 0, False)
     assert resumed.get(2) == first[2]  # a fresh stream skips what the first run consumed
     assert opened == [("allenai/c4", "train")] * 2
+
+
+def test_ctrl_c_saves_the_last_finished_step_and_resume_matches(tiny, monkeypatch):
+    import mendctl.trainer as trainer
+
+    overrides = ("finetune.steps=8", "finetune.save_every=3")
+    straight = tiny("gpt2", *overrides)
+    train(straight, "finetune", console=QUIET)
+    recipe = tiny("gpt2", *overrides, f"output_dir={straight.output_dir}-interrupted")
+    real, calls = trainer.step_loss, []
+
+    def interrupted(*args, **kwargs):
+        stats = real(*args, **kwargs)  # step 5's forward has drawn its dropout masks from the RNG
+        calls.append(1)
+        if len(calls) == 5:  # during step 5: steps 1-4 are done, the last regular checkpoint is step 3
+            raise KeyboardInterrupt
+        return stats
+
+    monkeypatch.setattr(trainer, "step_loss", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(recipe, "finetune", console=QUIET)
+    ckpts = recipe.output_dir / "finetune" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_0000003", "step_0000004"]
+    monkeypatch.setattr(trainer, "step_loss", real)
+    train(recipe, "finetune", resume=True, console=QUIET)
+    a = load_file(straight.output_dir / "finetune" / "distiller.safetensors")
+    b = load_file(recipe.output_dir / "finetune" / "distiller.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
