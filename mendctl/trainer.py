@@ -122,9 +122,9 @@ def train(recipe: Recipe, stage: str, resume: bool = False, console: Console | N
         raise ValueError(f"the recipe has no `{stage}` section")
     out = recipe.stage_dir(stage)
     ckpt_root = out / "checkpoints"
-    accelerator = Accelerator(mixed_precision=spec.mixed_precision, log_with=spec.trackers or None,
-                              project_dir=str(out))
     console = console or Console()
+    trackers = _available_trackers(spec.trackers, console)
+    accelerator = Accelerator(mixed_precision=spec.mixed_precision, log_with=trackers or None, project_dir=str(out))
     main = accelerator.is_main_process
     set_seed(recipe.seed)
     backend = get_backend(recipe.backend)
@@ -154,7 +154,7 @@ def train(recipe: Recipe, stage: str, resume: bool = False, console: Console | N
     elif checkpoints(ckpt_root) and main:
         console.print(f"[yellow]{ckpt_root} holds checkpoints of an earlier run: they will be replaced "
                       "(use --resume to continue it).[/]")
-    if spec.trackers:
+    if trackers:
         accelerator.init_trackers(f"mendctl-{stage}", config=recipe.model_dump(mode="json"))
 
     kl = ForwardKL(spec.temperature)
@@ -185,7 +185,7 @@ def train(recipe: Recipe, stage: str, resume: bool = False, console: Console | N
                           "elapsed_s": time.perf_counter() - t0}
                 if main:
                     _report(record, log, progress, bar, console, spec.steps, stage, show_ce=bool(ce_weight))
-                if spec.trackers:
+                if trackers:
                     accelerator.log(record, step=step)
                 if step % spec.save_every == 0 or step == spec.steps:
                     last_good = save_checkpoint(accelerator, ckpt_root, step, {"step": step, "position": step * per_step},
@@ -210,7 +210,7 @@ def train(recipe: Recipe, stage: str, resume: bool = False, console: Console | N
                               {"stage": stage, "steps": step, "initialised_from": start_from,
                                "llm_id": models.llm_id, "llm_config_hash": models.llm_config_hash})
         console.print(f"[green]{stage} done[/]: {path}")
-    if spec.trackers:
+    if trackers:
         accelerator.end_training()
     return path
 
@@ -249,6 +249,18 @@ def _report(record: dict, log, progress: Progress, bar, console: Console, total:
     # Without a terminal the bar is invisible: a plain line every 5% keeps logs informative.
     if not console.is_terminal and (record["step"] % max(1, total // 20) == 0 or record["step"] == total):
         console.print(f"{stage} step {record['step']}/{total}  {text}")
+
+
+def _available_trackers(requested: list[str], console: Console) -> list[str]:
+    """The requested trackers that are installed; Accelerate would drop the others without a word."""
+    from accelerate.utils import is_tensorboard_available, is_wandb_available
+
+    installed = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available}
+    kept = [t for t in requested if installed[t]()]
+    for missing in [t for t in requested if t not in kept]:
+        console.print(f"[yellow]warning[/]: tracker {missing} is not installed (pip install {missing}); "
+                      "metrics still go to metrics.jsonl")
+    return kept
 
 
 def _rng_state() -> dict:

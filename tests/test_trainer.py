@@ -189,3 +189,21 @@ def test_ctrl_c_saves_the_last_finished_step_and_resume_matches(tiny, monkeypatc
     b = load_file(recipe.output_dir / "finetune" / "distiller.safetensors")
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
+
+
+def test_trackers_reach_accelerate_when_installed_and_warn_when_not(tiny, monkeypatch):
+    import accelerate.utils
+
+    import mendctl.trainer as trainer
+
+    recipe = tiny("gpt2", "pretrain.steps=2", "pretrain.trackers=[tensorboard,wandb]")
+    logged = []
+    monkeypatch.setattr(accelerate.utils, "is_tensorboard_available", lambda: True)
+    monkeypatch.setattr(accelerate.utils, "is_wandb_available", lambda: False)
+    monkeypatch.setattr(trainer.Accelerator, "init_trackers", lambda self, name, config=None: logged.append(name))
+    monkeypatch.setattr(trainer.Accelerator, "log", lambda self, values, step=None: logged.append(step))
+    monkeypatch.setattr(trainer.Accelerator, "end_training", lambda self: logged.append("end"))
+    console = Console(record=True, width=200)
+    train(recipe, "pretrain", console=console)
+    assert logged == ["mendctl-pretrain", 1, 2, "end"]
+    assert "tracker wandb is not installed" in console.export_text()
