@@ -29,7 +29,7 @@ demo: $(STAMP)
 	$(VENV)/bin/mendctl pretrain $(DEMO)
 	$(VENV)/bin/mendctl finetune $(DEMO)
 	$(VENV)/bin/mendctl distill $(DEMO)
-	$(VENV)/bin/mendctl eval $(DEMO) --limit 20
+	$(VENV)/bin/mendctl eval $(DEMO) --limit 15
 
 clean:
 	rm -rf $(VENV) runs

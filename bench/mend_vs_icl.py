@@ -1,6 +1,6 @@
 """MEND against vanilla ICL in one run: quality, FLOPs, wall-clock and memory as ratios.
 
-    MENDCTL_CACHE=... .venv/bin/python bench/mend_vs_icl.py recipes/llama/smollm2-demo.yaml --limit 20
+    MENDCTL_CACHE=... .venv/bin/python bench/mend_vs_icl.py recipes/llama/smollm2-demo.yaml --limit 15
 
 Needs the recipe's trained distiller or vectors (run `make demo`, or the recipe's pretrain, finetune
 and distill first). Writes bench/results/mend_vs_icl.json; the full results stay in output_dir/eval.
