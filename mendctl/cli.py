@@ -151,20 +151,25 @@ def data() -> None:
 
 
 @data.command("bigbench")
-@click.argument("src", required=False, type=click.Path(exists=True))
-@click.argument("out", type=click.Path(file_okay=False))
+@click.argument("paths", nargs=-1, required=True, metavar="[SRC] OUT")
 @click.option("--tasks", help="Comma-separated task names (default: all).")
-@click.option("--fetch", is_flag=True, help="Download the bigbench==1.0.0 sdist with pip into the cache and use it.")
+@click.option("--fetch", is_flag=True, help="Download the bigbench==1.0.0 sdist with pip into the cache and use it as SRC.")
 @click.option("--k", default=16, show_default=True, help="Demonstrations per train/dev split.")
-def data_bigbench(src: str | None, out: str, tasks: str | None, fetch: bool, k: int) -> None:
-    """Convert BIG-bench task files (a folder, or the sdist tarball) into the MetaICL layout in OUT."""
+def data_bigbench(paths: tuple[str, ...], tasks: str | None, fetch: bool, k: int) -> None:
+    """Convert BIG-bench task files (a folder, or the sdist tarball) into the MetaICL layout in OUT.
+
+    `mendctl data bigbench SRC OUT`, or `mendctl data bigbench --fetch OUT`.
+    """
     from .data.bigbench import convert_bigbench, fetch_bigbench
     from .model_sources import cache_dir
 
-    if (src is None) == (not fetch):
-        raise UserError("give either SRC or --fetch")
-    source = Path(src) if src else _run(fetch_bigbench, cache_dir() / "bigbench")
-    report = _run(convert_bigbench, source, Path(out), tasks=tasks.split(",") if tasks else None, k=k, progress=True)
+    if len(paths) != (1 if fetch else 2):
+        raise UserError("give SRC and OUT, or --fetch and OUT")
+    if not fetch and not Path(paths[0]).exists():
+        raise UserError(f"SRC does not exist: {paths[0]}")
+    source = _run(fetch_bigbench, cache_dir() / "bigbench") if fetch else Path(paths[0])
+    report = _run(convert_bigbench, source, Path(paths[-1]), tasks=tasks.split(",") if tasks else None, k=k,
+                  progress=True)
     console.print(report.summary())
 
 

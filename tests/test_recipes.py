@@ -103,3 +103,19 @@ def test_cli_ls_lists_backends_recipes_and_partitions():
     assert result.exit_code == 0, result.output
     for word in ("gpt2", "t5", "llama", "recipes/tiny/gpt2.yaml", "class_to_class"):
         assert word in result.output
+
+
+def test_cli_data_bigbench_converts_a_folder_and_checks_its_arguments(tmp_path):
+    import json
+
+    src = tmp_path / "bb" / "yesno"
+    src.mkdir(parents=True)
+    examples = [{"input": f"question {i}", "target_scores": {"yes": i % 2, "no": 1 - i % 2}} for i in range(40)]
+    (src / "task.json").write_text(json.dumps({"examples": examples}))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, ["data", "bigbench", str(tmp_path / "bb"), str(out), "--k", "4"])
+    assert result.exit_code == 0, result.output
+    assert (out / "yesno" / "yesno_4_100_train.jsonl").is_file()
+    for bad in (["data", "bigbench", str(out)], ["data", "bigbench", "--fetch", "a", "b"]):
+        result = CliRunner().invoke(cli, bad)
+        assert result.exit_code == 1 and "give SRC and OUT, or --fetch and OUT" in result.output
