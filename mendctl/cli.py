@@ -40,7 +40,7 @@ def _run(fn, *args, **kwargs):
 
     try:
         return fn(*args, **kwargs)
-    except (DataError, VectorsMismatch, FileNotFoundError, TrainingDiverged, ValueError, FetchError,
+    except (DataError, VectorsMismatch, FileNotFoundError, FileExistsError, TrainingDiverged, ValueError, FetchError,
             ModelSourceError) as e:
         raise UserError(str(e)) from None
     except KeyboardInterrupt:
@@ -67,10 +67,13 @@ def _stage_command(stage: str, doc: str):
     @recipe_arg
     @overrides_arg
     @click.option("--resume", is_flag=True, help="Continue the interrupted run from its last checkpoint.")
-    def command(recipe: str, overrides: tuple[str, ...], resume: bool) -> None:
+    @click.option("--restart", is_flag=True, help="Start over, deleting the checkpoints of an earlier run.")
+    def command(recipe: str, overrides: tuple[str, ...], resume: bool, restart: bool) -> None:
         from .trainer import train
 
-        _run(train, _recipe(recipe, overrides), stage, resume=resume, console=console)
+        if resume and restart:
+            raise UserError("--resume and --restart exclude each other")
+        _run(train, _recipe(recipe, overrides), stage, resume=resume, restart=restart, console=console)
 
     return command
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -116,13 +117,20 @@ def _metrics_log(path: Path, resume_step: int):
     return path.open("a")
 
 
-def train(recipe: Recipe, stage: str, resume: bool = False, console: Console | None = None) -> Path:
+def train(recipe: Recipe, stage: str, resume: bool = False, restart: bool = False, console: Console | None = None
+          ) -> Path:
+    """Runs one stage; `resume` continues from the newest checkpoint, `restart` discards earlier ones."""
     spec: PretrainSpec | FinetuneSpec | None = getattr(recipe, stage)
     if spec is None:
         raise ValueError(f"the recipe has no `{stage}` section")
     out = recipe.stage_dir(stage)
     ckpt_root = out / "checkpoints"
     console = console or Console()
+    if not resume and checkpoints(ckpt_root):
+        if not restart:
+            raise FileExistsError(f"{ckpt_root} holds checkpoints of an earlier run: continue it with --resume, "
+                                  "or start over with --restart (which deletes them)")
+        shutil.rmtree(ckpt_root)
     trackers = _available_trackers(spec.trackers, console)
     accelerator = Accelerator(mixed_precision=spec.mixed_precision, log_with=trackers or None, project_dir=str(out))
     main = accelerator.is_main_process
@@ -151,9 +159,6 @@ def train(recipe: Recipe, stage: str, resume: bool = False, console: Console | N
         step = read_state(done[-1])["step"]
         if main:
             console.print(f"Resuming from {done[-1]} (step {step}/{spec.steps})")
-    elif checkpoints(ckpt_root) and main:
-        console.print(f"[yellow]{ckpt_root} holds checkpoints of an earlier run: they will be replaced "
-                      "(use --resume to continue it).[/]")
     if trackers:
         accelerator.init_trackers(f"mendctl-{stage}", config=recipe.model_dump(mode="json"))
 

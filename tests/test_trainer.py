@@ -207,3 +207,15 @@ def test_trackers_reach_accelerate_when_installed_and_warn_when_not(tiny, monkey
     train(recipe, "pretrain", console=console)
     assert logged == ["mendctl-pretrain", 1, 2, "end"]
     assert "tracker wandb is not installed" in console.export_text()
+
+
+def test_a_second_run_refuses_to_mix_with_earlier_checkpoints_unless_told(tmp_path):
+    args = ["pretrain", "recipes/tiny/gpt2.yaml", f"output_dir={tmp_path}", "pretrain.steps=4", "pretrain.save_every=2"]
+    assert CliRunner().invoke(cli, args).exit_code == 0
+    again = CliRunner().invoke(cli, [*args[:3], "pretrain.steps=2", "pretrain.save_every=1"])
+    assert again.exit_code == 1 and "continue it with --resume, or start over with --restart" in again.output
+    restarted = CliRunner().invoke(cli, [*args[:3], "pretrain.steps=2", "pretrain.save_every=1", "--restart"])
+    assert restarted.exit_code == 0, restarted.output
+    ckpts = sorted(p.name for p in (tmp_path / "pretrain" / "checkpoints").iterdir())
+    assert ckpts == ["step_0000001", "step_0000002"]  # the earlier run's step 4 is gone, not resumable by mistake
+    assert CliRunner().invoke(cli, [*args, "--resume", "--restart"]).exit_code == 1
