@@ -99,6 +99,8 @@ def run_distill(recipe: Recipe, force: bool = False, console: Console | None = N
             for i, v in zip(chunk, vectors):
                 save_vectors(vectors_path(recipe, sets[i].task, sets[i].seed), v, metas[i])
             progress.advance(bar, len(chunk))
+            if not console.is_terminal:
+                console.print(f"distilled {start + len(chunk)}/{len(todo)}")
     paths = [vectors_path(recipe, ds.task, ds.seed) for ds in sets]
     console.print(f"[green]{len(paths)} vectors file(s)[/] in {recipe.output_dir / 'vectors'}")
     return paths

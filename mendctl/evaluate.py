@@ -364,6 +364,9 @@ def _evaluate_set(qs: QuerySet, methods: list[str], models: Models, template: Te
         prefix = _prefix(method, qs, models, template, recipe.num_vectors, mend)
         runs[method] = _score(models.llm, prefix, qs, lambda: progress.advance(bar), models.gated_mlp)
         result["methods"][method] = _method_result(runs[method], qs, prefix, classification)
+        if not progress.console.is_terminal:  # the bar is invisible in a log file: one line per method
+            progress.console.print(f"eval {qs.demos.task} seed {qs.demos.seed} {method}: "
+                                   f"{100 * result['methods'][method]['score']:.1f}")
     if "mend" in methods:
         result["methods"]["mend"]["distill_flops"] = mend[qs.key].distill_flops
     if {"icl", "mend"} <= set(methods):
