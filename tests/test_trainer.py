@@ -191,6 +191,8 @@ def test_ctrl_c_saves_the_last_finished_step_and_resume_matches(tiny, monkeypatc
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
 
 
+# Accelerate itself warns that tensorboard is missing: the availability check is faked here.
+@pytest.mark.filterwarnings("ignore:`log_with=")
 def test_trackers_reach_accelerate_when_installed_and_warn_when_not(tiny, monkeypatch):
     import accelerate.utils
 
