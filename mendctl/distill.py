@@ -17,7 +17,7 @@ from .registry import get_backend
 from .render import render_context
 from .provenance import text_hash
 from .trainer import distiller_inputs
-from .vectors import read_metadata, save_vectors
+from .vectors import VectorsMismatch, read_metadata, save_vectors
 from .workspace import data_dir, partition_for, stage_input
 
 
@@ -77,7 +77,10 @@ def vectors_metadata(recipe: Recipe, models: Models, distiller_hash: str, templa
 def _up_to_date(path: Path, meta: dict) -> bool:
     if not path.is_file():
         return False
-    have = read_metadata(path)
+    try:
+        have = read_metadata(path)
+    except VectorsMismatch:  # damaged (say, by a copy cut short): distil it again
+        return False
     return all(have.get(k) == (json.dumps(v, sort_keys=True) if isinstance(v, dict) else str(v)) for k, v in meta.items())
 
 

@@ -34,7 +34,7 @@ from .partitions import Partition
 from .provenance import stamp, text_hash
 from .registry import get_backend
 from .render import Query, context_ids, render_query
-from .vectors import check_compatible, load_vectors, read_metadata
+from .vectors import VectorsMismatch, check_compatible, load_vectors, read_metadata
 from .workspace import data_dir, partition_for
 
 UNTRAINED = "untrained"  # what load_trained reports when no distiller weights exist
@@ -89,7 +89,10 @@ def _saved_vectors(recipe: Recipe, models: Models, ds: DemoSet) -> tuple[torch.T
     path = vectors_path(recipe, ds.task, ds.seed)
     if not path.is_file():
         return None, {"source": "distilled", "reason": f"no file {path}"}
-    meta = read_metadata(path)
+    try:
+        meta = read_metadata(path)
+    except VectorsMismatch as e:
+        return None, {"source": "distilled", "reason": str(e)}
     if meta.get("llm_config_hash") != models.llm_config_hash:
         return None, {"source": "distilled", "reason": f"{path} was made for another LLM ({meta.get('llm_id')})"}
     if meta.get("demos_hash") != text_hash(ds.context):

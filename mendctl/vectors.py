@@ -47,8 +47,15 @@ def save_vectors(path: Path, vectors: torch.Tensor, metadata: dict) -> None:
         save_file({"vectors": vectors.detach().cpu().contiguous()}, str(tmp), metadata=meta)
 
 
+def _open(path: Path):
+    try:
+        return safe_open(str(path), framework="pt")
+    except Exception as e:  # safetensors raises its own error type for a truncated or foreign file
+        raise VectorsMismatch(f"{path}: not a readable safetensors file ({e})") from None
+
+
 def read_metadata(path: Path) -> dict[str, str]:
-    with safe_open(str(path), framework="pt") as f:
+    with _open(path) as f:
         return dict(f.metadata() or {})
 
 
@@ -66,7 +73,7 @@ def check_compatible(vf: VectorsFile, config_hash: str, hidden_size: int, where:
 def load_vectors(path: str | Path, model=None) -> VectorsFile:
     """Reads a vectors file; with `model` (a transformers model) also checks it was made for that LLM."""
     path = Path(path)
-    with safe_open(str(path), framework="pt") as f:
+    with _open(path) as f:
         meta = dict(f.metadata() or {})
         if "vectors" not in f.keys():
             raise VectorsMismatch(f"{path}: not a mendctl vectors file (no 'vectors' tensor)")

@@ -72,3 +72,24 @@ def test_without_a_trained_distiller_it_says_what_to_run(tmp_path):
     result = CliRunner().invoke(cli, ["distill", "recipes/tiny/gpt2.yaml", f"output_dir={tmp_path}"])
     assert result.exit_code == 1
     assert "run `mendctl pretrain` and/or `mendctl finetune` first" in result.output
+
+
+def test_a_damaged_vectors_file_is_refused_then_distilled_again(trained):
+    from mendctl.vectors import VectorsMismatch
+
+    base, out = trained
+    CliRunner().invoke(cli, ["distill", *base])
+    damaged = _files(out)[("tiny_sentiment", 100)]
+    damaged.write_bytes(damaged.read_bytes()[:40])  # a copy cut short
+    with pytest.raises(VectorsMismatch, match="not a readable safetensors file"):
+        load_vectors(damaged)
+    evaluated = CliRunner().invoke(cli, ["eval", *base, "--limit", "2", "eval.methods=[mend]"])
+    assert evaluated.exit_code == 0, evaluated.output
+    sources = json.loads((out / "eval" / "results.json").read_text())["vectors"]["sources"]
+    assert sources["tiny_sentiment/100"]["source"] == "distilled"
+    assert "not a readable safetensors file" in sources["tiny_sentiment/100"]["reason"]
+    assert [k for k, v in sources.items() if v["source"] == "file"] == ["tiny_sentiment/13", "tiny_compare/100",
+                                                                        "tiny_compare/13"]
+    again = CliRunner().invoke(cli, ["distill", *base])
+    assert "3 vectors file(s) already up to date" in again.output
+    assert load_vectors(damaged).vectors.shape == (4, 64)
