@@ -61,6 +61,7 @@ class StepStats:
     loss: torch.Tensor
     kl: float
     ce: float
+    teacher_ce: float  # the same CE for ICL itself: the level the student's CE is chasing
     tokens: int
 
 
@@ -76,10 +77,12 @@ def step_loss(models: Models, distiller, batch: list[Example], recipe: Recipe, k
     vectors = distiller(d_ids, d_mask)
     student = llm.target_logits(list(vectors), xs, ys)
     kl_loss = kl(teacher.logits, student.logits)
-    ce_loss = TargetCE()(student.logits[student.is_y], student.targets[student.is_y]) if ce_weight else kl_loss.new_zeros(())
+    ce = TargetCE()
+    ce_loss = ce(student.logits[student.is_y], student.targets[student.is_y]) if ce_weight else kl_loss.new_zeros(())
+    teacher_ce = ce(teacher.logits[teacher.is_y], teacher.targets[teacher.is_y]).item() if ce_weight else 0.0
     loss = kl_weight * kl_loss + ce_weight * ce_loss
     tokens = int(d_mask.sum()) + sum(len(e.ctx) + 2 * (len(e.x) + len(e.y)) for e in batch)
-    return StepStats(loss, kl_loss.item(), ce_loss.item(), tokens)
+    return StepStats(loss, kl_loss.item(), ce_loss.item(), teacher_ce, tokens)
 
 
 def _progress(console: Console, enabled: bool) -> Progress:
@@ -182,10 +185,10 @@ def train(recipe: Recipe, stage: str, resume: bool = False, restart: bool = Fals
                 step += 1
                 rng = _rng_state()
                 # Logged values are averaged over processes (tokens summed), not rank 0's alone.
-                loss_m, kl_m, ce_m, tokens = (accelerator.reduce(sums, "sum") / torch.tensor(
-                    [accelerator.num_processes * spec.grad_accum] * 3 + [1], dtype=torch.float64,
+                loss_m, kl_m, ce_m, teacher_ce_m, tokens = (accelerator.reduce(sums, "sum") / torch.tensor(
+                    [accelerator.num_processes * spec.grad_accum] * 4 + [1], dtype=torch.float64,
                     device=accelerator.device)).tolist()
-                record = {"step": step, "loss": loss_m, "kl": kl_m, "ce": ce_m,
+                record = {"step": step, "loss": loss_m, "kl": kl_m, "ce": ce_m, "teacher_ce": teacher_ce_m,
                           "lr": scheduler.get_last_lr()[0], "tokens_per_s": tokens / (time.perf_counter() - tic),
                           "elapsed_s": time.perf_counter() - t0}
                 if main:
@@ -222,8 +225,8 @@ def train(recipe: Recipe, stage: str, resume: bool = False, restart: bool = Fals
 
 def _optimizer_step(models, distiller, optimizer, scheduler, examples, accelerator, recipe, spec, kl, ce_weight,
                     kl_weight, step, per_step, last_good, stage) -> torch.Tensor:
-    """One optimiser step over grad_accum micro-batches; returns [loss, kl, ce, tokens] summed over them."""
-    sums = torch.zeros(4, dtype=torch.float64, device=accelerator.device)
+    """One optimiser step over grad_accum micro-batches; returns [loss, kl, ce, teacher_ce, tokens] summed."""
+    sums = torch.zeros(5, dtype=torch.float64, device=accelerator.device)
     for micro in range(spec.grad_accum):
         base = step * per_step + (micro * accelerator.num_processes + accelerator.process_index) * spec.batch_size
         batch = [examples.get(base + i) for i in range(spec.batch_size)]
@@ -235,7 +238,7 @@ def _optimizer_step(models, distiller, optimizer, scheduler, examples, accelerat
                 raise TrainingDiverged(f"{stage}: the loss became {stats.loss.item()} at step {step + 1}{where}. "
                                        "Lower the learning rate or use mixed_precision: no.")
             accelerator.backward(stats.loss / spec.grad_accum)
-        sums += torch.tensor([stats.loss.item(), stats.kl, stats.ce, stats.tokens], dtype=torch.float64,
+        sums += torch.tensor([stats.loss.item(), stats.kl, stats.ce, stats.teacher_ce, stats.tokens], dtype=torch.float64,
                              device=accelerator.device)
     if spec.max_grad_norm:
         accelerator.clip_grad_norm_(distiller.parameters(), spec.max_grad_norm)
@@ -248,7 +251,8 @@ def _optimizer_step(models, distiller, optimizer, scheduler, examples, accelerat
 def _report(record: dict, log, progress: Progress, bar, console: Console, total: int, stage: str, show_ce: bool) -> None:
     log.write(json.dumps(record) + "\n")
     log.flush()
-    text = (f"loss {record['loss']:.4f}  kl {record['kl']:.4f}" + (f"  ce {record['ce']:.4f}" if show_ce else "")
+    text = (f"loss {record['loss']:.4f}  kl {record['kl']:.4f}"
+            + (f"  ce {record['ce']:.4f} (icl {record['teacher_ce']:.4f})" if show_ce else "")
             + f"  {record['tokens_per_s']:.0f} tok/s")
     progress.update(bar, completed=record["step"], stats=text)
     # Without a terminal the bar is invisible: a plain line every 5% keeps logs informative.
