@@ -21,6 +21,9 @@ from .vectors import VectorsMismatch, read_metadata, save_vectors
 from .workspace import data_dir, partition_for, stage_input
 
 
+UNTRAINED = "untrained"  # the distiller hash load_trained reports when no trained weights exist
+
+
 @dataclass
 class DemoSet:
     task: str
@@ -53,15 +56,20 @@ def distil(models: Models, contexts: list[str], max_length: int, batch_size: int
 
 
 def load_trained(recipe: Recipe, require: bool = True) -> tuple[Models, str]:
-    """The recipe's models with the latest trained distiller loaded; returns them and its weights hash."""
+    """The recipe's models, on the GPU when there is one, with the latest trained distiller loaded.
+
+    Returns them and the distiller weights' hash ("untrained" when `require` is off and none exists).
+    """
     models = get_backend(recipe.backend).build(recipe)
     source = stage_input(recipe, "distill")
-    if source is None:
-        if require:
-            raise FileNotFoundError(f"no trained distiller under {recipe.output_dir}: run `mendctl pretrain` and/or "
-                                    "`mendctl finetune` first, or set distill.checkpoint")
-        return models, "untrained"
-    return models, load_distiller(models.distiller, source)
+    if source is None and require:
+        raise FileNotFoundError(f"no trained distiller under {recipe.output_dir}: run `mendctl pretrain` and/or "
+                                "`mendctl finetune` first, or set distill.checkpoint")
+    distiller_hash = load_distiller(models.distiller, source) if source is not None else UNTRAINED
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    models.llm.to(device)
+    models.distiller.to(device)
+    return models, distiller_hash
 
 
 def vectors_path(recipe: Recipe, task: str, seed: int) -> Path:

@@ -28,7 +28,7 @@ from . import flops, metrics
 from .backend import Models
 from .config import Recipe, TemplateSpec, resolved_dict
 from .data.metaicl import DataError, load_split
-from .distill import DemoSet, demo_sets, distil, load_trained, vectors_path
+from .distill import UNTRAINED, DemoSet, demo_sets, distil, load_trained, vectors_path
 from .fileio import atomic_path, write_json
 from .partitions import Partition
 from .provenance import stamp, text_hash
@@ -37,7 +37,6 @@ from .render import Query, context_ids, render_query
 from .vectors import VectorsMismatch, check_compatible, load_vectors, read_metadata
 from .workspace import data_dir, partition_for
 
-UNTRAINED = "untrained"  # what load_trained reports when no distiller weights exist
 
 
 @dataclass
@@ -352,10 +351,7 @@ def _device_name(device: torch.device) -> str:
 
 def _load(recipe: Recipe) -> tuple[Models, str, torch.device]:
     models, distiller_hash = load_trained(recipe, require=False)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    models.llm.to(device)
-    models.distiller.to(device)
-    return models, distiller_hash, device
+    return models, distiller_hash, models.llm.device
 
 
 def _evaluate_set(qs: QuerySet, methods: list[str], models: Models, template: TemplateSpec, recipe: Recipe,
