@@ -6,6 +6,7 @@ from pathlib import Path
 
 from .checkpoint import WEIGHTS
 from .config import Recipe
+from .data.metaicl import split_path
 from .partitions import Partition, load_partition
 
 
@@ -39,7 +40,13 @@ def data_dir(recipe: Recipe) -> Path:
     out = recipe.output_dir / "data"
     partition = partition_for(recipe)
     wanted = list(partition.train) + list(partition.test)
-    if not all((out / t).is_dir() for t in wanted):
+    # Every file a command may read, so that a recipe asking for another k or more seeds than the
+    # first conversion wrote converts again (deterministically: existing files come out the same).
+    needed = [split_path(out, t, tasks.k, seed, split) for t in partition.test for seed in tasks.seeds
+              for split in ("train", "test")]
+    if recipe.finetune is not None:
+        needed += [out / t / recipe.finetune.train_file.replace("{task}", t) for t in partition.train]
+    if not all(p.is_file() for p in needed):
         from .data.bigbench import convert_bigbench
 
         report = convert_bigbench(bigbench_source(recipe), out, tasks=wanted, k=tasks.k, seeds=tuple(tasks.seeds),

@@ -285,3 +285,22 @@ def test_iter_passages_limit_spreads_over_tasks(src):
     assert list(iter_passages(src, exclude_tasks={"group-sub"}, limit=6)) == everything[:2]
     assert list(iter_passages(src, exclude_tasks={"group-sub"}, limit=1)) == everything[:1]
     assert len(list(iter_passages(src, exclude_tasks={"group-sub"}, limit=100))) == len(everything)
+
+
+def test_a_recipe_converts_bigbench_on_first_use_and_again_for_new_seeds(src, tmp_path):
+    from mendctl.config import load_recipe
+    from mendctl.workspace import data_dir
+
+    partition = tmp_path / "p.json"
+    partition.write_text(json.dumps({"train": ["alpha"], "test": ["group-sub"]}))
+    root = Path(__file__).resolve().parents[1]
+    overrides = [f"output_dir={tmp_path / 'run'}", "tasks.data_dir=null", f"tasks.bigbench={src}",
+                 f"tasks.partition={partition}", f"tasks.k={K}", "tasks.seeds=[100]"]
+    recipe = load_recipe(root / "recipes" / "tiny" / "gpt2.yaml", overrides)
+    out = data_dir(recipe)
+    assert (out / "group-sub" / f"group-sub_{K}_100_test.jsonl").is_file()
+    assert (out / "alpha" / "alpha_16384_100_train.jsonl").is_file()
+    assert not (out / "group-sub" / f"group-sub_{K}_13_train.jsonl").exists()
+    more = load_recipe(root / "recipes" / "tiny" / "gpt2.yaml", [*overrides, "tasks.seeds=[100,13]"])
+    assert data_dir(more) == out
+    assert (out / "group-sub" / f"group-sub_{K}_13_train.jsonl").is_file()
