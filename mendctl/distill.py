@@ -1,7 +1,6 @@
 """`mendctl distill`: each test task's k demonstrations (per seed) distilled once into a vectors file."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from .registry import get_backend
 from .render import render_context
 from .provenance import text_hash
 from .trainer import distiller_inputs
-from .vectors import VectorsMismatch, read_metadata, save_vectors
+from .vectors import VectorsMismatch, as_metadata, read_metadata, save_vectors
 from .workspace import data_dir, partition_for, stage_input
 
 
@@ -89,7 +88,7 @@ def _up_to_date(path: Path, meta: dict) -> bool:
         have = read_metadata(path)
     except VectorsMismatch:  # damaged (say, by a copy cut short): distil it again
         return False
-    return all(have.get(k) == (json.dumps(v, sort_keys=True) if isinstance(v, dict) else str(v)) for k, v in meta.items())
+    return all(have.get(k) == v for k, v in as_metadata(meta).items())
 
 
 def run_distill(recipe: Recipe, force: bool = False, console: Console | None = None) -> list[Path]:

@@ -34,7 +34,7 @@ from .partitions import Partition
 from .provenance import stamp, text_hash
 from .registry import get_backend
 from .render import Query, context_ids, render_query
-from .vectors import VectorsMismatch, check_compatible, load_vectors, read_metadata
+from .vectors import VectorsMismatch, check_compatible, load_vectors
 from .workspace import data_dir, partition_for
 
 
@@ -89,16 +89,13 @@ def _saved_vectors(recipe: Recipe, models: Models, ds: DemoSet) -> tuple[torch.T
     if not path.is_file():
         return None, {"source": "distilled", "reason": f"no file {path}"}
     try:
-        meta = read_metadata(path)
-    except VectorsMismatch as e:
+        vf = load_vectors(path)
+        check_compatible(vf, models.llm_config_hash, models.llm.hidden_size, str(path))
+    except VectorsMismatch as e:  # unreadable, or made for another LLM: distil this set now instead
         return None, {"source": "distilled", "reason": str(e)}
-    if meta.get("llm_config_hash") != models.llm_config_hash:
-        return None, {"source": "distilled", "reason": f"{path} was made for another LLM ({meta.get('llm_id')})"}
-    if meta.get("demos_hash") != text_hash(ds.context):
+    if vf.metadata["demos_hash"] != text_hash(ds.context):
         return None, {"source": "distilled", "reason": f"{path} was made from other demonstrations"}
-    vf = load_vectors(path)
-    check_compatible(vf, models.llm_config_hash, models.llm.hidden_size, str(path))
-    return vf.vectors, {"source": "file", "path": str(path), "distiller_hash": meta.get("distiller_hash")}
+    return vf.vectors, {"source": "file", "path": str(path), "distiller_hash": vf.metadata["distiller_hash"]}
 
 
 def _distill_input_len(models: Models, recipe: Recipe, context: str) -> int:

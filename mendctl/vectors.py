@@ -36,8 +36,13 @@ class VectorsFile:
         return json.loads(self.metadata["template"])
 
 
+def as_metadata(values: dict) -> dict[str, str]:
+    """Values as safetensors stores metadata (strings; dicts and lists as sorted JSON)."""
+    return {k: json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else str(v) for k, v in values.items()}
+
+
 def save_vectors(path: Path, vectors: torch.Tensor, metadata: dict) -> None:
-    meta = {k: str(v) if not isinstance(v, (dict, list)) else json.dumps(v, sort_keys=True) for k, v in metadata.items()}
+    meta = as_metadata(metadata)
     meta.update(format_version=FORMAT_VERSION, mendctl_version=__version__, num_vectors=str(vectors.shape[0]),
                 dtype=str(vectors.dtype).removeprefix("torch."))
     missing = [k for k in REQUIRED if k not in meta]
