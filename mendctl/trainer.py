@@ -32,9 +32,6 @@ from .registry import get_backend
 from .data.text import iter_local
 from .workspace import data_dir, partition_for, passages_file, stage_input
 
-STAGES = ("pretrain", "finetune")
-
-
 class TrainingDiverged(RuntimeError):
     pass
 
@@ -175,6 +172,9 @@ def train(recipe: Recipe, stage: str, resume: bool = False, restart: bool = Fals
     bar = progress.add_task(stage, total=spec.steps, completed=step, stats="")
     last_good = checkpoints(ckpt_root)[-1] if resume else None
     t0 = time.perf_counter()
+    def checkpoint(at: int) -> Path:
+        return save_checkpoint(accelerator, ckpt_root, at, {"step": at, "position": at * per_step}, spec.keep_last)
+
     rng = _rng_state()
     try:
         with progress:
@@ -196,16 +196,14 @@ def train(recipe: Recipe, stage: str, resume: bool = False, restart: bool = Fals
                 if trackers:
                     accelerator.log(record, step=step)
                 if step % spec.save_every == 0 or step == spec.steps:
-                    last_good = save_checkpoint(accelerator, ckpt_root, step, {"step": step, "position": step * per_step},
-                                                spec.keep_last)
+                    last_good = checkpoint(step)
     except KeyboardInterrupt:
         # Keep the finished steps: checkpoint the last completed one, with the RNG as it was then, so
         # that --resume continues exactly as if nothing had happened. A multi-process run cannot
         # rely on every process being interrupted at once, so it keeps its last regular checkpoint.
         if accelerator.num_processes == 1 and step > 0 and (last_good is None or read_state(last_good)["step"] != step):
             _set_rng_state(rng)
-            saved = save_checkpoint(accelerator, ckpt_root, step, {"step": step, "position": step * per_step},
-                                    spec.keep_last)
+            saved = checkpoint(step)
             console.print(f"[yellow]interrupted[/]: step {step} saved to {saved}")
         raise
     if log:
