@@ -1,4 +1,3 @@
-import io
 from pathlib import Path
 
 import pytest
@@ -57,8 +56,25 @@ def test_keeps_the_most_surprising_tokens_under_the_llm(tmp_path):
     models, ids = _llm_and_context("llama", tmp_path)
     assert 9 < len(ids) <= compress_mod.SEGMENT_TOKENS
     out = compress(models.llm, ids, 9, models.gated_mlp)
-    with torch.no_grad():
-        logits = models.llm.model(input_ids=torch.tensor([ids])).logits[0, :-1].float()
-    info = F.cross_entropy(logits, torch.tensor(ids[1:]), reduction="none")
-    top = sorted(1 + int(i) for i in info.topk(8).indices)
+    top = sorted(1 + int(i) for i in _info(models.llm, ids[:1], ids[1:]).topk(8).indices)
     assert out.ids == [ids[0]] + [ids[i] for i in top]
+
+
+def _info(llm, context: list[int], tokens: list[int]) -> torch.Tensor:
+    """-log p of `tokens` read after `context` (at least one token), from a plain full forward."""
+    seq = torch.tensor([context + tokens])
+    with torch.no_grad():
+        logits = llm.model(input_ids=seq).logits[0, len(context) - 1:-1].float()
+    return F.cross_entropy(logits, torch.tensor(tokens), reduction="none")
+
+
+def test_later_segments_are_scored_after_the_kept_tokens_only(tmp_path, monkeypatch):
+    monkeypatch.setattr(compress_mod, "SEGMENT_TOKENS", 30)
+    models, ids = _llm_and_context("llama", tmp_path)
+    ids = ids[:60]
+    first, second = ids[:30], ids[30:]
+    # Budget 10 over two equal segments: 5 each.
+    top = sorted(1 + int(i) for i in _info(models.llm, first[:1], first[1:]).topk(4).indices)
+    kept = [first[0]] + [first[i] for i in top]
+    top = sorted(int(i) for i in _info(models.llm, kept, second).topk(5).indices)
+    assert compress(models.llm, ids, 10, models.gated_mlp).ids == kept + [second[i] for i in top]
