@@ -15,7 +15,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DEFAULT_SEEDS = [100, 13, 21, 42, 87]
-Method = Literal["zero-shot", "icl", "icl-truncated", "mend"]
+Method = Literal["zero-shot", "icl", "icl-truncated", "mend", "llmlingua"]
 METHODS = get_args(Method)
 
 

@@ -11,6 +11,7 @@ What each method puts before the query (the prefix):
   icl-truncated  the last K of those tokens: ICL with the token budget of K vectors
   mend           the K distilled vectors, read from output_dir/vectors when a file there was made for
                  this LLM and these demonstrations, else distilled now from the trained distiller
+  llmlingua      the K most informative of those tokens under the LLM (compress.py), once per set
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from . import flops, metrics
+from .compress import NOTE, SEGMENT_TOKENS, Compressed, compress
 from .backend import Models
 from .config import Recipe, TemplateSpec, resolved_dict
 from .data.metaicl import DataError, load_split
@@ -139,14 +141,21 @@ def _distil_now(recipe: Recipe, models: Models, todo: list[DemoSet]) -> dict[str
     return {f"{ds.task}/{ds.seed}": v for ds, v in zip(todo, vectors)}
 
 
+def _compressed(sets: list[QuerySet], models: Models, template: TemplateSpec, k: int) -> dict[str, Compressed]:
+    return {qs.key: compress(models.llm, context_ids(template, qs.demos.context, models.llm_tokenizer), k,
+                             models.gated_mlp) for qs in sets}
+
+
 def _prefix(method: str, qs: QuerySet, models: Models, template: TemplateSpec, k: int,
-            mend: dict[str, MendVectors]) -> torch.Tensor:
+            mend: dict[str, MendVectors], lingua: dict[str, Compressed] | None = None) -> torch.Tensor:
     llm = models.llm
     if method == "mend":
         return mend[qs.key].vectors
     ids = context_ids(template, qs.demos.context, models.llm_tokenizer) if method != "zero-shot" else []
     if method == "icl-truncated":
         ids = ids[-k:]
+    elif method == "llmlingua":
+        ids = lingua[qs.key].ids
     return llm.embed(torch.tensor(ids, dtype=torch.long, device=llm.device))
 
 
@@ -227,6 +236,8 @@ def _aggregate(tasks: dict, methods: list[str]) -> dict:
                                       for s in t["seeds"].values())}
         if m == "mend":
             out[m]["distill_flops_per_set"] = mean(m, "distill_flops")
+        if m == "llmlingua":
+            out[m]["compress_flops_per_set"] = mean(m, "compress_flops")
     if "icl" in out:
         for row in out.values():
             row["flops_ratio_to_icl"] = row["flops_per_query"] / out["icl"]["flops_per_query"]
@@ -276,7 +287,8 @@ def _rows(results: dict) -> list[tuple[str, ...]]:
     for m, a in results["aggregate"].items():
         rows.append((m, f"{100 * a['score']:.1f}", _si(a["flops_per_query"]), _ratio(a.get("flops_ratio_to_icl")),
                      f"{a['latency_ms_per_query']:.2f}", _ratio(a.get("latency_ratio_to_icl")),
-                     _memory(a["memory_bytes"], estimated), _si(a.get("distill_flops_per_set"))))
+                     _memory(a["memory_bytes"], estimated),
+                     _si(a.get("distill_flops_per_set", a.get("compress_flops_per_set")))))
     return rows
 
 
@@ -296,6 +308,9 @@ def _markdown(results: dict) -> str:
     if "mend_vs_icl" in results:
         c = results["mend_vs_icl"]
         lines += ["", f"MEND vs ICL: agreement {100 * c['agreement']:.1f}%, mean KL(icl || mend) {c['mean_kl']:.4f}"]
+    if "llmlingua" in results:
+        lines += ["", f"llmlingua: {results['llmlingua']['implementation']}; its distil FLOPs column is the "
+                      "compression's scoring cost"]
     methods = list(results["aggregate"])
     lines += ["", "## Per task (mean over seeds, %)", "", "| task | metric | " + " | ".join(methods) + " |",
               "|" + "---|" * (len(methods) + 2)]
@@ -352,12 +367,13 @@ def _load(recipe: Recipe) -> tuple[Models, str, torch.device]:
 
 
 def _evaluate_set(qs: QuerySet, methods: list[str], models: Models, template: TemplateSpec, recipe: Recipe,
-                  partition: Partition, mend: dict[str, MendVectors], progress: Progress, bar) -> dict:
+                  partition: Partition, mend: dict[str, MendVectors], lingua: dict[str, Compressed],
+                  progress: Progress, bar) -> dict:
     classification = partition.is_classification(qs.demos.task)
     result, runs = {"n_queries": len(qs.queries), "demos_hash": text_hash(qs.demos.context), "methods": {}}, {}
     for method in methods:
         progress.update(bar, description=f"{qs.demos.task} seed {qs.demos.seed} {method}")
-        prefix = _prefix(method, qs, models, template, recipe.num_vectors, mend)
+        prefix = _prefix(method, qs, models, template, recipe.num_vectors, mend, lingua)
         runs[method] = _score(models.llm, prefix, qs, lambda: progress.advance(bar), models.gated_mlp)
         result["methods"][method] = _method_result(runs[method], qs, prefix, classification)
         if not progress.console.is_terminal:  # the bar is invisible in a log file: one line per method
@@ -365,6 +381,8 @@ def _evaluate_set(qs: QuerySet, methods: list[str], models: Models, template: Te
                                    f"{100 * result['methods'][method]['score']:.1f}")
     if "mend" in methods:
         result["methods"]["mend"]["distill_flops"] = mend[qs.key].distill_flops
+    if "llmlingua" in methods:
+        result["methods"]["llmlingua"]["compress_flops"] = lingua[qs.key].flops
     if {"icl", "mend"} <= set(methods):
         result["mend_vs_icl"] = _compare(runs["icl"], runs["mend"])
     return result
@@ -388,6 +406,7 @@ def run_eval(recipe: Recipe, limit: int | None = None, console: Console | None =
     mend = {}
     if "mend" in methods:
         mend = _mend_vectors(recipe, models, distiller_hash, [qs.demos for qs in sets], console)
+    lingua = _compressed(sets, models, template, recipe.num_vectors) if "llmlingua" in methods else {}
     _warm_up(models.llm, sets[0])
     tasks: dict[str, dict] = {}
     with _progress(console) as progress:
@@ -396,14 +415,15 @@ def run_eval(recipe: Recipe, limit: int | None = None, console: Console | None =
             task = tasks.setdefault(qs.demos.task, {
                 "metric": "macro-f1" if partition.is_classification(qs.demos.task) else "accuracy", "seeds": {}})
             task["seeds"][str(qs.demos.seed)] = _evaluate_set(qs, methods, models, template, recipe, partition, mend,
-                                                              progress, bar)
-    results = _results(recipe, limit, methods, tasks, partition, device, models, mend)
+                                                              lingua, progress, bar)
+    results = _results(recipe, limit, methods, tasks, partition, device, models, mend, lingua)
     _write(results, recipe, console)
     return results
 
 
 def _results(recipe: Recipe, limit: int | None, methods: list[str], tasks: dict, partition: Partition,
-             device: torch.device, models: Models, mend: dict[str, MendVectors]) -> dict:
+             device: torch.device, models: Models, mend: dict[str, MendVectors],
+             lingua: dict[str, Compressed]) -> dict:
     _task_summaries(tasks, methods)
     results = {
         "partition": partition.name, "device": _device_name(device), "limit": limit, "seeds": recipe.tasks.seeds,
@@ -418,6 +438,8 @@ def _results(recipe: Recipe, limit: int | None, methods: list[str], tasks: dict,
     if mend:
         results["vectors"] = {"dir": str(recipe.output_dir / "vectors"),
                               "sources": {key: v.source for key, v in mend.items()}}
+    if lingua:
+        results["llmlingua"] = {"implementation": NOTE, "segment_tokens": SEGMENT_TOKENS}
     results["recipe"] = resolved_dict(recipe)
     results["provenance"] = stamp()
     return results

@@ -13,6 +13,7 @@ from rich.console import Console
 
 from mendctl.checkpoint import save_distiller
 from mendctl.cli import cli
+from mendctl.compress import compress
 from mendctl.config import METHODS, load_recipe
 from mendctl.data.metaicl import DataError, load_split
 from mendctl.distill import demo_sets, load_trained, run_distill
@@ -74,6 +75,9 @@ def test_every_method_runs(backend, tmp_path):
             assert all(r["n"] == 2 and len(r["predictions"]) == 2 and 0 <= r["score"] <= 1 for r in runs.values())
             assert runs["zero-shot"]["prefix_tokens"] == 0
             assert runs["icl-truncated"]["prefix_tokens"] == runs["mend"]["prefix_tokens"] == recipe.num_vectors
+            assert runs["llmlingua"]["prefix_tokens"] == recipe.num_vectors
+            assert runs["llmlingua"]["flops_per_query"] == runs["icl-truncated"]["flops_per_query"]
+            assert runs["llmlingua"]["compress_flops"] > 0
             assert runs["icl"]["prefix_tokens"] > recipe.num_vectors
             # Same prefix length, same query: truncated ICL and MEND cost the same; full ICL more.
             assert runs["icl"]["flops_per_query"] > runs["mend"]["flops_per_query"] == runs["icl-truncated"][
@@ -85,6 +89,8 @@ def test_every_method_runs(backend, tmp_path):
     assert on_disk["aggregate"]["icl"]["flops_ratio_to_icl"] == 1.0
     assert on_disk["aggregate"]["mend"]["flops_ratio_to_icl"] < 1.0
     assert on_disk["memory_kind"] == "estimated" and on_disk["limit"] == 2
+    assert "own implementation" in on_disk["llmlingua"]["implementation"]
+    assert on_disk["aggregate"]["llmlingua"]["compress_flops_per_set"] > 0
     assert on_disk["recipe"]["backend"] == backend and "versions" in on_disk["provenance"]
     assert on_disk == json.loads(json.dumps(results, default=str))
 
@@ -214,6 +220,8 @@ def test_prefixes(tmp_path):
     assert torch.equal(_prefix("icl", qs, models, template, 4, {}), embed(ids))
     # Truncated ICL keeps the demonstrations nearest the query: the last K tokens.
     assert torch.equal(_prefix("icl-truncated", qs, models, template, 4, {}), embed(ids[-4:]))
+    lingua = {qs.key: compress(models.llm, ids.tolist(), 4)}
+    assert torch.equal(_prefix("llmlingua", qs, models, template, 4, {}, lingua), embed(torch.tensor(lingua[qs.key].ids)))
 
 
 def _reference_losses(llm, prefix, x, options) -> list[float]:
