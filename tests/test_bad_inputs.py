@@ -64,6 +64,11 @@ def positions_dir(tmp: Path, n_positions: int) -> str:
     return str(d)
 
 
+def text_file(tmp: Path, content: bytes) -> str:
+    """An override pointing stage 1 at one .jsonl file holding `content`."""
+    return f"pretrain.text=[{recipe(tmp, content, 'docs.jsonl')}]"
+
+
 def base(tmp: Path, out: Path, *overrides: str) -> list[str]:
     return [GPT2, f"output_dir={out}", *FAST, *overrides]
 
@@ -142,6 +147,10 @@ CASES = [
     ("task-file-missing", lambda t, o: ["finetune", *base(
         t, o, f"tasks.partition={partition(t, ['tiny_color', 'ghost'], ['tiny_compare'])}")], 2,
      "ghost_16384_100_train.jsonl: file not found"),
+    ("pretrain-text-not-utf8", lambda t, o: ["pretrain", *base(t, o, text_file(t, b'{"text": "ok"}\n\xff\n'))], 2,
+     "docs.jsonl:2: not UTF-8 text"),
+    ("pretrain-text-not-string", lambda t, o: ["pretrain", *base(t, o, text_file(t, b'{"text": 3}\n'))], 2,
+     'docs.jsonl:1: expected a JSON object with a "text" field holding a string'),
     # output folders
     ("output-dir-is-a-file", lambda t, o: ["finetune", *base(t, o.parent / "file", )], 2,
      "exists and is not a folder"),
@@ -336,3 +345,35 @@ def test_divergence_is_a_failure_of_the_run(tmp_path, monkeypatch):
     monkeypatch.setattr(mendctl.trainer, "train", diverge)
     result = CliRunner().invoke(cli, ["finetune", *base(tmp_path, tmp_path / "out")])
     assert result.exit_code == 1 and "the loss became nan" in result.output
+
+
+class _Payload:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):  # unpickling this would create the marker file
+        return (open, (str(self.marker), "w"))
+
+
+def test_a_pickle_payload_in_a_checkpoint_is_never_run(trained, tmp_path):
+    import pickle
+
+    marker = tmp_path / "payload-ran"
+
+    def plant(d: Path):
+        (d / "checkpoints/step_0000002/random_states_0.pkl").write_bytes(pickle.dumps(_Payload(marker)))
+
+    out, result = _resume(trained, tmp_path, plant, "pretrain.steps=3")
+    assert result.exit_code == 2 and "random_states_0.pkl is damaged" in " ".join(result.output.split())
+    assert not marker.exists()
+
+
+def test_an_atomic_write_cut_short_leaves_no_file(tmp_path):
+    from mendctl.fileio import atomic_path
+
+    target = tmp_path / "vectors" / "x.safetensors"
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(b"half")
+            raise KeyboardInterrupt
+    assert list(target.parent.iterdir()) == []
