@@ -64,3 +64,27 @@ def test_t5_scores_equal_its_own_forward(tied):
         ours = lm.target_logits([lm.embed(x[:0])], [x], [y]).logits
         theirs = model(input_ids=x[None], labels=y[None]).logits[0]
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
+
+
+def test_a_run_past_the_models_positions_is_cut_not_crashed(tiny, monkeypatch):
+    """GPT-2 with 64 positions against contexts of hundreds of tokens: train and eval still run
+    (validate would refuse this recipe; the run-time cut is what protects hub models it cannot see)."""
+    from rich.console import Console
+
+    from backends.gpt2 import Backend
+    from mendctl.evaluate import run_eval
+    from mendctl.trainer import train
+
+    original = Backend.tiny_config
+
+    def short(self, spec, tokenizer, *, encoder_only=False):
+        config = original(self, spec, tokenizer, encoder_only=encoder_only)
+        config.n_positions = 64
+        return config
+
+    monkeypatch.setattr(Backend, "tiny_config", short)
+    recipe = tiny("gpt2", "finetune.steps=1", "finetune.batch_size=2", "tasks.seeds=[100]")
+    quiet = Console(quiet=True)
+    train(recipe, "finetune", console=quiet)
+    results = run_eval(recipe, limit=2, console=quiet)
+    assert set(results["aggregate"]) == {"zero-shot", "icl", "icl-truncated", "mend"}
