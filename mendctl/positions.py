@@ -42,12 +42,20 @@ def recipe_problems(recipe: Recipe) -> list[tuple[str, str]]:
     from .registry import get_backend
 
     backend = get_backend(recipe.backend)
-    llm_config = _config(backend, recipe.llm, encoder_only=False)
+    problems = []
+
+    def config(key: str, spec: ModelSpec, encoder_only: bool):
+        try:
+            return _config(backend, spec, encoder_only=encoder_only)
+        except Exception as e:  # a damaged config.json: transformers raises several error types
+            problems.append((key, f"cannot read {spec.source}/config.json ({type(e).__name__}: {str(e)[:200]})"))
+            return None
+
+    llm_config = config("llm.source", recipe.llm, False)
     if recipe.distiller.init_from_llm_layers:
         distiller_config = llm_config
     else:
-        distiller_config = _config(backend, recipe.distiller, encoder_only=True)
-    problems = []
+        distiller_config = config("distiller.source", recipe.distiller, True)
     k = recipe.num_vectors
     d_max = max_positions(distiller_config) if distiller_config is not None else None
     if d_max is not None:

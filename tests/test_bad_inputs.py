@@ -69,6 +69,13 @@ def text_file(tmp: Path, content: bytes) -> str:
     return f"pretrain.text=[{recipe(tmp, content, 'docs.jsonl')}]"
 
 
+def damaged_config(tmp: Path) -> str:
+    d = tmp / "damaged-model"
+    d.mkdir()
+    (d / "config.json").write_text('{"model_type": "gpt2", "n_positions": ')
+    return str(d)
+
+
 def base(tmp: Path, out: Path, *overrides: str) -> list[str]:
     return [GPT2, f"output_dir={out}", *FAST, *overrides]
 
@@ -122,6 +129,9 @@ CASES = [
     ("llm-context-over-positions", lambda t, o: ["eval", *base(
         t, o, "llm.random_init=null", f"llm.source={positions_dir(t, 256)}")], 2,
      "leave no room for an option in the LLM's 256 positions"),
+    ("llm-config-damaged", lambda t, o: ["validate", recipe(t, (ROOT / GPT2).read_text().replace(
+        "  random_init: {layers: 2, hidden: 64, heads: 2}", f"  source: {damaged_config(t)}", 1))], 2,
+     "llm.source: cannot read"),
     # partitions and task data
     ("partition-traversal", lambda t, o: ["distill", *base(
         t, o, f"tasks.partition={partition(t, ['tiny_color'], ['../../escape'])}")], 2,
