@@ -76,6 +76,22 @@ def damaged_config(tmp: Path) -> str:
     return str(d)
 
 
+def saved_model(tmp: Path, truncate: bool = False) -> str:
+    """A tiny GPT-2 saved as a local model folder, its weights optionally cut short."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from mendctl.tokenizer import byte_tokenizer
+
+    d = tmp / "damaged-llm"
+    tok = byte_tokenizer()
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=1024, n_embd=16, n_layer=1, n_head=2)).save_pretrained(d)
+    tok.save_pretrained(d)
+    if truncate:
+        weights = d / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:1000])
+    return str(d)
+
+
 def base(tmp: Path, out: Path, *overrides: str) -> list[str]:
     return [GPT2, f"output_dir={out}", *FAST, *overrides]
 
@@ -132,6 +148,9 @@ CASES = [
     ("llm-config-damaged", lambda t, o: ["validate", recipe(t, (ROOT / GPT2).read_text().replace(
         "  random_init: {layers: 2, hidden: 64, heads: 2}", f"  source: {damaged_config(t)}", 1))], 2,
      "llm.source: cannot read"),
+    ("llm-weights-truncated", lambda t, o: ["eval", *base(
+        t, o, "llm.random_init=null", f"llm.source={saved_model(t, truncate=True)}", "eval.methods=[zero-shot]")], 2,
+     "damaged-llm: damaged weights"),
     # partitions and task data
     ("partition-traversal", lambda t, o: ["distill", *base(
         t, o, f"tasks.partition={partition(t, ['tiny_color'], ['../../escape'])}")], 2,
