@@ -61,6 +61,9 @@ def trim_metrics(path: Path, resume_step: int) -> str | None:
     """
     if not path.exists():
         return None
+    if resume_step == 0:  # a fresh run: nothing of an earlier one is kept, readable or not
+        path.write_text("")
+        return None
     lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
     keep, note = [], None
     for n, line in enumerate(lines, 1):
