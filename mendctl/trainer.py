@@ -124,6 +124,8 @@ def train(recipe: Recipe, stage: str, resume: bool = False, restart: bool = Fals
     spec: PretrainSpec | FinetuneSpec | None = getattr(recipe, stage)
     if spec is None:
         raise ValueError(f"the recipe has no `{stage}` section")
+    if spec.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise ValueError(f"{stage}.mixed_precision: fp16 needs a GPU and none is available; use no (or bf16)")
     out = recipe.stage_dir(stage)
     ckpt_root = out / "checkpoints"
     console = console or Console()
@@ -132,8 +134,6 @@ def train(recipe: Recipe, stage: str, resume: bool = False, restart: bool = Fals
             raise FileExistsError(f"{ckpt_root} holds checkpoints of an earlier run: continue it with --resume, "
                                   "or start over with --restart (which deletes them)")
         shutil.rmtree(ckpt_root)
-    if spec.mixed_precision == "fp16" and not torch.cuda.is_available():
-        raise ValueError(f"{stage}.mixed_precision: fp16 needs a GPU and none is available; use no (or bf16)")
     trackers = _available_trackers(spec.trackers, console)
     accelerator = Accelerator(mixed_precision=spec.mixed_precision, log_with=trackers or None, project_dir=str(out))
     main = accelerator.is_main_process
