@@ -8,9 +8,12 @@ from mendctl.lm import Seq2SeqLM
 
 class T5LM(Seq2SeqLM):
     def head(self, hidden):
-        # T5 rescales the decoder output before a tied LM head (as its own forward does).
-        if self.model.config.tie_word_embeddings:
-            hidden = hidden * self.model.config.d_model ** -0.5
+        # As T5ForConditionalGeneration.forward does: the original T5 rescales the decoder output, v1.1
+        # (lm-adapt, flan-t5) does not. transformers 5 records which in `scale_decoder_outputs` and
+        # always sets tie_word_embeddings=True, so that flag no longer tells them apart.
+        config = self.model.config
+        if getattr(config, "scale_decoder_outputs", config.tie_word_embeddings):
+            hidden = hidden * config.d_model ** -0.5
         return super().head(hidden)
 
 

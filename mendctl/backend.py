@@ -35,6 +35,21 @@ class Models:
     gated_mlp: bool       # what FLOPs counting needs to know of both models' MLPs
 
 
+def _load(cls, path: str, **kwargs):
+    """from_pretrained, with the errors of a wrong source (no such hub id offline, damaged weights)
+    as one message naming it rather than a traceback."""
+    from .model_sources import ModelSourceError
+
+    try:
+        return cls.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as e:
+        raise ModelSourceError(f"cannot load {path}: {str(e).strip().splitlines()[0][:300]}") from e
+    except Exception as e:  # safetensors' own error type for a truncated weights file
+        if type(e).__name__ != "SafetensorError":
+            raise
+        raise ModelSourceError(f"cannot load {path}: damaged weights ({e})") from e
+
+
 def config_hash(config: PretrainedConfig) -> str:
     keep = {k: v for k, v in config.to_dict().items()
             if k not in ("transformers_version", "_name_or_path", "dtype", "torch_dtype", "architectures")}
@@ -73,8 +88,8 @@ class Backend:
             identity = f"random-init:{self.name}:seed={seed}"
         else:
             src = self._resolve(spec, self.llm_class)
-            tokenizer = AutoTokenizer.from_pretrained(src.path)
-            model = self.llm_class.from_pretrained(src.path, dtype=dtype)
+            tokenizer = _load(AutoTokenizer, src.path)
+            model = _load(self.llm_class, src.path, dtype=dtype)
             identity = src.identity
         if tokenizer.pad_token_id is None:
             # Pads are always masked out; any id will do, eos is the usual choice.
@@ -112,7 +127,7 @@ class Backend:
                 body = self.distiller_class(self.tiny_config(spec.random_init, tokenizer, encoder_only=True))
             return body.to(dtype), tokenizer
         src = self._resolve(spec, self.distiller_class)
-        return self.distiller_class.from_pretrained(src.path, dtype=dtype), AutoTokenizer.from_pretrained(src.path)
+        return _load(self.distiller_class, src.path, dtype=dtype), _load(AutoTokenizer, src.path)
 
     def build(self, recipe: Recipe) -> Models:
         llm, llm_tok, llm_id = self.load_llm(recipe.llm, recipe.seed)

@@ -47,7 +47,13 @@ def load_distiller(distiller: nn.Module, path: Path) -> str:
     path = find_distiller(path)
     if not path.is_file():
         raise FileNotFoundError(f"no distiller weights at {path}")
-    missing, unexpected = load_model(distiller, str(path), strict=False)
+    try:
+        missing, unexpected = load_model(distiller, str(path), strict=False)
+    except RuntimeError as e:  # shapes of another recipe's distiller (size mismatch)
+        raise ValueError(f"{path} does not fit this recipe's distiller ({str(e).splitlines()[-1].strip()[:200]}): "
+                         "was it trained with another recipe?") from None
+    except Exception as e:  # safetensors' own error for a truncated or foreign file
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
     if missing or unexpected:
         raise ValueError(f"{path} does not fit this recipe's distiller (missing {sorted(missing)[:3]}, "
                          f"unexpected {sorted(unexpected)[:3]}): was it trained with another recipe?")
@@ -68,9 +74,15 @@ def save_checkpoint(accelerator, root: Path, step: int, state: dict, keep_last: 
     if accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
+    try:
+        accelerator.save_state(str(tmp), safe_serialization=True)
+        if accelerator.is_main_process:
+            (tmp / STATE).write_text(json.dumps(state, indent=2))
+    except BaseException:
+        # A full disk or a kill while saving: leave no half-written folder behind.
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if accelerator.is_main_process:
-        (tmp / STATE).write_text(json.dumps(state, indent=2))
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -81,4 +93,11 @@ def save_checkpoint(accelerator, root: Path, step: int, state: dict, keep_last: 
 
 
 def read_state(checkpoint: Path) -> dict:
-    return json.loads((checkpoint / STATE).read_text())
+    path = checkpoint / STATE
+    try:
+        state = json.loads(path.read_text())
+        int(state["step"])
+    except (ValueError, KeyError, TypeError):
+        raise ValueError(f"{path} is damaged (not the JSON this trainer writes); start over with --restart, or "
+                         f"delete {checkpoint} to resume from the checkpoint before it") from None
+    return state

@@ -1,7 +1,9 @@
 """The `mendctl` command line: every command takes a recipe and dotted key=value overrides."""
 from __future__ import annotations
 
+import errno
 import sys
+import traceback
 from pathlib import Path
 
 import click
@@ -16,36 +18,85 @@ RECIPES_DIR = Path("recipes")
 
 
 class UserError(click.ClickException):
-    """A problem with the user's input: printed without a traceback."""
+    """A problem the user can fix in their input: one message, no traceback, exit code 2."""
+
+    exit_code = 2
 
     def show(self, file=None) -> None:
         err_console.print(f"[red]error:[/] {self.message}", highlight=False, soft_wrap=True)
 
 
+# Errors of the user's own files (the path is in the message): a missing, unwritable or full place.
+_USER_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR,
+                errno.EEXIST, errno.ENOENT, errno.ENAMETOOLONG, errno.ELOOP}
+
+
+def _debug() -> bool:
+    ctx = click.get_current_context(silent=True)
+    return bool(ctx and ctx.find_root().params.get("debug"))
+
+
+def _fail(message: str, code: int, hint: str = "") -> None:
+    if _debug():
+        traceback.print_exc()
+    err_console.print(f"[red]error:[/] {message}{hint}", highlight=False, soft_wrap=True)
+    sys.exit(code)
+
+
 def _recipe(path: str, overrides: tuple[str, ...]) -> Recipe:
     try:
-        return load_recipe(path, overrides)
+        recipe = load_recipe(path, overrides)
+        _check_positions(recipe, path)
+        return recipe
     except RecipeError as e:
         err_console.print(f"[red]invalid recipe[/] {e}", highlight=False, soft_wrap=True)
         sys.exit(2)
+    except OSError as e:
+        _fail(f"{e.filename or path}: {e.strerror or e}", 2)
 
 
-def _run(fn, *args, **kwargs):
-    """Runs a command; errors the user can fix are shown as one message, not a traceback."""
+def _check_positions(recipe: Recipe, path: str) -> None:
+    from .positions import recipe_problems
+
+    problems = recipe_problems(recipe)
+    if problems:
+        raise RecipeError(path, [(path, key, msg) for key, msg in problems])
+
+
+def _run(fn, *args, lock: Path | None = None, **kwargs):
+    """Runs a command under the lock of its output folder, with the exit code rule of the README.
+
+    2: the user can fix it in their input (recipe, overrides, data files, partitions, paths,
+    checkpoints they point to); 1: the run failed on its own; 130: interrupted. `--debug` adds the
+    traceback; without it, nothing but the message is shown.
+    """
     from .data.bigbench import FetchError
     from .data.metaicl import DataError
+    from .lock import command_line, output_lock
     from .model_sources import ModelSourceError
     from .trainer import TrainingDiverged
     from .vectors import VectorsMismatch
 
     try:
-        return fn(*args, **kwargs)
-    except (DataError, VectorsMismatch, FileNotFoundError, FileExistsError, TrainingDiverged, ValueError, FetchError,
-            ModelSourceError) as e:
-        raise UserError(str(e)) from None
+        if lock is None:
+            return fn(*args, **kwargs)
+        with output_lock(lock, command_line()):
+            return fn(*args, **kwargs)
     except KeyboardInterrupt:
         err_console.print("[yellow]interrupted[/]: the last checkpoint is kept; continue with --resume")
         sys.exit(130)
+    except (TrainingDiverged, FetchError) as e:
+        _fail(str(e), 1)
+    except (DataError, VectorsMismatch, FileNotFoundError, FileExistsError, ValueError, ModelSourceError) as e:
+        _fail(str(e), 2)
+    except OSError as e:
+        if e.errno in _USER_ERRNOS:
+            _fail(f"{e.filename or 'a file'}: {e.strerror}", 2)
+        _fail(f"{type(e).__name__}: {e}", 1, hint="" if _debug() else " (rerun with --debug for the traceback)")
+    except Exception as e:  # a bug or a failure of the run itself, not of the user's input
+        if _debug():
+            raise
+        _fail(f"the run failed: {type(e).__name__}: {e}", 1, hint=" (rerun with --debug for the traceback)")
 
 
 recipe_arg = click.argument("recipe", type=click.Path(dir_okay=False))
@@ -54,7 +105,8 @@ overrides_arg = click.argument("overrides", nargs=-1)
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="mendctl")
-def cli() -> None:
+@click.option("--debug", is_flag=True, help="Show the traceback of an error.")
+def cli(debug: bool) -> None:
     """MEND: distil few-shot demonstrations into K vectors a frozen LLM reads instead.
 
     Every command takes a recipe (YAML) and optional key=value overrides, e.g.
@@ -73,7 +125,8 @@ def _stage_command(stage: str, doc: str):
 
         if resume and restart:
             raise UserError("--resume and --restart exclude each other")
-        _run(train, _recipe(recipe, overrides), stage, resume=resume, restart=restart, console=console)
+        r = _recipe(recipe, overrides)
+        _run(train, r, stage, resume=resume, restart=restart, console=console, lock=r.output_dir)
 
     return command
 
@@ -90,7 +143,8 @@ def distill(recipe: str, overrides: tuple[str, ...], force: bool) -> None:
     """Distil each test task's demonstrations into output_dir/vectors/{task}/{seed}.safetensors."""
     from .distill import run_distill
 
-    _run(run_distill, _recipe(recipe, overrides), force=force, console=console)
+    r = _recipe(recipe, overrides)
+    _run(run_distill, r, force=force, console=console, lock=r.output_dir)
 
 
 @cli.command("eval")
@@ -102,7 +156,8 @@ def eval_(recipe: str, overrides: tuple[str, ...], limit: int | None) -> None:
     """Compare zero-shot, ICL and MEND on the test tasks: quality, FLOPs, latency, memory."""
     from .evaluate import run_eval
 
-    _run(run_eval, _recipe(recipe, overrides), limit=limit, console=console)
+    r = _recipe(recipe, overrides)
+    _run(run_eval, r, limit=limit, console=console, lock=r.output_dir)
 
 
 @cli.command()
@@ -112,7 +167,7 @@ def validate(recipes: tuple[str, ...]) -> None:
     failed = 0
     for path in recipes:
         try:
-            load_recipe(path)
+            _check_positions(load_recipe(path), path)
             console.print(f"[green]ok[/] {path}")
         except RecipeError as e:
             failed += 1
@@ -172,7 +227,7 @@ def data_bigbench(paths: tuple[str, ...], tasks: str | None, fetch: bool, k: int
         raise UserError(f"SRC does not exist: {paths[0]}")
     source = _run(fetch_bigbench, cache_dir() / "bigbench") if fetch else Path(paths[0])
     report = _run(convert_bigbench, source, Path(paths[-1]), tasks=tasks.split(",") if tasks else None, k=k,
-                  progress=True)
+                  progress=True, lock=Path(paths[-1]))
     console.print(report.summary())
 
 

@@ -6,7 +6,6 @@ where the YAML has it, the line.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
@@ -20,7 +19,8 @@ METHODS = get_args(Method)
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: `lr: .inf` or `nan` is a typo, never a setting.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 def _existing(path: Path, what: str = "path") -> Path:
@@ -68,6 +68,9 @@ class ModelSpec(Strict):
     def _one_source(self) -> "ModelSpec":
         if len(self._sources()) != 1:
             raise ValueError(f"set exactly one of {self._source_keys()}")
+        if self.source is not None and self.gguf_file is None and _is_local_path(self.source):
+            if not Path(self.source).expanduser().exists():
+                raise ValueError(f"source folder does not exist: {self.source} (a hub id reads `name` or `org/name`)")
         if self.gguf_file is not None:
             if self.source is None:
                 raise ValueError("gguf_file needs source: the directory holding it")
@@ -76,6 +79,11 @@ class ModelSpec(Strict):
 
     def _source_keys(self) -> str:
         return "source, random_init"
+
+
+def _is_local_path(source: str) -> bool:
+    """A source spelled as a path, not a hub id (`name`, `org/name`) or a packaged alias."""
+    return source.startswith(("/", ".", "~")) or "\\" in source or source.count("/") > 1
 
 
 class DistillerSpec(ModelSpec):
@@ -137,12 +145,9 @@ class TasksSpec(Strict):
     @field_validator("partition")
     @classmethod
     def _partition_exists(cls, v: str) -> str:
-        if v.endswith(".json") or os.sep in v:
-            _existing(Path(v), "partition file")
-        else:
-            from .partitions import load_partition
+        from .partitions import load_partition
 
-            load_partition(v)
+        load_partition(v)  # a user's file is parsed here too: its task names become paths
         return v
 
 
@@ -206,8 +211,8 @@ class EvalSpec(Strict):
 class Recipe(Strict):
     backend: str
     output_dir: Path
-    seed: int = 0
-    num_vectors: int = Field(ge=1, description="K, the number of distilled vectors")
+    seed: int = Field(0, ge=0)
+    num_vectors: int = Field(ge=1, le=4096, description="K, the number of distilled vectors")
     llm: ModelSpec
     distiller: DistillerSpec
     template: TemplateSpec | None = Field(None, description="default: the backend's")
@@ -216,6 +221,13 @@ class Recipe(Strict):
     finetune: FinetuneSpec | None = None
     distill: DistillSpec = Field(default_factory=DistillSpec)
     eval: EvalSpec = Field(default_factory=EvalSpec)
+
+    @field_validator("output_dir", mode="before")
+    @classmethod
+    def _not_empty(cls, v):
+        if isinstance(v, str) and not v.strip():
+            raise ValueError("must not be empty (it would mean the working directory)")
+        return v
 
     @field_validator("backend")
     @classmethod
@@ -244,12 +256,22 @@ class RecipeError(Exception):
         return "\n".join(lines)
 
 
+MAX_RECIPE_BYTES = 1 << 20  # a recipe is a page of YAML; megabytes of it are a mistake (and slow to parse)
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ValueError(f"override {text!r} is not key=value")
     key, raw = text.split("=", 1)
-    # YAML parsing gives numbers, booleans, lists and null the way they read in a recipe.
-    return key.strip().split("."), yaml.safe_load(raw) if raw != "" else ""
+    path = key.strip().split(".")
+    if not all(p.strip() for p in path):
+        raise ValueError(f"override {text!r} names no key" if not key.strip() else f"override {text!r}: empty key part")
+    try:
+        # YAML parsing gives numbers, booleans, lists and null the way they read in a recipe.
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as e:
+        raise ValueError(f"override {text!r}: invalid YAML value ({getattr(e, 'problem', e)})") from None
+    return path, value
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -262,6 +284,25 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             node = node[part]
         node[path[-1]] = value
     return data
+
+
+def _duplicate_keys(node: yaml.Node | None, source: str) -> list[tuple[str, str, str]]:
+    """Keys given twice in one mapping: YAML lets the last silently win."""
+    problems = []
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
+        for key, value in node.value:
+            line = key.start_mark.line + 1
+            if isinstance(key, yaml.ScalarNode) and key.value in seen:
+                problems.append((f"{source}:{line}", key.value,
+                                 f"duplicate key (first at line {seen[key.value]}, again at line {line})"))
+            elif isinstance(key, yaml.ScalarNode):
+                seen[key.value] = line
+            problems += _duplicate_keys(value, source)
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            problems += _duplicate_keys(item, source)
+    return problems
 
 
 def _line_of(node: yaml.Node | None, path: tuple) -> int | None:
@@ -291,6 +332,11 @@ def _format_key(loc: tuple) -> str:
     return out
 
 
+def _within(key: str, prefix: str) -> bool:
+    """`key` is `prefix` or lies below it (llm.random_init.heads lies below llm.random_init)."""
+    return key == prefix or key.startswith((prefix + ".", prefix + "["))
+
+
 def validate_data(data: Any, source: str, root: yaml.Node | None = None, overridden: set[str] = frozenset()) -> Recipe:
     if not isinstance(data, dict):
         raise RecipeError(source, [(source, "", "a recipe must be a mapping of keys to values")])
@@ -301,8 +347,7 @@ def validate_data(data: Any, source: str, root: yaml.Node | None = None, overrid
         for err in e.errors():
             key = _format_key(err["loc"])
             msg = err["msg"].removeprefix("Value error, ")
-            top = key.split(".")[0].split("[")[0]
-            if key in overridden or top in overridden:
+            if any(_within(key, o) or _within(o, key) for o in overridden):
                 loc = "command line"
             else:
                 line = _line_of(root, err["loc"])
@@ -315,7 +360,17 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     path = Path(path)
     if not path.is_file():
         raise RecipeError(str(path), [(str(path), "", "recipe file not found")])
-    text = path.read_text()
+    if path.stat().st_size > MAX_RECIPE_BYTES:
+        raise RecipeError(str(path), [(str(path), "", f"{path.stat().st_size} bytes: a recipe is at most "
+                                                      f"{MAX_RECIPE_BYTES} bytes")])
+    try:
+        raw = path.read_bytes()
+        text = raw.decode("utf-8")
+    except OSError as e:
+        raise RecipeError(str(path), [(str(path), "", f"cannot read: {e.strerror}")]) from None
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise RecipeError(str(path), [(f"{path}:{line}", "", "not UTF-8 text")]) from None
     try:
         root = yaml.compose(text)
         data = yaml.safe_load(text) or {}
@@ -323,6 +378,11 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
         mark = getattr(e, "problem_mark", None)
         loc = f"{path}:{mark.line + 1}" if mark else str(path)
         raise RecipeError(str(path), [(loc, "", f"invalid YAML: {getattr(e, 'problem', e)}")]) from None
+    duplicates = _duplicate_keys(root, str(path))
+    if duplicates:
+        raise RecipeError(str(path), duplicates)
+    if not isinstance(data, dict):
+        raise RecipeError(str(path), [(str(path), "", "a recipe must be a mapping of keys to values")])
     try:
         data = apply_overrides(data, list(overrides))
     except ValueError as e:

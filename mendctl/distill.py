@@ -12,6 +12,7 @@ from .backend import Models
 from .checkpoint import load_distiller
 from .config import Recipe, TemplateSpec
 from .data.metaicl import load_split
+from .partitions import check_task_name
 from .registry import get_backend
 from .render import render_context
 from .provenance import text_hash
@@ -72,6 +73,7 @@ def load_trained(recipe: Recipe, require: bool = True) -> tuple[Models, str]:
 
 
 def vectors_path(recipe: Recipe, task: str, seed: int) -> Path:
+    check_task_name(task)  # vectors are written only inside output_dir/vectors
     return recipe.output_dir / "vectors" / task / f"{seed}.safetensors"
 
 

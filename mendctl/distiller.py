@@ -28,6 +28,15 @@ class Distiller(nn.Module):
         else:
             raise ValueError(f"placeholder_init must be 'random' or 'vocab', not {placeholder_init!r}")
         self.placeholders = nn.Parameter(init)
+        # Inputs beyond the body's last position (GPT-2: 1024) minus the K placeholders are cut from
+        # the left: the newest demonstrations are kept, as MetaICL does.
+        from .positions import max_positions
+
+        limit = max_positions(body.config)
+        if limit is not None and limit <= num_vectors:
+            raise ValueError(f"num_vectors={num_vectors} leaves no room for demonstrations in the distiller's "
+                             f"{limit} positions")
+        self.max_input = limit - num_vectors if limit is not None else None
         # Identity when sizes match: a projector there would only add parameters to train.
         self.projector = nn.Sequential(nn.Linear(d, d_llm), nn.Tanh()) if d != d_llm else nn.Identity()
 
@@ -38,6 +47,8 @@ class Distiller(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """[B, L] left-padded demonstration ids -> [B, K, d_llm] vectors."""
         batch, k = input_ids.shape[0], self.num_vectors
+        if self.max_input is not None and input_ids.shape[1] > self.max_input:
+            input_ids, attention_mask = input_ids[:, -self.max_input:], attention_mask[:, -self.max_input:]
         embeds = self.body.get_input_embeddings()(input_ids)
         slots = self.placeholders.to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1)
         embeds = torch.cat([embeds, slots], dim=1)

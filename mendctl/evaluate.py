@@ -103,7 +103,7 @@ def _saved_vectors(recipe: Recipe, models: Models, ds: DemoSet) -> tuple[torch.T
 def _distill_input_len(models: Models, recipe: Recipe, context: str) -> int:
     # As distiller_inputs cuts them: the oldest tokens beyond max_length are dropped.
     ids = models.distiller_tokenizer(context, add_special_tokens=False).input_ids
-    return min(len(ids), recipe.distiller.max_length)
+    return min(len(ids), recipe.distiller.max_length, models.distiller.max_input or len(ids))
 
 
 def _mend_vectors(recipe: Recipe, models: Models, distiller_hash: str, sets: list[DemoSet],

@@ -34,6 +34,17 @@ def _pad_stack(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return out, mask
 
 
+def _cut_left(limit: int | None, *parts: torch.Tensor) -> list[torch.Tensor]:
+    """`parts` (read in order) cut from the left to `limit` rows in all, the oldest first, as MetaICL does."""
+    over = sum(p.shape[0] for p in parts) - limit if limit is not None else 0
+    out = []
+    for p in parts:
+        drop = min(max(over, 0), p.shape[0])
+        out.append(p[drop:])
+        over -= drop
+    return out
+
+
 def _pad_ids(rows: list[torch.Tensor], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
     length = max(r.shape[0] for r in rows)
     out = torch.full((len(rows), length), pad, dtype=torch.long, device=rows[0].device)
@@ -54,6 +65,10 @@ class FrozenLM(nn.Module):
         self.model = model.eval()
         self.model.requires_grad_(False)
         self.pad_token_id = pad_token_id
+        # Learned absolute positions end somewhere (GPT-2: 1024); past it the oldest context is cut.
+        from .positions import max_positions
+
+        self.max_positions = max_positions(model.config)
 
     def train(self, mode: bool = True) -> "FrozenLM":
         # The LLM stays in eval mode (no dropout) whatever its owner does.
@@ -93,6 +108,7 @@ class CausalLM(FrozenLM):
     def target_logits(self, prefixes, xs, ys) -> TargetLogits:
         rows, positions, targets, is_y, example = [], [], [], [], []
         for b, (p, x, y) in enumerate(zip(prefixes, xs, ys)):
+            p, x, y = _cut_left(self.max_positions, p, x, y)
             rows.append(torch.cat([p.to(self.dtype), self.embed(x), self.embed(y)]))
             tokens = torch.cat([x, y])
             # Token i of x+y sits at len(p)+i and is predicted from the position before it; with no
@@ -110,6 +126,11 @@ class CausalLM(FrozenLM):
         return TargetLogits(self.head(selected), torch.cat(targets), torch.cat(is_y), example_t)
 
     def option_losses(self, prefix, x, options):
+        if self.max_positions is not None:
+            # Room for the longest option (cut to leave one context position), then the newest context.
+            options = [o[: self.max_positions - 1] for o in options]
+            room = self.max_positions - max(o.shape[0] for o in options)
+            prefix, x = _cut_left(room, prefix, x)
         ctx = torch.cat([prefix.to(self.dtype), self.embed(x)]).unsqueeze(0)
         out = self._base()(inputs_embeds=ctx, use_cache=True)
         cache = out.cache

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -26,6 +27,18 @@ MULTI_CHOICE = "multi-choice"
 TASK_TYPES = (CLASSIFICATION, MULTI_CHOICE)
 
 _DATA_DIR = "partitions"
+# A task name becomes a folder and file name (data_dir/{task}/..., output_dir/vectors/{task}/...):
+# one path component, not hidden, no separators or control characters, so that a partition file
+# cannot point reads outside data_dir or writes outside output_dir.
+_TASK_NAME = re.compile(r"[^/\\\x00-\x1f.][^/\\\x00-\x1f]*")
+
+
+def check_task_name(task: object, source: str = "task name") -> str:
+    """`task` if it is a safe single path component; else a ValueError naming `source`."""
+    if not isinstance(task, str) or not _TASK_NAME.fullmatch(task):
+        raise ValueError(f"{source}: {task!r} is not a valid task name (one folder name: no '/', '\\', "
+                         "leading '.', or control characters)")
+    return task
 
 
 @dataclass(frozen=True)
@@ -116,6 +129,8 @@ def _task_list(data: dict[str, Any], key: str, source: str) -> tuple[str, ...]:
         raise ValueError(f"{source}: {key!r} must be a list of non-empty task names")
     if not tasks:
         raise ValueError(f"{source}: {key!r} is empty")
+    for t in tasks:
+        check_task_name(t, f"{source}: {key!r}")
     duplicates = sorted({t for t in tasks if tasks.count(t) > 1})
     if duplicates:
         raise ValueError(f"{source}: {key!r} lists tasks more than once: {duplicates}")

@@ -29,6 +29,7 @@ from .config import FinetuneSpec, PretrainSpec, Recipe
 from .examples import Example, TaskExamples, TextExamples
 from .losses import ForwardKL, TargetCE
 from .registry import get_backend
+from .resume import trim_metrics, verify_checkpoint
 from .data.text import iter_local
 from .workspace import data_dir, partition_for, passages_file, stage_input
 
@@ -109,11 +110,11 @@ def _init_weights(stage: str, spec, recipe: Recipe, models: Models, console: Con
     return str(source)
 
 
-def _metrics_log(path: Path, resume_step: int):
+def _metrics_log(path: Path, resume_step: int, console: Console):
     """metrics.jsonl opened for append; on resume, lines after the checkpoint are dropped."""
-    if path.exists():
-        keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
-        path.write_text("".join(line + "\n" for line in keep))
+    note = trim_metrics(path, resume_step)
+    if note:
+        console.print(f"[yellow]note[/]: {note}")
     return path.open("a")
 
 
@@ -123,6 +124,8 @@ def train(recipe: Recipe, stage: str, resume: bool = False, restart: bool = Fals
     spec: PretrainSpec | FinetuneSpec | None = getattr(recipe, stage)
     if spec is None:
         raise ValueError(f"the recipe has no `{stage}` section")
+    if spec.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise ValueError(f"{stage}.mixed_precision: fp16 needs a GPU and none is available; use no (or bf16)")
     out = recipe.stage_dir(stage)
     ckpt_root = out / "checkpoints"
     console = console or Console()
@@ -155,8 +158,12 @@ def train(recipe: Recipe, stage: str, resume: bool = False, restart: bool = Fals
         done = checkpoints(ckpt_root)
         if not done:
             raise FileNotFoundError(f"--resume: no checkpoint in {ckpt_root}")
-        accelerator.load_state(str(done[-1]))
+        verify_checkpoint(done[-1], accelerator.num_processes)
         step = read_state(done[-1])["step"]
+        if step > spec.steps:
+            raise ValueError(f"--resume: {done[-1]} is at step {step}, beyond {stage}.steps={spec.steps}; "
+                             f"set {stage}.steps to at least {step}")
+        accelerator.load_state(str(done[-1]))
         if main:
             console.print(f"Resuming from {done[-1]} (step {step}/{spec.steps})")
     if trackers:
@@ -167,7 +174,7 @@ def train(recipe: Recipe, stage: str, resume: bool = False, restart: bool = Fals
     kl_weight = spec.kl_weight if stage == "finetune" else 1.0
     per_step = spec.batch_size * spec.grad_accum * accelerator.num_processes
     out.mkdir(parents=True, exist_ok=True)
-    log = _metrics_log(out / "metrics.jsonl", step) if main else None
+    log = _metrics_log(out / "metrics.jsonl", step, console) if main else None
     progress = _progress(console, main)
     bar = progress.add_task(stage, total=spec.steps, completed=step, stats="")
     last_good = checkpoints(ckpt_root)[-1] if resume else None

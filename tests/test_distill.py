@@ -70,7 +70,7 @@ def test_batch_size_does_not_change_the_vectors(trained):
 
 def test_without_a_trained_distiller_it_says_what_to_run(tmp_path):
     result = CliRunner().invoke(cli, ["distill", "recipes/tiny/gpt2.yaml", f"output_dir={tmp_path}"])
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert "run `mendctl pretrain` and/or `mendctl finetune` first" in result.output
 
 

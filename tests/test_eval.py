@@ -273,4 +273,4 @@ def test_cli_eval(tmp_path):
     assert ok.exit_code == 0, ok.output
     assert (tmp_path / "eval" / "results.json").is_file()
     missing = CliRunner().invoke(cli, ["eval", recipe, f"output_dir={tmp_path}", "--limit", "1"])
-    assert missing.exit_code == 1 and "no trained distiller" in missing.output
+    assert missing.exit_code == 2 and "no trained distiller" in missing.output

@@ -15,7 +15,8 @@ METAICL = [
     "non_qa_to_qa",
     "qa_to_qa",
 ]
-SHARED = Path("/work/shared/data")
+# The shared data folder sits beside the repository (../shared); absent elsewhere, its tests skip.
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def test_list_partitions_is_sorted_and_complete():
@@ -52,6 +53,7 @@ def test_is_classification_rejects_foreign_task():
         load_partition("hr_to_lr").is_classification("no_such_task")
 
 
+@pytest.mark.skipif(not (SHARED / "partitions").is_dir(), reason="shared partitions absent")
 def test_bb_partition_uses_converter_names():
     shipped = load_partition("bb_class_to_class")
     source = json.loads((SHARED / "partitions" / "bb_class_to_class.json").read_text())

@@ -118,4 +118,4 @@ def test_cli_data_bigbench_converts_a_folder_and_checks_its_arguments(tmp_path):
     assert (out / "yesno" / "yesno_4_100_train.jsonl").is_file()
     for bad in (["data", "bigbench", str(out)], ["data", "bigbench", "--fetch", "a", "b"]):
         result = CliRunner().invoke(cli, bad)
-        assert result.exit_code == 1 and "give SRC and OUT, or --fetch and OUT" in result.output
+        assert result.exit_code == 2 and "give SRC and OUT, or --fetch and OUT" in result.output

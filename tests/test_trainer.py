@@ -103,7 +103,7 @@ def test_malformed_jsonl_line_fails_with_file_and_line(tmp_path):
     bad.write_text("\n".join(lines) + "\n")
     result = CliRunner().invoke(cli, ["finetune", "recipes/tiny/gpt2.yaml", f"output_dir={tmp_path / 'o'}",
                                       f"tasks.data_dir={data}", "finetune.steps=2"])
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert f"{bad}:7: malformed JSON" in result.output
     assert "Traceback" not in result.output
 
@@ -215,9 +215,9 @@ def test_a_second_run_refuses_to_mix_with_earlier_checkpoints_unless_told(tmp_pa
     args = ["pretrain", "recipes/tiny/gpt2.yaml", f"output_dir={tmp_path}", "pretrain.steps=4", "pretrain.save_every=2"]
     assert CliRunner().invoke(cli, args).exit_code == 0
     again = CliRunner().invoke(cli, [*args[:3], "pretrain.steps=2", "pretrain.save_every=1"])
-    assert again.exit_code == 1 and "continue it with --resume, or start over with --restart" in again.output
+    assert again.exit_code == 2 and "continue it with --resume, or start over with --restart" in again.output
     restarted = CliRunner().invoke(cli, [*args[:3], "pretrain.steps=2", "pretrain.save_every=1", "--restart"])
     assert restarted.exit_code == 0, restarted.output
     ckpts = sorted(p.name for p in (tmp_path / "pretrain" / "checkpoints").iterdir())
     assert ckpts == ["step_0000001", "step_0000002"]  # the earlier run's step 4 is gone, not resumable by mistake
-    assert CliRunner().invoke(cli, [*args, "--resume", "--restart"]).exit_code == 1
+    assert CliRunner().invoke(cli, [*args, "--resume", "--restart"]).exit_code == 2

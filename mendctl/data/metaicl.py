@@ -14,8 +14,12 @@ def read_jsonl(path: Path, require: tuple[str, ...] = ()) -> list[dict]:
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with path.open("rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise DataError(f"{path}:{n}: not UTF-8 text") from None
             if not line.strip():
                 continue
             try:
@@ -36,6 +40,9 @@ def read_examples(path: Path) -> list[dict]:
     """Examples with a gold output among their options (options may be empty for generation tasks)."""
     rows = read_jsonl(path, require=("input", "output"))
     for row in rows:
+        for key in ("input", "output"):
+            if not isinstance(row[key], str):
+                raise DataError(f"{row['_where']}: {key} must be a string, not {type(row[key]).__name__}")
         options = row.setdefault("options", [])
         if not isinstance(options, list) or not all(isinstance(o, str) for o in options):
             raise DataError(f"{row['_where']}: options must be a list of strings")
@@ -47,6 +54,10 @@ def read_examples(path: Path) -> list[dict]:
 
 
 def split_path(data_dir: Path, task: str, k: int, seed: int, split: str) -> Path:
+    from ..partitions import check_task_name
+
+    # Partitions check their names already; this keeps every caller inside data_dir too.
+    check_task_name(task)
     return Path(data_dir) / task / f"{task}_{k}_{seed}_{split}.jsonl"
 
 

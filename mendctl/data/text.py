@@ -28,13 +28,19 @@ def iter_local(paths: list[Path]) -> Iterator[str]:
     """Documents: each .txt file is one, each .jsonl line's "text" is one."""
     for f in _files(paths):
         if f.suffix == ".jsonl":
-            for n, line in enumerate(f.open(encoding="utf-8"), 1):
+            for n, raw in enumerate(f.open("rb"), 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise DataError(f"{f}:{n}: not UTF-8 text") from None
                 if not line.strip():
                     continue
                 try:
                     text = json.loads(line)["text"]
                 except (json.JSONDecodeError, KeyError, TypeError):
-                    raise DataError(f"{f}:{n}: expected a JSON object with a \"text\" field") from None
+                    text = None
+                if not isinstance(text, str):
+                    raise DataError(f"{f}:{n}: expected a JSON object with a \"text\" field holding a string")
                 yield text
         else:
             yield f.read_text(encoding="utf-8", errors="replace")

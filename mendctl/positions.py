@@ -1,0 +1,81 @@
+"""How many positions the LLM and the distiller read, and what a recipe asks of them.
+
+A model with learned absolute positions (GPT-2: 1024) fails with an index error past its last one.
+`recipe_problems` finds from the configs what no input can fit (validate reports it before any
+model loads); inputs that only some data overflow are cut from the left at run time, as MetaICL
+does (lm.py, distiller.py), never crash.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .config import ModelSpec, Recipe
+
+
+def max_positions(config) -> int | None:
+    """The number of positions a model reads, or None when it has no limit (relative positions: T5)."""
+    if getattr(config, "relative_attention_num_buckets", None) is not None:
+        return None
+    for name in ("n_positions", "max_position_embeddings"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _config(backend, spec: ModelSpec, *, encoder_only: bool):
+    """The model's config when it costs nothing to get: random_init, or a local folder's config.json."""
+    if spec.random_init is not None:
+        from .tokenizer import byte_tokenizer
+
+        return backend.tiny_config(spec.random_init, byte_tokenizer(), encoder_only=encoder_only)
+    source = getattr(spec, "source", None)
+    if source and spec.gguf_file is None and (Path(source).expanduser() / "config.json").is_file():
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(str(Path(source).expanduser()))
+    return None
+
+
+def recipe_problems(recipe: Recipe) -> list[tuple[str, str]]:
+    """(key, message) for each length the recipe asks for that its models cannot read."""
+    from .registry import get_backend
+
+    backend = get_backend(recipe.backend)
+    problems = []
+
+    def config(key: str, spec: ModelSpec, encoder_only: bool):
+        try:
+            return _config(backend, spec, encoder_only=encoder_only)
+        except Exception as e:  # a damaged config.json: transformers raises several error types
+            problems.append((key, f"cannot read {spec.source}/config.json ({type(e).__name__}: {str(e)[:200]})"))
+            return None
+
+    llm_config = config("llm.source", recipe.llm, False)
+    if recipe.distiller.init_from_llm_layers:
+        distiller_config = llm_config
+    else:
+        distiller_config = config("distiller.source", recipe.distiller, True)
+    k = recipe.num_vectors
+    d_max = max_positions(distiller_config) if distiller_config is not None else None
+    if d_max is not None:
+        if k >= d_max:
+            problems.append(("num_vectors", f"{k} placeholders leave no room for demonstrations in the distiller's "
+                                            f"{d_max} positions"))
+        elif recipe.distiller.max_length + k > d_max:
+            problems.append(("distiller.max_length", f"{recipe.distiller.max_length} + {k} placeholders exceeds the "
+                                                     f"distiller's {d_max} positions: use at most {d_max - k}"))
+    l_max = max_positions(llm_config) if llm_config is not None else None
+    if l_max is not None:
+        template = recipe.template or backend.default_template
+        if k >= l_max:
+            problems.append(("num_vectors", f"{k} vectors leave no room for the query in the LLM's {l_max} positions"))
+        if template.max_context_tokens + template.max_example_tokens >= l_max:
+            key = "template.max_context_tokens" if recipe.template else "template (the backend's default)"
+            problems.append((key, f"max_context_tokens {template.max_context_tokens} + max_example_tokens "
+                                  f"{template.max_example_tokens} leave no room for an option in the LLM's "
+                                  f"{l_max} positions"))
+        if recipe.pretrain is not None and recipe.pretrain.max_length > l_max:
+            problems.append(("pretrain.max_length", f"{recipe.pretrain.max_length} exceeds the LLM's {l_max} "
+                                                    "positions (the teacher reads a whole passage)"))
+    return problems

@@ -1,0 +1,408 @@
+"""Bad inputs and faults across every command: each one exits with the rule's code (2: the user can
+fix it in their input; 1: the run failed on its own) and a message with its key phrase, without a
+traceback, and writes nothing outside output_dir.
+
+Each case builds its inputs in tmp_path and returns the command line; `out` is its output_dir.
+Cases fail early (validation, or the first thing a command reads) to keep the table fast.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import save_file
+
+import mendctl.checkpoint
+import mendctl.trainer
+from mendctl.cli import cli
+from mendctl.lock import output_lock
+
+ROOT = Path(__file__).resolve().parents[1]
+GPT2 = "recipes/tiny/gpt2.yaml"
+FAST = ["pretrain.steps=1", "finetune.steps=1", "pretrain.batch_size=2", "finetune.batch_size=2",
+        "pretrain.max_length=32", "tasks.seeds=[100]"]
+
+
+def recipe(tmp: Path, text: str | bytes, name: str = "r.yaml") -> str:
+    path = tmp / name
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return str(path)
+
+
+def partition(tmp: Path, train: list, test: list) -> str:
+    path = tmp / "p.json"
+    path.write_text(json.dumps({"train": train, "test": test}))
+    return str(path)
+
+
+def tasks_copy(tmp: Path) -> Path:
+    data = tmp / "data"
+    shutil.copytree(ROOT / "data" / "tiny" / "tasks", data)
+    return data
+
+
+def spoil_line(data: Path, task: str, file: str, line: int, text: bytes) -> Path:
+    path = data / task / file
+    lines = path.read_bytes().splitlines()
+    lines[line - 1] = text
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return path
+
+
+def positions_dir(tmp: Path, n_positions: int) -> str:
+    """A local model folder with only a config.json: what validate reads without loading weights."""
+    d = tmp / "gpt2-small-positions"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_positions": n_positions, "n_embd": 32,
+                                               "n_layer": 1, "n_head": 2, "vocab_size": 300}))
+    return str(d)
+
+
+def text_file(tmp: Path, content: bytes) -> str:
+    """An override pointing stage 1 at one .jsonl file holding `content`."""
+    return f"pretrain.text=[{recipe(tmp, content, 'docs.jsonl')}]"
+
+
+def damaged_config(tmp: Path) -> str:
+    d = tmp / "damaged-model"
+    d.mkdir()
+    (d / "config.json").write_text('{"model_type": "gpt2", "n_positions": ')
+    return str(d)
+
+
+def saved_model(tmp: Path, truncate: bool = False) -> str:
+    """A tiny GPT-2 saved as a local model folder, its weights optionally cut short."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from mendctl.tokenizer import byte_tokenizer
+
+    d = tmp / "damaged-llm"
+    tok = byte_tokenizer()
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=1024, n_embd=16, n_layer=1, n_head=2)).save_pretrained(d)
+    tok.save_pretrained(d)
+    if truncate:
+        weights = d / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:1000])
+    return str(d)
+
+
+def base(tmp: Path, out: Path, *overrides: str) -> list[str]:
+    return [GPT2, f"output_dir={out}", *FAST, *overrides]
+
+
+# --------------------------------------------------------------------------- the table
+# (id, setup(tmp, out) -> argv, exit code, key phrase of the message)
+
+CASES = [
+    # recipe files
+    ("recipe-missing", lambda t, o: ["validate", str(t / "nope.yaml")], 2, "recipe file not found"),
+    ("recipe-is-a-folder", lambda t, o: ["finetune", str(t)], 2, "is a directory"),
+    ("recipe-not-utf8", lambda t, o: ["validate", recipe(t, b"backend: gpt2\nseed: \xff\xfe\n")], 2,
+     "r.yaml:2: not UTF-8 text"),
+    ("recipe-too-large", lambda t, o: ["validate", recipe(t, "# " + "x" * (2 << 20) + "\n")], 2,
+     "a recipe is at most"),
+    ("recipe-duplicate-key", lambda t, o: ["validate", recipe(t, (ROOT / GPT2).read_text() + "seed: 3\n")], 2,
+     "duplicate key (first at line 8, again at line"),
+    ("recipe-broken-yaml", lambda t, o: ["validate", recipe(t, "backend: [gpt2\n")], 2, "invalid YAML"),
+    ("recipe-top-level-list", lambda t, o: ["finetune", recipe(t, "- 1\n- 2\n"), "seed=1"], 2,
+     "a recipe must be a mapping"),
+    ("recipe-unknown-key", lambda t, o: ["finetune", *base(t, o, "finetune.lrr=1")], 2,
+     "finetune.lrr: Extra inputs are not permitted"),
+    ("recipe-unknown-backend", lambda t, o: ["finetune", *base(t, o, "backend=gtp2")], 2, "Did you mean 'gpt2'"),
+    # overrides
+    ("override-broken-yaml", lambda t, o: ["finetune", *base(t, o, "tasks.seeds=[1,")], 2,
+     "command line: override 'tasks.seeds=[1,': invalid YAML value"),
+    ("override-no-key", lambda t, o: ["finetune", *base(t, o, "=1")], 2, "override '=1' names no key"),
+    ("override-no-equals", lambda t, o: ["finetune", *base(t, o, "seed")], 2, "is not key=value"),
+    ("override-nested-into-scalar", lambda t, o: ["finetune", *base(t, o, "seed.x=1")], 2,
+     "command line: seed: Input should be a valid integer"),
+    ("override-nested-model-check", lambda t, o: ["finetune", *base(t, o, "llm.random_init.heads=3")], 2,
+     "command line: llm.random_init: hidden (64) must be divisible by heads (3)"),
+    ("seed-negative", lambda t, o: ["finetune", *base(t, o, "seed=-1")], 2, "seed: Input should be greater than"),
+    ("output-dir-empty", lambda t, o: ["finetune", GPT2, "output_dir="], 2, "output_dir: must not be empty"),
+    ("lr-infinite", lambda t, o: ["finetune", *base(t, o, "finetune.lr=.inf")], 2,
+     "finetune.lr: Input should be a finite number"),
+    ("lr-nan", lambda t, o: ["pretrain", *base(t, o, "pretrain.lr=.nan")], 2, "Input should be a finite number"),
+    ("num-vectors-absurd", lambda t, o: ["distill", *base(t, o, "num_vectors=1000000000")], 2,
+     "num_vectors: Input should be less than or equal to 4096"),
+    ("num-vectors-zero", lambda t, o: ["eval", *base(t, o, "num_vectors=0")], 2, "num_vectors: Input should be greater"),
+    ("llm-source-missing-folder", lambda t, o: ["validate", recipe(t, (ROOT / GPT2).read_text().replace(
+        "  random_init: {layers: 2, hidden: 64, heads: 2}", f"  source: {t}/no-such-model", 1))], 2,
+     "source folder does not exist"),
+    # lengths against the models' positions, from a local config.json
+    ("distiller-max-length-over-positions", lambda t, o: ["finetune", *base(
+        t, o, "distiller.random_init=null", f"distiller.source={positions_dir(t, 256)}", "distiller.max_length=256")],
+     2, "distiller.max_length: 256 + 4 placeholders exceeds the distiller's 256 positions"),
+    ("num-vectors-over-positions", lambda t, o: ["finetune", *base(
+        t, o, "distiller.random_init=null", f"distiller.source={positions_dir(t, 8)}", "distiller.max_length=8",
+        "num_vectors=8")], 2, "8 placeholders leave no room for demonstrations"),
+    ("llm-context-over-positions", lambda t, o: ["eval", *base(
+        t, o, "llm.random_init=null", f"llm.source={positions_dir(t, 256)}")], 2,
+     "leave no room for an option in the LLM's 256 positions"),
+    ("llm-config-damaged", lambda t, o: ["validate", recipe(t, (ROOT / GPT2).read_text().replace(
+        "  random_init: {layers: 2, hidden: 64, heads: 2}", f"  source: {damaged_config(t)}", 1))], 2,
+     "llm.source: cannot read"),
+    ("llm-weights-truncated", lambda t, o: ["eval", *base(
+        t, o, "llm.random_init=null", f"llm.source={saved_model(t, truncate=True)}", "eval.methods=[zero-shot]")], 2,
+     "damaged-llm: damaged weights"),
+    # partitions and task data
+    ("partition-traversal", lambda t, o: ["distill", *base(
+        t, o, f"tasks.partition={partition(t, ['tiny_color'], ['../../escape'])}")], 2,
+     "'../../escape' is not a valid task name"),
+    ("partition-absolute-task", lambda t, o: ["eval", *base(
+        t, o, f"tasks.partition={partition(t, ['tiny_color'], [str(t / 'abs')])}")], 2, "is not a valid task name"),
+    ("partition-hidden-task", lambda t, o: ["finetune", *base(
+        t, o, f"tasks.partition={partition(t, ['..'], ['tiny_color'])}")], 2, "'..' is not a valid task name"),
+    ("partition-not-json", lambda t, o: ["validate", recipe(t, (ROOT / GPT2).read_text().replace(
+        "data/tiny/partition.json", recipe(t, "{train", "p.json")))], 2, "not valid JSON"),
+    ("partition-missing", lambda t, o: ["finetune", *base(t, o, f"tasks.partition={t}/none.json")], 2,
+     "none.json does not exist"),
+    ("data-dir-missing", lambda t, o: ["finetune", *base(t, o, f"tasks.data_dir={t}/nothing")], 2,
+     "tasks.data_dir: path does not exist"),
+    ("task-file-not-utf8", lambda t, o: ["finetune", *base(t, o, f"tasks.data_dir={tasks_copy(t)}")], 2,
+     "tiny_color_16384_100_train.jsonl:3: not UTF-8 text"),
+    ("task-input-not-string", lambda t, o: ["finetune", *base(t, o, f"tasks.data_dir={tasks_copy(t)}")], 2,
+     "tiny_color_16384_100_train.jsonl:3: input must be a string, not list"),
+    ("task-malformed-json", lambda t, o: ["eval", *base(t, o, f"tasks.data_dir={tasks_copy(t)}")], 2,
+     "tiny_sentiment_4_100_train.jsonl:2: malformed JSON"),
+    ("task-options-not-list", lambda t, o: ["eval", *base(t, o, f"tasks.data_dir={tasks_copy(t)}")], 2,
+     "options must be a list of strings"),
+    ("task-file-missing", lambda t, o: ["finetune", *base(
+        t, o, f"tasks.partition={partition(t, ['tiny_color', 'ghost'], ['tiny_compare'])}")], 2,
+     "ghost_16384_100_train.jsonl: file not found"),
+    ("pretrain-text-not-utf8", lambda t, o: ["pretrain", *base(t, o, text_file(t, b'{"text": "ok"}\n\xff\n'))], 2,
+     "docs.jsonl:2: not UTF-8 text"),
+    ("pretrain-text-not-string", lambda t, o: ["pretrain", *base(t, o, text_file(t, b'{"text": 3}\n'))], 2,
+     'docs.jsonl:1: expected a JSON object with a "text" field holding a string'),
+    # output folders
+    ("output-dir-is-a-file", lambda t, o: ["finetune", *base(t, o.parent / "file", )], 2,
+     "exists and is not a folder"),
+    ("output-dir-under-a-file", lambda t, o: ["distill", *base(t, o.parent / "file" / "sub")], 2,
+     "exists and is not a folder"),
+    ("data-out-is-a-file", lambda t, o: ["data", "bigbench", str(ROOT / "data"), str(o.parent / "file")], 2,
+     "exists and is not a folder"),
+    ("data-src-missing", lambda t, o: ["data", "bigbench", str(t / "none"), str(o)], 2, "SRC does not exist"),
+    ("data-usage", lambda t, o: ["data", "bigbench", str(o)], 2, "give SRC and OUT"),
+    # checkpoints the user points to
+    ("distiller-checkpoint-missing", lambda t, o: ["distill", *base(t, o, f"distill.checkpoint={t}/none")], 2,
+     "distill.checkpoint: path does not exist"),
+    ("distiller-checkpoint-garbage", lambda t, o: ["distill", *base(
+        t, o, f"distill.checkpoint={recipe(t, b'not safetensors at all', 'w.safetensors')}")], 2,
+     "not a readable safetensors file"),
+    ("distiller-checkpoint-other-recipe", lambda t, o: ["distill", *base(
+        t, o, f"distill.checkpoint={other_recipe_weights(t)}")], 2, "does not fit this recipe's distiller"),
+    ("no-trained-distiller", lambda t, o: ["distill", *base(t, o)], 2, "no trained distiller"),
+    ("resume-without-checkpoint", lambda t, o: ["pretrain", *base(t, o), "--resume"], 2, "--resume: no checkpoint"),
+    ("resume-and-restart", lambda t, o: ["pretrain", *base(t, o), "--resume", "--restart"], 2, "exclude each other"),
+    ("no-pretrain-section", lambda t, o: ["pretrain", *base(t, o, "pretrain=null")], 2,
+     "the recipe has no `pretrain` section"),
+    ("eval-limit-zero", lambda t, o: ["eval", *base(t, o), "--limit", "0"], 2, "Invalid value for '--limit'"),
+]
+
+
+def other_recipe_weights(tmp: Path) -> str:
+    path = tmp / "other.safetensors"
+    save_file({"placeholders": torch.zeros(3, 7)}, str(path))
+    return str(path)
+
+
+SPOIL = {  # cases whose task data is damaged after tasks_copy
+    "task-file-not-utf8": ("tiny_color", "tiny_color_16384_100_train.jsonl", b'{"input": "\xff", "output": "x"}'),
+    "task-input-not-string": ("tiny_color", "tiny_color_16384_100_train.jsonl", b'{"input": ["a"], "output": "x"}'),
+    "task-malformed-json": ("tiny_sentiment", "tiny_sentiment_4_100_train.jsonl", b'{"input": "x", "output": '),
+    "task-options-not-list": ("tiny_sentiment", "tiny_sentiment_4_100_train.jsonl",
+                              b'{"input": "x", "output": "a", "options": "a"}'),
+}
+
+
+def snapshot(tmp: Path, out: Path) -> dict[str, float]:
+    """Every file outside `out` under tmp, and the repository's top level, with mtimes."""
+    files = {str(p): p.stat().st_mtime for p in tmp.rglob("*") if out not in p.parents and p != out}
+    files.update({f"repo:{p.name}": 0.0 for p in ROOT.iterdir()})
+    return files
+
+
+@pytest.mark.parametrize("name, setup, code, phrase", CASES, ids=[c[0] for c in CASES])
+def test_bad_input(name, setup, code, phrase, tmp_path):
+    out = tmp_path / "out"
+    (tmp_path / "file").write_text("a file where a folder is expected\n")
+    argv = setup(tmp_path, out)
+    if name in SPOIL:
+        task, file, text = SPOIL[name]
+        line = 3 if "16384" in file else 2
+        spoil_line(tmp_path / "data", task, file, line, text)
+    before = snapshot(tmp_path, out)
+    result = CliRunner().invoke(cli, argv)
+    assert result.exit_code == code, result.output
+    assert phrase in " ".join(result.output.split()), result.output
+    assert "Traceback" not in result.output
+    assert snapshot(tmp_path, out) == before, "something was written outside output_dir"
+
+
+# --------------------------------------------------------------------------- faults of a run
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A stage-1 run of 2 steps with a checkpoint at each: what the resume cases damage (copies of it)."""
+    out = tmp_path_factory.mktemp("trained") / "out"
+    result = CliRunner().invoke(cli, ["pretrain", *base(out.parent, out, "pretrain.steps=2", "pretrain.save_every=1")])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def _resume(trained: Path, tmp_path: Path, damage, *extra: str):
+    out = tmp_path / "out"
+    shutil.copytree(trained, out)
+    damage(out / "pretrain")
+    return out, CliRunner().invoke(cli, ["pretrain", *base(tmp_path, out, "pretrain.save_every=1", *extra), "--resume"])
+
+
+def _truncate(path: Path, size: int = 64) -> None:
+    path.write_bytes(path.read_bytes()[:size])
+
+
+RESUME_CASES = [
+    ("rng-state-damaged", lambda d: _truncate(d / "checkpoints/step_0000002/random_states_0.pkl"), ["pretrain.steps=3"],
+     2, "random_states_0.pkl is damaged"),
+    ("optimizer-missing", lambda d: (d / "checkpoints/step_0000002/optimizer.bin").unlink(), ["pretrain.steps=3"],
+     2, "optimizer.bin is missing"),
+    ("weights-truncated", lambda d: _truncate(d / "checkpoints/step_0000002/model.safetensors"), ["pretrain.steps=3"],
+     2, "model.safetensors is damaged"),
+    ("trainer-state-damaged", lambda d: (d / "checkpoints/step_0000002/trainer_state.json").write_text('{"step": 2'),
+     ["pretrain.steps=3"], 2, "trainer_state.json is damaged"),
+    ("fewer-steps-than-done", lambda d: None, ["pretrain.steps=1"], 2, "is at step 2, beyond pretrain.steps=1"),
+    ("metrics-damaged-inside", lambda d: (d / "metrics.jsonl").write_text('{"step": 1\n{"step": 2}\n'),
+     ["pretrain.steps=3"], 2, "metrics.jsonl:1: not a metrics record"),
+]
+
+
+@pytest.mark.parametrize("name, damage, extra, code, phrase", RESUME_CASES, ids=[c[0] for c in RESUME_CASES])
+def test_resume_refuses_what_it_cannot_restore(name, damage, extra, code, phrase, trained, tmp_path):
+    out, result = _resume(trained, tmp_path, damage, *extra)
+    assert result.exit_code == code, result.output
+    assert phrase in " ".join(result.output.split()), result.output
+    assert "Traceback" not in result.output
+
+
+def test_resume_drops_a_partial_last_metrics_line(trained, tmp_path):
+    out, result = _resume(trained, tmp_path, lambda d: open(d / "metrics.jsonl", "a").write('{"step": 3, "lo'),
+                          "pretrain.steps=3")
+    assert result.exit_code == 0, result.output
+    assert "dropped a partial last line" in " ".join(result.output.split())
+    assert [json.loads(line)["step"] for line in (out / "pretrain/metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+def test_a_new_run_over_earlier_checkpoints_is_refused(trained, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(trained, out)
+    result = CliRunner().invoke(cli, ["pretrain", *base(tmp_path, out)])
+    assert result.exit_code == 2 and "continue it with --resume" in result.output
+
+
+def test_a_second_writer_is_refused_naming_the_holder(tmp_path):
+    out = tmp_path / "out"
+    with output_lock(out, "mendctl finetune other.yaml"):
+        for command in ("pretrain", "finetune", "distill", "eval"):
+            result = CliRunner().invoke(cli, [command, *base(tmp_path, out)])
+            text = " ".join(result.output.split())
+            assert result.exit_code == 2, result.output
+            assert f"in use by another mendctl run (pid {os.getpid()} on" in text
+            assert "`mendctl finetune other.yaml`, started" in text
+        result = CliRunner().invoke(cli, ["data", "bigbench", str(ROOT / "data"), str(out)])
+        assert result.exit_code == 2 and "in use by another mendctl run" in result.output
+    assert not (out / ".mendctl.lock.json").exists()
+
+
+def test_a_full_disk_leaves_no_partial_checkpoint(tmp_path, monkeypatch):
+    def full(self, path, **kwargs):
+        Path(path).mkdir(parents=True, exist_ok=True)
+        (Path(path) / "model.safetensors").write_bytes(b"")
+        raise OSError(errno.ENOSPC, "No space left on device", str(Path(path) / "model.safetensors"))
+
+    monkeypatch.setattr("accelerate.Accelerator.save_state", full)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, ["pretrain", *base(tmp_path, out, "pretrain.save_every=1")])
+    assert result.exit_code == 2, result.output
+    assert "No space left on device" in result.output and "Traceback" not in result.output
+    assert list((out / "pretrain" / "checkpoints").iterdir()) == []
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root writes anywhere")
+def test_a_read_only_output_dir_is_refused(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    out.chmod(0o500)
+    try:
+        result = CliRunner().invoke(cli, ["finetune", *base(tmp_path, out)])
+    finally:
+        out.chmod(0o700)
+    assert result.exit_code == 2 and "is not writable" in result.output
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 is available on a GPU")
+def test_fp16_on_a_cpu_is_refused(tmp_path):
+    result = CliRunner().invoke(cli, ["finetune", *base(tmp_path, tmp_path / "out", "finetune.mixed_precision=fp16")])
+    assert result.exit_code == 2 and "fp16 needs a GPU" in result.output
+
+
+def test_a_failure_of_the_run_itself_exits_1_and_debug_shows_the_traceback(tmp_path, monkeypatch):
+    def boom(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    user = CliRunner().invoke(cli, ["--debug", "pretrain", *base(tmp_path, tmp_path / "o2"), "--resume"])
+    assert user.exit_code == 2 and "Traceback" in user.output and "--resume: no checkpoint" in user.output
+    monkeypatch.setattr(mendctl.trainer, "train", boom)
+    args = ["finetune", *base(tmp_path, tmp_path / "out")]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 1 and "the run failed: RuntimeError: boom" in result.output
+    assert "--debug" in result.output and "Traceback" not in result.output
+    debug = CliRunner().invoke(cli, ["--debug", *args])
+    assert debug.exit_code == 1 and isinstance(debug.exception, RuntimeError)
+
+
+def test_divergence_is_a_failure_of_the_run(tmp_path, monkeypatch):
+    def diverge(*args, **kwargs):
+        raise mendctl.trainer.TrainingDiverged("finetune: the loss became nan at step 1")
+
+    monkeypatch.setattr(mendctl.trainer, "train", diverge)
+    result = CliRunner().invoke(cli, ["finetune", *base(tmp_path, tmp_path / "out")])
+    assert result.exit_code == 1 and "the loss became nan" in result.output
+
+
+class _Payload:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):  # unpickling this would create the marker file
+        return (open, (str(self.marker), "w"))
+
+
+def test_a_pickle_payload_in_a_checkpoint_is_never_run(trained, tmp_path):
+    import pickle
+
+    marker = tmp_path / "payload-ran"
+
+    def plant(d: Path):
+        (d / "checkpoints/step_0000002/random_states_0.pkl").write_bytes(pickle.dumps(_Payload(marker)))
+
+    out, result = _resume(trained, tmp_path, plant, "pretrain.steps=3")
+    assert result.exit_code == 2 and "random_states_0.pkl is damaged" in " ".join(result.output.split())
+    assert not marker.exists()
+
+
+def test_an_atomic_write_cut_short_leaves_no_file(tmp_path):
+    from mendctl.fileio import atomic_path
+
+    target = tmp_path / "vectors" / "x.safetensors"
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(b"half")
+            raise KeyboardInterrupt
+    assert list(target.parent.iterdir()) == []
