@@ -43,12 +43,16 @@ def main() -> None:
         "bos_only": (False, "tokenizer_bos"), "after": (True, "tokenizer_bos"), "after_endoftext_bos": (True, "eos_text_token"),
     }
     ce = {f"{v}/{m}": [] for v in variants for m in ("icl", "zero-shot")}
+    differ = []  # episodes whose ICL ids (context + query) the fix changes, with an example of the change
     for pos in range(a.episodes):
         e = examples.get(pos)
         query_text = tok.decode(e.x)
         assert query_text.startswith(sep), query_text
         old = {"ctx": ids(e.distiller_text + sep), "x": ids(query_text[len(sep):])}
-        alone = ids(query_text[len(sep):])  # zero-shot: nothing precedes, no separator either way
+        alone = ids(query_text[len(sep):])
+        if old["ctx"] + old["x"] != e.ctx + e.x:
+            differ.append({"episode": pos, "before_tail": tok.convert_ids_to_tokens((old["ctx"] + old["x"])[len(e.ctx) - 3:len(e.ctx) + 3]),
+                           "after_tail": tok.convert_ids_to_tokens((e.ctx + e.x)[len(e.ctx) - 3:len(e.ctx) + 3])})  # zero-shot: nothing precedes, no separator either way
         for name, (new, bos) in variants.items():
             lm.bos_token_id = bos_ids[bos]
             ctx, x = (e.ctx, e.x) if new else (old["ctx"], old["x"])
@@ -61,7 +65,8 @@ def main() -> None:
         print(pos, {k: round(v[-1], 3) for k, v in ce.items() if k.endswith("icl")}, flush=True)
     result = {"llm": llm_id, "episodes": a.episodes, "bos_ids": bos_ids,
               "bos_token": tok.bos_token, "template": template.model_dump(),
-              "mean_gold_ce": {k: statistics.fmean(v) for k, v in ce.items()}, "per_episode": ce, **stamp()}
+              "mean_gold_ce": {k: statistics.fmean(v) for k, v in ce.items()},
+              "episodes_with_changed_icl_ids": differ, "per_episode": ce, **stamp()}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(result, indent=1))
     for k, v in result["mean_gold_ce"].items():

@@ -1,4 +1,6 @@
 """Prompt rendering: context ids + query ids + option ids are the ids of the whole prompt string."""
+import os
+
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
@@ -64,3 +66,20 @@ def test_zero_shot_query_has_no_leading_separator(template, tokenizer):
     assert not tok.decode(alone.x).startswith(t.separator)
     assert tok.decode(render_query(t, QUERY, OPTIONS, tok, after_context=True).x).startswith(t.separator)
     assert context_ids(t, "", tok) == []
+
+
+@pytest.mark.real_model
+@pytest.mark.skipif(os.environ.get("MENDCTL_REAL") != "1", reason="needs the SmolLM2 weights and MENDCTL_REAL=1")
+def test_smollm2_prompt_tokenizes_as_the_whole_string():
+    from transformers import AutoTokenizer
+
+    from mendctl.model_sources import resolve_source
+
+    tok = AutoTokenizer.from_pretrained(resolve_source("smollm2-135m-instruct").path)
+    t = TEMPLATES["llama"]
+    context = render_context(t, DEMOS, tok)
+    query = render_query(t, QUERY, OPTIONS, tok, after_context=True)
+    whole = context + t.separator + t.input.replace("{input}", QUERY) + t.output.replace("{output}", OPTIONS[0])
+    assert context_ids(t, context, tok) + query.x + query.options[0] == ids(tok, whole)
+    # Its BOS is the one the model's config names.
+    assert (tok.bos_token, tok.bos_token_id) == ("<|im_start|>", 1)
