@@ -13,6 +13,7 @@ class Backend(Base):
     llm_class = LlamaForCausalLM
     distiller_class = LlamaModel
     layers_attr = "layers"
+    add_bos = True
 
     def tiny_config(self, spec, tokenizer, *, encoder_only=False):
         return LlamaConfig(vocab_size=len(tokenizer), hidden_size=spec.hidden, intermediate_size=spec.hidden * 3,

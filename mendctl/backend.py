@@ -65,6 +65,9 @@ class Backend:
     layers_attr: ClassVar[str]       # attribute of the base model holding its nn.ModuleList of layers
     gated_mlp: ClassVar[bool] = True  # three MLP matrices (SwiGLU-style) or two: FLOPs counting needs it
     distiller_is_causal: ClassVar[bool] = True
+    # The family was trained with a BOS token opening every sequence (Llama): the LLM then reads BOS
+    # first, before demonstrations, vectors or nothing. Vectors files never contain it.
+    add_bos: ClassVar[bool] = False
     default_template: ClassVar[TemplateSpec] = TemplateSpec(input="{input}\n", output="{output}", separator="\n\n")
 
     def tiny_config(self, spec: RandomInit, tokenizer: PreTrainedTokenizerBase, *, encoder_only: bool = False
@@ -94,7 +97,14 @@ class Backend:
         if tokenizer.pad_token_id is None:
             # Pads are always masked out; any id will do, eos is the usual choice.
             tokenizer.pad_token = tokenizer.eos_token
-        return self.lm_class(model, tokenizer.pad_token_id), tokenizer, identity
+        return self.frozen_lm(model, tokenizer), tokenizer, identity
+
+    def frozen_lm(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> FrozenLM:
+        """The LLM wrapped for scoring, with this family's BOS convention (for training, eval and apply alike)."""
+        if self.add_bos and tokenizer.bos_token_id is None:
+            raise ValueError(f"the {self.name} backend starts every sequence with BOS but the tokenizer has no bos_token")
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        return self.lm_class(model, pad, tokenizer.bos_token_id if self.add_bos else None)
 
     def distiller_body_from_llm(self, llm: FrozenLM, layers: int) -> nn.Module:
         """The LLM's embeddings and first `layers` layers, as an independent trainable copy."""

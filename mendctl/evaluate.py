@@ -46,7 +46,8 @@ class QuerySet:
     """One (task, seed): its demonstrations and its rendered queries."""
 
     demos: DemoSet
-    queries: list[Query]
+    queries: list[Query]      # rendered to follow demonstrations or vectors: the separator opens each
+    alone: list[Query]        # the same with nothing before them (zero-shot): no separator
     options: list[list[str]]  # option texts, for the metric
     golds: list[str]
     where: list[str]          # file:line of each query, for error messages
@@ -54,6 +55,10 @@ class QuerySet:
     @property
     def key(self) -> str:
         return f"{self.demos.task}/{self.demos.seed}"
+
+    def rendered(self, prefix: torch.Tensor) -> list[Query]:
+        """The queries as they follow this prefix: the separator opens them when anything precedes."""
+        return self.queries if prefix.shape[0] else self.alone
 
 
 @dataclass
@@ -80,8 +85,9 @@ def _query_set(recipe: Recipe, ds: DemoSet, template: TemplateSpec, tokenizer, l
     for row in rows:
         if not row["options"]:
             raise DataError(f"{row['_where']}: no options to score (MetaICL scoring needs a list of options)")
-    queries = [render_query(template, r["input"], r["options"], tokenizer) for r in rows]
-    return QuerySet(ds, queries, [r["options"] for r in rows], [r["output"] for r in rows],
+    queries, alone = ([render_query(template, r["input"], r["options"], tokenizer, after_context=after) for r in rows]
+                      for after in (True, False))
+    return QuerySet(ds, queries, alone, [r["options"] for r in rows], [r["output"] for r in rows],
                     [r["_where"] for r in rows])
 
 
@@ -175,10 +181,12 @@ def _losses(llm, prefix: torch.Tensor, query: Query) -> torch.Tensor:
 
 def _score(llm, prefix: torch.Tensor, qs: QuerySet, advance, gated_mlp: bool) -> MethodRun:
     run, device, config = MethodRun(), llm.device, llm.model.config
-    lengths = [(prefix.shape[0], len(q.x), [len(o) for o in q.options]) for q in qs.queries]
+    queries = qs.rendered(prefix)
+    # The cost counts every position the LLM reads before the query, BOS included.
+    lengths = [(prefix.shape[0] + llm.bos_len, len(q.x), [len(o) for o in q.options]) for q in queries]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    for query, where, (p, x, opts) in zip(qs.queries, qs.where, lengths):
+    for query, where, (p, x, opts) in zip(queries, qs.where, lengths):
         if p + x == 0:
             raise DataError(f"{where}: empty input and no prefix: nothing to score the options after")
         _sync(device)

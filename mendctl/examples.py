@@ -103,5 +103,5 @@ class TaskExamples:
         if not context:
             raise DataError(f"template.max_context_tokens={self.template.max_context_tokens} leaves room for no "
                             f"demonstration (query {rows[q]['_where']})")
-        query = render_query(self.template, rows[q]["input"], [rows[q]["output"]], self.tokenizer)
+        query = render_query(self.template, rows[q]["input"], [rows[q]["output"]], self.tokenizer, after_context=True)
         return Example(context, context_ids(self.template, context, self.tokenizer), query.x, query.options[0])

@@ -3,8 +3,9 @@
 A query is (prefix, x, y): prefix is a sequence of embeddings (the K distilled vectors, the
 embedded demonstrations, or nothing), x the query input ids, y the target ids. Decoder-only: the
 model reads prefix + x + y and predicts x and y. Encoder-decoder: the encoder reads prefix + x, the
-decoder predicts y. The LM head runs only at the positions a loss or a score uses, never over every
-demonstration token.
+decoder predicts y. For a family trained with a BOS token, BOS comes first, before the prefix:
+callers never add it (`with_bos` is the one place). The LM head runs only at the positions a loss
+or a score uses, never over every demonstration token.
 """
 from __future__ import annotations
 
@@ -60,15 +61,30 @@ class FrozenLM(nn.Module):
 
     is_encoder_decoder = False
 
-    def __init__(self, model: nn.Module, pad_token_id: int):
+    def __init__(self, model: nn.Module, pad_token_id: int, bos_token_id: int | None = None):
         super().__init__()
         self.model = model.eval()
         self.model.requires_grad_(False)
         self.pad_token_id = pad_token_id
+        self.bos_token_id = bos_token_id
         # Learned absolute positions end somewhere (GPT-2: 1024); past it the oldest context is cut.
         from .positions import max_positions
 
-        self.max_positions = max_positions(model.config)
+        limit = max_positions(model.config)
+        # BOS always stays: the room left for prefix, query and target is what follows it.
+        self.max_positions = None if limit is None else limit - self.bos_len
+
+    @property
+    def bos_len(self) -> int:
+        """Positions the LLM reads before any prefix: 1 with BOS, else 0 (for cost counting)."""
+        return int(self.bos_token_id is not None)
+
+    def with_bos(self, prefix: torch.Tensor) -> torch.Tensor:
+        """The prefix [P, d] as the LLM reads it: after the BOS embedding when the family uses one."""
+        prefix = prefix.to(self.dtype)
+        if self.bos_token_id is None:
+            return prefix
+        return torch.cat([self.embed(torch.tensor([self.bos_token_id], device=prefix.device)), prefix])
 
     def train(self, mode: bool = True) -> "FrozenLM":
         # The LLM stays in eval mode (no dropout) whatever its owner does.
@@ -109,10 +125,11 @@ class CausalLM(FrozenLM):
         rows, positions, targets, is_y, example = [], [], [], [], []
         for b, (p, x, y) in enumerate(zip(prefixes, xs, ys)):
             p, x, y = _cut_left(self.max_positions, p, x, y)
-            rows.append(torch.cat([p.to(self.dtype), self.embed(x), self.embed(y)]))
+            p = self.with_bos(p)
+            rows.append(torch.cat([p, self.embed(x), self.embed(y)]))
             tokens = torch.cat([x, y])
-            # Token i of x+y sits at len(p)+i and is predicted from the position before it; with no
-            # prefix the very first token has nothing to be predicted from.
+            # Token i of x+y sits at len(p)+i (BOS counted in p) and is predicted from the position
+            # before it; with nothing before it the very first token has nothing to be predicted from.
             pos = torch.arange(tokens.shape[0], device=tokens.device) + p.shape[0] - 1
             keep = pos >= 0
             positions.append(pos[keep])
@@ -131,7 +148,7 @@ class CausalLM(FrozenLM):
             options = [o[: self.max_positions - 1] for o in options]
             room = self.max_positions - max(o.shape[0] for o in options)
             prefix, x = _cut_left(room, prefix, x)
-        ctx = torch.cat([prefix.to(self.dtype), self.embed(x)]).unsqueeze(0)
+        ctx = torch.cat([self.with_bos(prefix), self.embed(x)]).unsqueeze(0)
         out = self._base()(inputs_embeds=ctx, use_cache=True)
         cache = out.cache
         first = F.log_softmax(self.head(out.last_hidden_state[:, -1]), -1)[0]
@@ -169,7 +186,7 @@ class Seq2SeqLM(FrozenLM):
         return self.model.get_encoder()(inputs_embeds=embeds, attention_mask=mask).last_hidden_state, mask
 
     def target_logits(self, prefixes, xs, ys) -> TargetLogits:
-        enc, enc_mask = self._encode([torch.cat([p.to(self.dtype), self.embed(x)]) for p, x in zip(prefixes, xs)])
+        enc, enc_mask = self._encode([torch.cat([self.with_bos(p), self.embed(x)]) for p, x in zip(prefixes, xs)])
         y_ids, y_mask = _pad_ids(ys, self.pad_token_id)
         hidden = self._decode(enc, enc_mask, y_ids, y_mask)
         rows, cols = torch.nonzero(y_mask, as_tuple=True)
@@ -177,7 +194,7 @@ class Seq2SeqLM(FrozenLM):
         return TargetLogits(logits, y_ids[rows, cols], torch.ones_like(rows, dtype=torch.bool), rows)
 
     def option_losses(self, prefix, x, options):
-        enc, enc_mask = self._encode([torch.cat([prefix.to(self.dtype), self.embed(x)])])
+        enc, enc_mask = self._encode([torch.cat([self.with_bos(prefix), self.embed(x)])])
         n = len(options)
         y_ids, y_mask = _pad_ids(options, self.pad_token_id)
         hidden = self._decode(enc.expand(n, -1, -1), enc_mask.expand(n, -1), y_ids, y_mask)

@@ -42,15 +42,24 @@ def render_context(template: TemplateSpec, demos: list[dict], tokenizer: PreTrai
 
 @dataclass
 class Query:
-    x: list[int]              # the query input, as the LLM reads it after the context
+    x: list[int]              # the query input, as the LLM reads it after the context (or nothing)
     options: list[list[int]]  # each option as a continuation
 
 
 def context_ids(template: TemplateSpec, context: str, tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """Teacher-side ids of the context, separator included, so a query can follow directly."""
-    return _ids(tokenizer, context + template.separator) if context else []
+    """Teacher-side ids of the context alone; the separator after it belongs to the query."""
+    return _ids(tokenizer, context) if context else []
 
 
-def render_query(template: TemplateSpec, text: str, options: list[str], tokenizer: PreTrainedTokenizerBase) -> Query:
-    x = _ids(tokenizer, _fill(template.input, input=_clip_input(text, tokenizer, template.max_example_tokens)))
+def render_query(template: TemplateSpec, text: str, options: list[str], tokenizer: PreTrainedTokenizerBase,
+                 after_context: bool) -> Query:
+    """The query's ids; `after_context` when demonstrations (or vectors standing in for them) precede it.
+
+    The separator is tokenised with the query, as MetaICL does: tokenised apart, a BPE tokenizer
+    would end the context with a lone space token and start the query with an unspaced word, a
+    split the LLM never saw in training. Then context ids + query ids + option ids are the ids of
+    the whole prompt string wherever the tokenizer splits words at spaces.
+    """
+    x = _fill(template.input, input=_clip_input(text, tokenizer, template.max_example_tokens))
+    x = _ids(tokenizer, template.separator + x if after_context else x)
     return Query(x, [_ids(tokenizer, _fill(template.output, output=o)) or [tokenizer.eos_token_id] for o in options])

@@ -79,7 +79,7 @@ def step_loss(models: Models, distiller, batch: list[Example], recipe: Recipe, k
     ce_loss = ce(student.logits[student.is_y], student.targets[student.is_y]) if ce_weight else kl_loss.new_zeros(())
     teacher_ce = ce(teacher.logits[teacher.is_y], teacher.targets[teacher.is_y]).item() if ce_weight else 0.0
     loss = kl_weight * kl_loss + ce_weight * ce_loss
-    tokens = int(d_mask.sum()) + sum(len(e.ctx) + 2 * (len(e.x) + len(e.y)) for e in batch)
+    tokens = int(d_mask.sum()) + sum(len(e.ctx) + 2 * (llm.bos_len + len(e.x) + len(e.y)) for e in batch)
     return StepStats(loss, kl_loss.item(), ce_loss.item(), teacher_ce, tokens)
 
 

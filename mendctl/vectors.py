@@ -109,9 +109,8 @@ def apply(model, tokenizer, vectors: VectorsFile | str | Path, query: str, optio
         from .backend import config_hash
 
         check_compatible(vf, config_hash(model.config), model.get_input_embeddings().weight.shape[1], "vectors")
-    backend = get_backend(vf.metadata["backend"])
-    lm = backend.lm_class(model, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
-    q = render_query(TemplateSpec(**vf.template), query, options, tokenizer)
+    lm = get_backend(vf.metadata["backend"]).frozen_lm(model, tokenizer)
+    q = render_query(TemplateSpec(**vf.template), query, options, tokenizer, after_context=True)
     device = lm.device
     with torch.no_grad():
         losses = lm.option_losses(vf.vectors.to(device), torch.tensor(q.x, device=device),

@@ -78,7 +78,8 @@ def test_vectors_file_round_trips_and_runs_without_distiller(tiny, backend, tmp_
     assert not list(tmp_path.glob("v/*.tmp"))
     out = apply(models.llm.model, models.llm_tokenizer, path, "the dog says", ["woof", "meow"])
     assert out["prediction"] in ("woof", "meow")
-    expected = models.llm.option_losses(v, torch.tensor(models.llm_tokenizer("the dog says").input_ids),
+    # The vectors stand in for demonstrations, so the query follows them with the separator first.
+    expected = models.llm.option_losses(v, torch.tensor(models.llm_tokenizer("\nthe dog says").input_ids),
                                         [torch.tensor(models.llm_tokenizer(" woof").input_ids),
                                          torch.tensor(models.llm_tokenizer(" meow").input_ids)])
     assert out["losses"]["woof"] == pytest.approx(float(expected[0]), rel=1e-5)
@@ -135,3 +136,37 @@ def test_distiller_dtype_sets_the_body_weights(tiny, backend):
     assert {p.dtype for p in models.distiller.body.parameters()} == {torch.bfloat16}
     v = vectors_for(models, ["some demonstrations"])
     assert v.dtype == torch.float32 and torch.isfinite(v).all()
+
+
+@pytest.mark.parametrize("backend", ("gpt2", "llama"))
+def test_llm_sequences_start_with_bos_exactly_for_families_that_use_one(tiny, backend):
+    _, models = build(tiny, backend)
+    llm, tok = models.llm, models.llm_tokenizer
+    assert get_backend(backend).add_bos == (backend == "llama")
+    prefix, x, y = [10, 11], [5, 6, 7], [8, 9]
+    seq = ([tok.bos_token_id] if backend == "llama" else []) + prefix + x + y
+    with torch.no_grad():
+        out = llm.target_logits([llm.embed(torch.tensor(prefix))], [torch.tensor(x)], [torch.tensor(y)])
+        reference = llm.model(input_ids=torch.tensor([seq])).logits[0]
+    assert out.targets.tolist() == x + y
+    torch.testing.assert_close(out.logits, reference[len(seq) - len(x + y) - 1:-1], atol=1e-4, rtol=1e-4)
+    with torch.no_grad():  # zero-shot too: with BOS the first query token is predicted from it
+        alone = llm.target_logits([llm.embed(torch.tensor([], dtype=torch.long))], [torch.tensor(x)], [torch.tensor(y)])
+    assert alone.targets.tolist() == (x + y if backend == "llama" else x[1:] + y)
+
+
+def test_vectors_files_carry_no_bos_and_apply_adds_it_once(tiny, tmp_path):
+    recipe, models = build(tiny, "llama")
+    v = vectors_for(models, ["the cat says meow"])[0].detach()
+    path = tmp_path / "v.safetensors"
+    save_vectors(path, v, _meta(recipe, models))
+    assert load_vectors(path).vectors.shape[0] == recipe.num_vectors
+    tok, model = models.llm_tokenizer, models.llm.model
+    out = apply(model, tok, path, "the dog says", ["woof"])
+    x, o = tok("\nthe dog says").input_ids, tok(" woof").input_ids
+    embed = model.get_input_embeddings()
+    with torch.no_grad():
+        seq = torch.cat([embed(torch.tensor([tok.bos_token_id])), v, embed(torch.tensor(x + o))]).unsqueeze(0)
+        logits = model(inputs_embeds=seq).logits[0]
+    expected = torch.nn.functional.cross_entropy(logits[-len(o) - 1:-1], torch.tensor(o))
+    assert out["losses"]["woof"] == pytest.approx(float(expected), rel=1e-5)

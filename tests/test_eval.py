@@ -222,6 +222,10 @@ def test_prefixes(tmp_path):
     assert torch.equal(_prefix("icl-truncated", qs, models, template, 4, {}), embed(ids[-4:]))
     lingua = {qs.key: compress(models.llm, ids.tolist(), 4)}
     assert torch.equal(_prefix("llmlingua", qs, models, template, 4, {}, lingua), embed(torch.tensor(lingua[qs.key].ids)))
+    # The separator opens the query exactly when something precedes it.
+    assert qs.rendered(_prefix("zero-shot", qs, models, template, 4, {})) is qs.alone
+    assert qs.rendered(_prefix("icl-truncated", qs, models, template, 4, {})) is qs.queries
+    assert models.llm_tokenizer.decode(qs.queries[0].x) == template.separator + models.llm_tokenizer.decode(qs.alone[0].x)
 
 
 def _reference_losses(llm, prefix, x, options) -> list[float]:
@@ -248,9 +252,14 @@ def test_shared_prefix_scoring_equals_separate_full_forwards(backend, prefix_len
     prefix = torch.randn(prefix_len, llm.hidden_size, generator=gen) * 0.1
     x = torch.randint(3, 200, (6,), generator=gen)
     options = [torch.randint(3, 200, (n,), generator=gen) for n in (1, 4, 2, 5)]
+    # The reference reads BOS first exactly for the families that use one (llama here), and never
+    # anything else: option_losses must add it itself.
+    bos = [models.llm_tokenizer.bos_token_id] if get_backend(backend).add_bos else []
+    assert (backend == "llama") == bool(bos)
     with torch.no_grad():
         shared = llm.option_losses(prefix, x, options).tolist()
-        separate = _reference_losses(llm, prefix, x, options)
+        separate = _reference_losses(llm, torch.cat([llm.embed(torch.tensor(bos, dtype=torch.long)), prefix]),
+                                     x, options)
     assert shared == pytest.approx(separate, abs=1e-4)
 
 
