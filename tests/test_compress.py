@@ -62,6 +62,7 @@ def test_keeps_the_most_surprising_tokens_under_the_llm(tmp_path):
 
 def _info(llm, context: list[int], tokens: list[int]) -> torch.Tensor:
     """-log p of `tokens` read after `context` (at least one token), from a plain full forward."""
+    context = ([llm.bos_token_id] if llm.bos_token_id is not None else []) + context  # as the LLM reads it
     seq = torch.tensor([context + tokens])
     with torch.no_grad():
         logits = llm.model(input_ids=seq).logits[0, len(context) - 1:-1].float()
