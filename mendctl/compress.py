@@ -57,8 +57,10 @@ def compress(llm: FrozenLM, ids: list[int], budget: int, gated_mlp: bool = True)
         return Compressed(list(ids), 0.0)
     kept: list[int] = []
     cost = 0.0
-    for start in range(0, len(ids), SEGMENT_TOKENS):
-        segment = ids[start:start + SEGMENT_TOKENS]
+    # The kept tokens (at most `budget`) and a segment must fit the LLM's positions together.
+    size = SEGMENT_TOKENS if llm.max_positions is None else max(1, min(SEGMENT_TOKENS, llm.max_positions - budget))
+    for start in range(0, len(ids), size):
+        segment = ids[start:start + size]
         quota = round(budget * (start + len(segment)) / len(ids)) - len(kept)
         if quota <= 0:
             continue

@@ -87,4 +87,4 @@ def test_a_run_past_the_models_positions_is_cut_not_crashed(tiny, monkeypatch):
     quiet = Console(quiet=True)
     train(recipe, "finetune", console=quiet)
     results = run_eval(recipe, limit=2, console=quiet)
-    assert set(results["aggregate"]) == {"zero-shot", "icl", "icl-truncated", "mend"}
+    assert set(results["aggregate"]) == {"zero-shot", "icl", "icl-truncated", "llmlingua", "mend"}
