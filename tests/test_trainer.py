@@ -1,5 +1,6 @@
 """Both training stages on the tiny recipes: outputs, learning, a frozen LLM, resume, bad data, NaN."""
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -67,12 +68,17 @@ def test_kl_falls_on_a_tiny_overfit_set_and_llm_stays_bit_identical(backend, tin
     assert sum(kl[-5:]) / 5 < 0.6 * kl[0], kl
 
 
-def test_resume_after_sigkill_gives_the_same_final_weights(tmp_path):
-    args = ["recipes/tiny/gpt2.yaml", "finetune.steps=24", "finetune.save_every=3"]
+@pytest.mark.parametrize("teacher_cache", [True, False])
+def test_resume_after_sigkill_gives_the_same_final_weights(tmp_path, teacher_cache):
+    args = ["recipes/tiny/gpt2.yaml", "finetune.steps=24", "finetune.save_every=3",
+            f"finetune.teacher_cache={str(teacher_cache).lower()}"]
     cmd = [sys.executable, "-m", "mendctl", "finetune"]
-    subprocess.run(cmd + args + [f"output_dir={tmp_path / 'a'}"], check=True, capture_output=True)
+    # Each run its own teacher cache: the killed run fills part of b's, the resumed one reads it.
+    env = lambda name: {**os.environ, "MENDCTL_CACHE": str(tmp_path / f"cache-{name}")}  # noqa: E731
+    subprocess.run(cmd + args + [f"output_dir={tmp_path / 'a'}"], check=True, capture_output=True, env=env("a"))
     b = tmp_path / "b"
-    proc = subprocess.Popen(cmd + args + [f"output_dir={b}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd + args + [f"output_dir={b}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=env("b"))
     deadline = time.time() + 120
     while not (b / "finetune" / "checkpoints" / "step_0000006").exists():
         assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
@@ -80,7 +86,8 @@ def test_resume_after_sigkill_gives_the_same_final_weights(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (b / "finetune" / "distiller.safetensors").exists(), "killed too late to test anything"
-    resumed = subprocess.run(cmd + args + [f"output_dir={b}", "--resume"], capture_output=True, text=True)
+    assert teacher_cache == (tmp_path / "cache-b" / "teacher").is_dir()
+    resumed = subprocess.run(cmd + args + [f"output_dir={b}", "--resume"], capture_output=True, text=True, env=env("b"))
     assert resumed.returncode == 0, resumed.stderr
     assert "Resuming from" in resumed.stdout
     wa = load_file(tmp_path / "a" / "finetune" / "distiller.safetensors")
