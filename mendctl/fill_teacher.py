@@ -20,6 +20,8 @@ def fill_teacher(recipe, stage: str, processes: int = 1, console: Console | None
     spec = getattr(recipe, stage)
     if spec is None:
         raise ValueError(f"the recipe has no `{stage}` section")
+    if not spec.teacher_cache:
+        raise ValueError(f"{stage}.teacher_cache is false: training would not read the cache")
     console = console or Console()
     accelerator = Accelerator(mixed_precision=spec.mixed_precision)  # the device and autocast training uses
     backend = get_backend(recipe.backend)

@@ -41,6 +41,8 @@ class SparseKL(nn.Module):
 
     def forward(self, teacher_logp: torch.Tensor, teacher_ids: torch.Tensor, teacher_log_rest: torch.Tensor,
                 student_logits: torch.Tensor) -> torch.Tensor:
+        if teacher_logp.shape[0] != student_logits.shape[0]:  # gather() would not notice
+            raise ValueError(f"{teacher_logp.shape[0]} teacher rows for {student_logits.shape[0]} student rows")
         s = F.log_softmax(student_logits.float() / self.temperature, -1)
         ids = teacher_ids.long()
         head = (teacher_logp.exp() * (teacher_logp - s.gather(1, ids))).sum(-1)

@@ -61,6 +61,8 @@ def test_sparse_kl_over_the_whole_vocabulary_is_the_exact_kl_and_a_lower_bound_b
         bounds.append(loss.item())
     assert 0 < bounds[0] <= bounds[1] + 1e-6 and all(b <= exact.item() + 1e-6 for b in bounds)
     assert bounds[-1] == pytest.approx(exact.item(), rel=0.05)
+    with pytest.raises(ValueError, match="12 teacher rows for 11 student rows"):
+        SparseKL()(top.logp, top.ids, top.log_rest, student[:11])
 
 
 def test_training_on_the_cache_matches_the_exact_teacher(tiny, teachers):
@@ -155,3 +157,6 @@ def test_the_teacher_command_fills_what_training_reads(tiny, teachers, tmp_path)
     assert len(list((cache_dir() / "teacher").glob("*/shard_*.safetensors"))) == 1
     train(tiny("gpt2", "pretrain.steps=3", "pretrain.grad_accum=2", f"output_dir={out}"), "pretrain", console=QUIET)
     assert teachers[0].forwards == 0 and teachers[0].cache.hits == 24
+    off = CliRunner().invoke(cli, ["teacher", "recipes/tiny/gpt2.yaml", "pretrain", f"output_dir={out}",
+                                   "pretrain.teacher_cache=false"])
+    assert off.exit_code == 1 and "pretrain.teacher_cache is false" in off.output
