@@ -137,6 +137,21 @@ _stage_command("finetune", "Stage 2: meta-distillation finetuning on meta-train 
 
 @cli.command()
 @recipe_arg
+@click.argument("stage", type=click.Choice(["pretrain", "finetune"]))
+@overrides_arg
+@click.option("--processes", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Processes the training will be launched with (they read more positions per step).")
+def teacher(recipe: str, stage: str, overrides: tuple[str, ...], processes: int) -> None:
+    """Fill the teacher cache for every example position the stage's training reads (see teacher_cache)."""
+    from .fill_teacher import fill_teacher
+
+    done = _run(fill_teacher, _recipe(recipe, overrides), stage, processes=processes, console=console)
+    console.print(f"[green]teacher cache[/]: {done['positions']} positions, {done['computed']} computed, "
+                  f"in {done['folder']}")
+
+
+@cli.command()
+@recipe_arg
 @overrides_arg
 @click.option("--force", is_flag=True, help="Rewrite vectors files that are already up to date.")
 def distill(recipe: str, overrides: tuple[str, ...], force: bool) -> None:

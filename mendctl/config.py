@@ -160,6 +160,8 @@ class TrainSpec(Strict):
     warmup_steps: int = Field(0, ge=0)
     max_grad_norm: float | None = Field(1.0, gt=0)
     temperature: float = Field(1.0, gt=0)
+    teacher_cache: bool = Field(True, description="reuse the teacher's top-k distributions across runs (cache_dir()/teacher)")
+    teacher_top_k: int = Field(64, ge=1, description="teacher tokens kept per position when teacher_cache is on")
     save_every: int = Field(500, ge=1)
     keep_last: int = Field(2, ge=1)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"

@@ -105,3 +105,15 @@ class TaskExamples:
                             f"demonstration (query {rows[q]['_where']})")
         query = render_query(self.template, rows[q]["input"], [rows[q]["output"]], self.tokenizer, after_context=True)
         return Example(context, context_ids(self.template, context, self.tokenizer), query.x, query.options[0])
+
+
+def example_source(stage: str, recipe, tokenizer, encoder_decoder: bool, template: TemplateSpec):
+    """The examples a recipe's stage trains on (the trainer and the teacher-cache filler share them)."""
+    from .workspace import data_dir, partition_for, passages_file
+
+    spec = getattr(recipe, stage)
+    if stage == "pretrain":
+        documents = iter_local([passages_file(recipe)]) if spec.bigbench_passages else None
+        return TextExamples(spec, tokenizer, recipe.seed, encoder_decoder, documents)
+    return TaskExamples(spec, recipe.tasks, data_dir(recipe), list(partition_for(recipe).train), template,
+                        tokenizer, recipe.seed)

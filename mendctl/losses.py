@@ -24,3 +24,32 @@ class TargetCE(nn.Module):
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits.float(), targets)
+
+
+class SparseKL(nn.Module):
+    """KL(p_teacher || p_student) with the teacher known only by its top k tokens and the mass r outside them.
+
+    The k tokens and "everything else" form k+1 outcomes: sum_i p_i (log p_i - log q_i) + r (log r - log q_rest),
+    q_rest the student's mass outside the same k tokens. It equals ForwardKL when k covers the vocabulary,
+    and is otherwise never above it (merging outcomes cannot increase a KL). Both sides at temperature T:
+    the teacher's top-k must have been taken at the same T.
+    """
+
+    def __init__(self, temperature: float = 1.0):
+        super().__init__()
+        self.temperature = temperature
+
+    def forward(self, teacher_logp: torch.Tensor, teacher_ids: torch.Tensor, teacher_log_rest: torch.Tensor,
+                student_logits: torch.Tensor) -> torch.Tensor:
+        if teacher_logp.shape[0] != student_logits.shape[0]:  # gather() would not notice
+            raise ValueError(f"{teacher_logp.shape[0]} teacher rows for {student_logits.shape[0]} student rows")
+        s = F.log_softmax(student_logits.float() / self.temperature, -1)
+        ids = teacher_ids.long()
+        head = (teacher_logp.exp() * (teacher_logp - s.gather(1, ids))).sum(-1)
+        # r = 0 (k covers the vocabulary) contributes nothing; the where()s keep -inf out of the
+        # forward AND the backward (a logsumexp over nothing but -inf has a NaN gradient).
+        has_rest = torch.isfinite(teacher_log_rest)
+        outside = torch.where(has_rest.unsqueeze(1), s.scatter(1, ids, float("-inf")), torch.zeros_like(s))
+        log_r = torch.where(has_rest, teacher_log_rest, torch.zeros_like(teacher_log_rest))
+        tail = torch.where(has_rest, log_r.exp() * (log_r - outside.logsumexp(-1)), torch.zeros_like(log_r))
+        return (head + tail).sum() / s.shape[0]

@@ -26,12 +26,12 @@ from transformers import get_linear_schedule_with_warmup
 from .backend import Models
 from .checkpoint import checkpoints, load_distiller, read_state, save_checkpoint, save_distiller
 from .config import FinetuneSpec, PretrainSpec, Recipe
-from .examples import Example, TaskExamples, TextExamples
-from .losses import ForwardKL, TargetCE
+from .examples import Example, example_source
+from .losses import ForwardKL, SparseKL, TargetCE
 from .registry import get_backend
 from .resume import trim_metrics, verify_checkpoint
-from .data.text import iter_local
-from .workspace import data_dir, partition_for, passages_file, stage_input
+from .teacher_cache import CachedTeacher, open_teacher
+from .workspace import stage_input
 
 class TrainingDiverged(RuntimeError):
     pass
@@ -63,21 +63,30 @@ class StepStats:
     tokens: int
 
 
-def step_loss(models: Models, distiller, batch: list[Example], recipe: Recipe, kl: ForwardKL,
-              ce_weight: float, kl_weight: float, device) -> StepStats:
+def step_loss(models: Models, distiller, batch: list[Example], recipe: Recipe, kl: ForwardKL | SparseKL,
+              ce_weight: float, kl_weight: float, device, cached: CachedTeacher | None = None,
+              positions: list[int] | None = None) -> StepStats:
+    """`cached` (with the batch's example positions) replaces the teacher's forward pass by its top-k."""
     llm = models.llm
     as_t = lambda ids: torch.tensor(ids, dtype=torch.long, device=device)  # noqa: E731
     xs, ys = [as_t(e.x) for e in batch], [as_t(e.y) for e in batch]
     d_ids, d_mask = distiller_inputs([e.distiller_text for e in batch], models.distiller_tokenizer,
                                      recipe.distiller.max_length, device)
-    with torch.no_grad():
-        teacher = llm.target_logits([llm.embed(as_t(e.ctx)) for e in batch], xs, ys)
+    if cached is None:
+        with torch.no_grad():
+            teacher = llm.target_logits([llm.embed(as_t(e.ctx)) for e in batch], xs, ys)
+    else:
+        top = cached(batch, positions)
     vectors = distiller(d_ids, d_mask)
     student = llm.target_logits(list(vectors), xs, ys)
-    kl_loss = kl(teacher.logits, student.logits)
     ce = TargetCE()
+    if cached is None:
+        kl_loss = kl(teacher.logits, student.logits)
+        teacher_ce = ce(teacher.logits[teacher.is_y], teacher.targets[teacher.is_y]).item() if ce_weight else 0.0
+    else:
+        kl_loss = kl(top.logp, top.ids, top.log_rest, student.logits)
+        teacher_ce = -top.target_logp[student.is_y].mean().item() if ce_weight else 0.0
     ce_loss = ce(student.logits[student.is_y], student.targets[student.is_y]) if ce_weight else kl_loss.new_zeros(())
-    teacher_ce = ce(teacher.logits[teacher.is_y], teacher.targets[teacher.is_y]).item() if ce_weight else 0.0
     loss = kl_weight * kl_loss + ce_weight * ce_loss
     tokens = int(d_mask.sum()) + sum(len(e.ctx) + 2 * (llm.bos_len + len(e.x) + len(e.y)) for e in batch)
     return StepStats(loss, kl_loss.item(), ce_loss.item(), teacher_ce, tokens)
@@ -86,15 +95,6 @@ def step_loss(models: Models, distiller, batch: list[Example], recipe: Recipe, k
 def _progress(console: Console, enabled: bool) -> Progress:
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[stats]}"),
                     TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=not enabled)
-
-
-def _example_source(stage: str, spec, recipe: Recipe, models: Models, backend):
-    if stage == "pretrain":
-        documents = iter_local([passages_file(recipe)]) if spec.bigbench_passages else None
-        return TextExamples(spec, models.llm_tokenizer, recipe.seed, models.llm.is_encoder_decoder, documents)
-    partition = partition_for(recipe)
-    return TaskExamples(spec, recipe.tasks, data_dir(recipe), list(partition.train), backend.template(recipe),
-                        models.llm_tokenizer, recipe.seed)
 
 
 def _init_weights(stage: str, spec, recipe: Recipe, models: Models, console: Console) -> str | None:
@@ -151,7 +151,9 @@ def train(recipe: Recipe, stage: str, resume: bool = False, restart: bool = Fals
     optimizer = torch.optim.AdamW(distiller.parameters(), lr=spec.lr, weight_decay=spec.weight_decay, fused=True)
     scheduler = get_linear_schedule_with_warmup(optimizer, spec.warmup_steps, spec.steps)
     distiller, optimizer, scheduler = accelerator.prepare(distiller, optimizer, scheduler)
-    examples = _example_source(stage, spec, recipe, models, backend)
+    examples = example_source(stage, recipe, models.llm_tokenizer, models.llm.is_encoder_decoder,
+                              backend.template(recipe))
+    cached = open_teacher(recipe, stage, models, backend.template(recipe)) if spec.teacher_cache else None
 
     step = 0
     if resume:
@@ -169,7 +171,7 @@ def train(recipe: Recipe, stage: str, resume: bool = False, restart: bool = Fals
     if trackers:
         accelerator.init_trackers(f"mendctl-{stage}", config=recipe.model_dump(mode="json"))
 
-    kl = ForwardKL(spec.temperature)
+    kl = SparseKL(spec.temperature) if cached else ForwardKL(spec.temperature)
     ce_weight = 1.0 if stage == "finetune" else 0.0
     kl_weight = spec.kl_weight if stage == "finetune" else 1.0
     per_step = spec.batch_size * spec.grad_accum * accelerator.num_processes
@@ -180,6 +182,8 @@ def train(recipe: Recipe, stage: str, resume: bool = False, restart: bool = Fals
     last_good = checkpoints(ckpt_root)[-1] if resume else None
     t0 = time.perf_counter()
     def checkpoint(at: int) -> Path:
+        if cached:
+            cached.cache.flush()
         return save_checkpoint(accelerator, ckpt_root, at, {"step": at, "position": at * per_step}, spec.keep_last)
 
     rng = _rng_state()
@@ -188,7 +192,7 @@ def train(recipe: Recipe, stage: str, resume: bool = False, restart: bool = Fals
             while step < spec.steps:
                 tic = time.perf_counter()
                 sums = _optimizer_step(models, distiller, optimizer, scheduler, examples, accelerator, recipe, spec,
-                                       kl, ce_weight, kl_weight, step, per_step, last_good, stage)
+                                       kl, ce_weight, kl_weight, step, per_step, last_good, stage, cached)
                 step += 1
                 rng = _rng_state()
                 # Logged values are averaged over processes (tokens summed), not rank 0's alone.
@@ -215,6 +219,8 @@ def train(recipe: Recipe, stage: str, resume: bool = False, restart: bool = Fals
         raise
     if log:
         log.close()
+    if cached:
+        cached.cache.flush()
     accelerator.wait_for_everyone()
     _check_frozen(models, llm_before)
     path = out / "distiller.safetensors"
@@ -229,15 +235,17 @@ def train(recipe: Recipe, stage: str, resume: bool = False, restart: bool = Fals
 
 
 def _optimizer_step(models, distiller, optimizer, scheduler, examples, accelerator, recipe, spec, kl, ce_weight,
-                    kl_weight, step, per_step, last_good, stage) -> torch.Tensor:
+                    kl_weight, step, per_step, last_good, stage, cached=None) -> torch.Tensor:
     """One optimiser step over grad_accum micro-batches; returns [loss, kl, ce, teacher_ce, tokens] summed."""
     sums = torch.zeros(5, dtype=torch.float64, device=accelerator.device)
     for micro in range(spec.grad_accum):
         base = step * per_step + (micro * accelerator.num_processes + accelerator.process_index) * spec.batch_size
-        batch = [examples.get(base + i) for i in range(spec.batch_size)]
+        positions = list(range(base, base + spec.batch_size))
+        batch = [examples.get(p) for p in positions]
         sync = micro == spec.grad_accum - 1
         with accelerator.autocast(), (accelerator.no_sync(distiller) if not sync else nullcontext()):
-            stats = step_loss(models, distiller, batch, recipe, kl, ce_weight, kl_weight, accelerator.device)
+            stats = step_loss(models, distiller, batch, recipe, kl, ce_weight, kl_weight, accelerator.device,
+                              cached, positions)
             if not torch.isfinite(stats.loss):
                 where = f"; the last good checkpoint is {last_good}" if last_good else "; no checkpoint was written yet"
                 raise TrainingDiverged(f"{stage}: the loss became {stats.loss.item()} at step {step + 1}{where}. "

@@ -22,3 +22,10 @@ def tiny(tmp_path):
         return load_recipe(ROOT / "recipes" / "tiny" / f"{backend}.yaml", [f"output_dir={tmp_path / backend}", *overrides])
 
     return make
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(request, tmp_path_factory, monkeypatch):
+    # Tests must not share (or pollute) the user's teacher cache; the real model still lives in the real one.
+    if "real_model" not in request.keywords:
+        monkeypatch.setenv("MENDCTL_CACHE", str(tmp_path_factory.mktemp("cache")))
