@@ -159,4 +159,4 @@ def test_the_teacher_command_fills_what_training_reads(tiny, teachers, tmp_path)
     assert teachers[0].forwards == 0 and teachers[0].cache.hits == 24
     off = CliRunner().invoke(cli, ["teacher", "recipes/tiny/gpt2.yaml", "pretrain", f"output_dir={out}",
                                    "pretrain.teacher_cache=false"])
-    assert off.exit_code == 1 and "pretrain.teacher_cache is false" in off.output
+    assert off.exit_code == 2 and "pretrain.teacher_cache is false" in off.output
