@@ -59,9 +59,11 @@ def load_trainable(model: nn.Module, path: Path) -> None:
     saved, params = load_file(str(path)), trainable_state(model)
     missing, unexpected = sorted(params.keys() - saved.keys()), sorted(saved.keys() - params.keys())
     misshapen = sorted(k for k in params.keys() & saved.keys() if saved[k].shape != params[k].shape)
-    if missing or unexpected or misshapen:
-        raise ValueError(f"{path} does not fit this recipe's distiller (missing {missing[:3]}, unexpected "
-                         f"{unexpected[:3]}, other shape {misshapen[:3]}): was it trained with another recipe?")
+    problems = [f"{what} {keys[:3]}" for what, keys in
+                (("missing", missing), ("unexpected", unexpected), ("other shape", misshapen)) if keys]
+    if problems:
+        raise ValueError(f"{path} does not fit this recipe's distiller ({', '.join(problems)}): "
+                         "was it trained with another recipe?")
     with torch.no_grad():
         for k, p in params.items():
             p.copy_(saved[k])
