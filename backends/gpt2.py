@@ -14,6 +14,7 @@ class Backend(Base):
     distiller_class = GPT2Model
     layers_attr = "h"
     gated_mlp = False
+    lora_targets = ("c_attn", "c_proj", "c_fc")  # attention and MLP projections (Conv1D)
     # MetaICL's format for GPT-2: input, a space, output; demonstrations joined by a space.
     default_template = TemplateSpec(input="{input}", output=" {output}", separator=" ")
 

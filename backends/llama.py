@@ -14,6 +14,7 @@ class Backend(Base):
     distiller_class = LlamaModel
     layers_attr = "layers"
     add_bos = True
+    lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
     def tiny_config(self, spec, tokenizer, *, encoder_only=False):
         return LlamaConfig(vocab_size=len(tokenizer), hidden_size=spec.hidden, intermediate_size=spec.hidden * 3,

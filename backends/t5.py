@@ -25,6 +25,7 @@ class Backend(Base):
     distiller_class = T5EncoderModel
     distiller_is_causal = False
     layers_attr = "block"
+    lora_targets = ("q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo")  # wi_0/wi_1: gated (v1.1, lm-adapt) MLPs
 
     def llm_base(self, model):
         return model.get_encoder()

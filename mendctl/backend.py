@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from transformers import AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
+from .adapters import prepare_body
 from .config import DistillerSpec, ModelSpec, RandomInit, Recipe, TemplateSpec
 from .distiller import Distiller
 from .lm import FrozenLM
@@ -69,6 +70,7 @@ class Backend:
     # first, before demonstrations, vectors or nothing. Vectors files never contain it.
     add_bos: ClassVar[bool] = False
     default_template: ClassVar[TemplateSpec] = TemplateSpec(input="{input}\n", output="{output}", separator="\n\n")
+    lora_targets: ClassVar[tuple[str, ...]] = ()  # default distiller.lora.target_modules: the layers' linear maps
 
     def tiny_config(self, spec: RandomInit, tokenizer: PreTrainedTokenizerBase, *, encoder_only: bool = False
                     ) -> PretrainedConfig:
@@ -106,20 +108,27 @@ class Backend:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         return self.lm_class(model, pad, tokenizer.bos_token_id if self.add_bos else None)
 
-    def distiller_body_from_llm(self, llm: FrozenLM, layers: int) -> nn.Module:
-        """The LLM's embeddings and first `layers` layers, as an independent trainable copy."""
+    def distiller_body_from_llm(self, llm: FrozenLM, layers: int, share: bool = False) -> nn.Module:
+        """The LLM's embeddings and first `layers` layers, as an independent trainable copy.
+
+        With `share`, the body gets its own modules (so that adapters wrap them, not the LLM's) holding
+        the LLM's own frozen tensors: no weight is copied.
+        """
         base = self.llm_base(llm.model)
         stack = getattr(base, self.layers_attr)
         if layers > len(stack):
             raise ValueError(f"distiller.init_from_llm_layers={layers} but the LLM has {len(stack)} layers")
         kept = nn.ModuleList(list(stack)[:layers])
+        # deepcopy returns what the memo already holds: these tensors are reused, not copied.
+        memo = {id(t): t for t in (*base.parameters(), *base.buffers())} if share else {}
         setattr(base, self.layers_attr, nn.ModuleList())
-        body = copy.deepcopy(base)  # deepcopy without the dropped layers: no transient full copy
+        body = copy.deepcopy(base, memo)  # deepcopy without the dropped layers: no transient full copy
         setattr(base, self.layers_attr, stack)
-        setattr(body, self.layers_attr, copy.deepcopy(kept))
+        setattr(body, self.layers_attr, copy.deepcopy(kept, memo))
         body.config = copy.deepcopy(base.config)
         body.config.num_hidden_layers = layers
-        body.requires_grad_(True)
+        if not share:
+            body.requires_grad_(True)
         return body
 
     def llm_base(self, model: nn.Module) -> nn.Module:
@@ -129,6 +138,8 @@ class Backend:
                             seed: int) -> tuple[nn.Module, PreTrainedTokenizerBase]:
         dtype = DTYPES[spec.dtype]
         if spec.init_from_llm_layers:
+            if spec.lora is not None:  # the LLM's dtype, which the recipe checks distiller.dtype equals
+                return self.distiller_body_from_llm(llm, spec.init_from_llm_layers, share=True), llm_tokenizer
             return self.distiller_body_from_llm(llm, spec.init_from_llm_layers).to(dtype), llm_tokenizer
         if spec.random_init is not None:
             tokenizer = byte_tokenizer()
@@ -142,6 +153,7 @@ class Backend:
     def build(self, recipe: Recipe) -> Models:
         llm, llm_tok, llm_id = self.load_llm(recipe.llm, recipe.seed)
         body, dist_tok = self.load_distiller_body(recipe.distiller, llm, llm_tok, recipe.seed + 1)
+        body = prepare_body(body, recipe.distiller, self.lora_targets, recipe.seed + 3)
         if dist_tok.pad_token_id is None:
             dist_tok.pad_token = dist_tok.eos_token
         init_std = getattr(body.config, "initializer_range", None) or getattr(body.config, "initializer_factor", 0.02)

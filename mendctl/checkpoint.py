@@ -14,9 +14,11 @@ import os
 import shutil
 from pathlib import Path
 
-from safetensors.torch import load_model, save_model
+import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .adapters import trainable_state
 from .config import Recipe, resolved_dict
 from .fileio import atomic_path, write_json
 from .provenance import file_hash, stamp
@@ -26,10 +28,11 @@ STATE = "trainer_state.json"
 
 
 def save_distiller(out_dir: Path, distiller: nn.Module, recipe: Recipe, info: dict) -> Path:
+    """Writes only what training changes; the rest (frozen body, shared LLM layers) comes from the recipe."""
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / WEIGHTS
     with atomic_path(path) as tmp:
-        save_model(distiller, str(tmp))
+        save_file({k: v.detach().contiguous() for k, v in trainable_state(distiller).items()}, str(tmp))
     write_json(out_dir / "distiller.json", {
         "backend": recipe.backend, "num_vectors": distiller.num_vectors, "causal": distiller.causal,
         "body_config": distiller.body.config.to_dict(), "weights_sha256_16": file_hash(path)})
@@ -43,21 +46,50 @@ def find_distiller(path: Path) -> Path:
 
 
 def load_distiller(distiller: nn.Module, path: Path) -> str:
-    """Loads weights into `distiller`; returns the weights' hash (what vectors files record)."""
+    """Loads trained weights into `distiller`, built from the recipe; returns their hash (what vectors files record)."""
     path = find_distiller(path)
     if not path.is_file():
         raise FileNotFoundError(f"no distiller weights at {path}")
+    load_trainable(distiller, path)
+    return file_hash(path)
+
+
+def load_trainable(model: nn.Module, path: Path) -> None:
+    """Exactly the model's trainable tensors, from `path`: any key missing or extra is an error."""
     try:
-        missing, unexpected = load_model(distiller, str(path), strict=False)
-    except RuntimeError as e:  # shapes of another recipe's distiller (size mismatch)
-        raise ValueError(f"{path} does not fit this recipe's distiller ({str(e).splitlines()[-1].strip()[:200]}): "
-                         "was it trained with another recipe?") from None
+        saved = load_file(str(path))
     except Exception as e:  # safetensors' own error for a truncated or foreign file
         raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
-    if missing or unexpected:
-        raise ValueError(f"{path} does not fit this recipe's distiller (missing {sorted(missing)[:3]}, "
-                         f"unexpected {sorted(unexpected)[:3]}): was it trained with another recipe?")
-    return file_hash(path)
+    params = trainable_state(model)
+    missing, unexpected = sorted(params.keys() - saved.keys()), sorted(saved.keys() - params.keys())
+    misshapen = sorted(k for k in params.keys() & saved.keys() if saved[k].shape != params[k].shape)
+    problems = [f"{what} {keys[:3]}" for what, keys in
+                (("missing", missing), ("unexpected", unexpected), ("other shape", misshapen)) if keys]
+    if problems:
+        raise ValueError(f"{path} does not fit this recipe's distiller ({', '.join(problems)}): "
+                         "was it trained with another recipe?")
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(saved[k])
+
+
+def keep_trainable_in_checkpoints(accelerator) -> None:
+    """Accelerate's save_state and load_state see only the distiller's trainable tensors (its model.safetensors)."""
+    from accelerate.utils.constants import SAFE_MODEL_NAME
+
+    def on_save(models, weights, _dir):
+        for model, state in zip(models, weights):
+            keep = trainable_state(model).keys()
+            for k in [k for k in state if k not in keep]:
+                del state[k]
+
+    def on_load(models, input_dir):
+        for i, model in enumerate(models):
+            load_trainable(model, Path(input_dir) / f"{SAFE_MODEL_NAME}{f'_{i}' if i else ''}.safetensors")
+        models.clear()  # loaded here, strictly: Accelerate's loader would want the frozen tensors too
+
+    accelerator.register_save_state_pre_hook(on_save)
+    accelerator.register_load_state_pre_hook(on_load)
 
 
 def checkpoints(root: Path) -> list[Path]:

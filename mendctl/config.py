@@ -86,10 +86,21 @@ def _is_local_path(source: str) -> bool:
     return source.startswith(("/", ".", "~")) or "\\" in source or source.count("/") > 1
 
 
+class LoraSpec(Strict):
+    """LoRA adapters (peft) on the distiller body's linear maps; the body's own weights stay frozen."""
+
+    r: int = Field(16, ge=1, description="rank of each adapter")
+    alpha: float = Field(32, gt=0, description="adapter output scaled by alpha / r")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | None = Field(None, min_length=1, description="module names; default: the backend's")
+
+
 class DistillerSpec(ModelSpec):
     init_from_llm_layers: int | None = Field(None, ge=1)
     placeholder_init: Literal["random", "vocab"] = "random"
     max_length: int = Field(1024, ge=8, description="distiller input tokens; demonstrations beyond are cut from the left")
+    lora: LoraSpec | None = Field(None, description="train adapters instead of the body; shares the LLM's layers")
+    freeze_embeddings: bool = Field(False, description="keep the body's token embeddings as loaded")
 
     def _sources(self) -> list[str]:
         return super()._sources() + (["init_from_llm_layers"] if self.init_from_llm_layers else [])
@@ -237,6 +248,15 @@ class Recipe(Strict):
         from .registry import resolve_name
 
         return resolve_name(v)
+
+    @model_validator(mode="after")
+    def _shared_layers_keep_the_llm_dtype(self) -> "Recipe":
+        # Shared tensors cannot have two dtypes: converting the body would convert the LLM.
+        d = self.distiller
+        if d.lora is not None and d.init_from_llm_layers and d.dtype != self.llm.dtype:
+            raise ValueError(f"distiller.lora with init_from_llm_layers shares the LLM's layers: distiller.dtype "
+                             f"({d.dtype}) must equal llm.dtype ({self.llm.dtype})")
+        return self
 
     def stage_dir(self, stage: str) -> Path:
         return self.output_dir / stage
