@@ -26,6 +26,7 @@ from transformers import get_linear_schedule_with_warmup
 from .backend import Models
 from .checkpoint import checkpoints, load_distiller, read_state, save_checkpoint, save_distiller
 from .config import FinetuneSpec, PretrainSpec, Recipe
+from .curves import Validation, plot
 from .examples import Example, TaskExamples, TextExamples
 from .losses import ForwardKL, TargetCE
 from .registry import get_backend
@@ -109,6 +110,20 @@ def _init_weights(stage: str, spec, recipe: Recipe, models: Models, console: Con
     return str(source)
 
 
+def _distil(models: Models, distiller, contexts: list[str], recipe: Recipe, batch_size: int, device
+            ) -> list[torch.Tensor]:
+    """Vectors of the current distiller for the validation sets, in eval mode (no dropout), then back to training."""
+    distiller.eval()
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(contexts), batch_size):
+            ids, mask = distiller_inputs(contexts[i:i + batch_size], models.distiller_tokenizer,
+                                         recipe.distiller.max_length, device)
+            out += list(distiller(ids, mask).to(models.llm.dtype))
+    distiller.train()
+    return out
+
+
 def _metrics_log(path: Path, resume_step: int):
     """metrics.jsonl opened for append; on resume, lines after the checkpoint are dropped."""
     if path.exists():
@@ -171,6 +186,20 @@ def train(recipe: Recipe, stage: str, resume: bool = False, restart: bool = Fals
     progress = _progress(console, main)
     bar = progress.add_task(stage, total=spec.steps, completed=step, stats="")
     last_good = checkpoints(ckpt_root)[-1] if resume else None
+    # Learning curves on the main process only: the others wait for it at the next gradient all-reduce.
+    validation = (Validation(recipe, models, backend.template(recipe), spec.eval_queries)
+                  if spec.eval_every and main else None)
+
+    def validate(at: int) -> dict:
+        vectors = _distil(models, accelerator.unwrap_model(distiller), validation.contexts, recipe, spec.batch_size,
+                          accelerator.device)
+        return {"step": at, **validation.score(vectors)}
+
+    if validation and step == 0:  # the untrained distiller: where the curve starts
+        first = validate(0)
+        log.write(json.dumps(first) + "\n")
+        if trackers:
+            accelerator.log(first, step=0)
     t0 = time.perf_counter()
     def checkpoint(at: int) -> Path:
         return save_checkpoint(accelerator, ckpt_root, at, {"step": at, "position": at * per_step}, spec.keep_last)
@@ -191,6 +220,8 @@ def train(recipe: Recipe, stage: str, resume: bool = False, restart: bool = Fals
                 record = {"step": step, "loss": loss_m, "kl": kl_m, "ce": ce_m, "teacher_ce": teacher_ce_m,
                           "lr": scheduler.get_last_lr()[0], "tokens_per_s": tokens / (time.perf_counter() - tic),
                           "elapsed_s": time.perf_counter() - t0}
+                if validation and (step % spec.eval_every == 0 or step == spec.steps):
+                    record |= validate(step)
                 if main:
                     _report(record, log, progress, bar, console, spec.steps, stage, show_ce=bool(ce_weight))
                 if trackers:
@@ -208,6 +239,7 @@ def train(recipe: Recipe, stage: str, resume: bool = False, restart: bool = Fals
         raise
     if log:
         log.close()
+        plot(out / "metrics.jsonl", out / "curves.png", stage)
     accelerator.wait_for_everyone()
     _check_frozen(models, llm_before)
     path = out / "distiller.safetensors"
@@ -253,6 +285,10 @@ def _report(record: dict, log, progress: Progress, bar, console: Console, total:
             + (f"  ce {record['ce']:.4f} (icl {record['teacher_ce']:.4f})" if show_ce else "")
             + f"  {record['tokens_per_s']:.0f} tok/s")
     progress.update(bar, completed=record["step"], stats=text)
+    if "val_mend_f1" in record:
+        console.print(f"{stage} step {record['step']} validation: mend macro-F1 {100 * record['val_mend_f1']:.1f} "
+                      f"(icl {100 * record['val_icl_f1']:.1f}, zero-shot {100 * record['val_zero_shot_f1']:.1f}), "
+                      f"agreement {100 * record['val_agreement']:.1f}%, KL {record['val_kl']:.4f}")
     # Without a terminal the bar is invisible: a plain line every 5% keeps logs informative.
     if not console.is_terminal and (record["step"] % max(1, total // 20) == 0 or record["step"] == total):
         console.print(f"{stage} step {record['step']}/{total}  {text}")
