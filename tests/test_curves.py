@@ -113,3 +113,20 @@ def test_resume_continues_the_curve(tiny, monkeypatch):
     for a, b in zip(resumed, expected):
         assert a["val_kl"] == pytest.approx(b["val_kl"], abs=1e-5)
         assert a["val_mend_f1"] == b["val_mend_f1"] and a["val_agreement"] == b["val_agreement"]
+
+
+def test_two_processes_score_on_the_main_process_only(tmp_path):
+    import subprocess
+    import sys
+
+    launcher = Path(sys.executable).parent / "accelerate"
+    out = tmp_path / "mp"
+    result = subprocess.run([str(launcher), "launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+                             "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "mendctl", "finetune",
+                             "recipes/tiny/gpt2.yaml", f"output_dir={out}", "finetune.steps=3", "finetune.save_every=3",
+                             *CURVES], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    records = [json.loads(line) for line in (out / "finetune" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "val_mend_f1" in r] == [0, 2, 3]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
+    assert (out / "finetune" / "curves.png").is_file()
