@@ -18,11 +18,11 @@ from .config import TemplateSpec
 from .data.metaicl import split_path
 from .fileio import write_json
 from .model_sources import cache_dir
-from .provenance import file_hash
+from .provenance import file_hash, text_hash
 from .scoring import MethodRun, QuerySet
 
 CACHED_METHODS = ("zero-shot", "icl", "icl-truncated")
-VERSION = 1  # bumped when the scoring itself changes, which turns every older entry stale
+VERSION = 1  # bumped when the scoring itself (FrozenLM.option_losses) changes: every older entry turns stale
 
 
 def describe(models: Models, template: TemplateSpec, root: Path, k: int, qs: QuerySet, method: str,
@@ -33,6 +33,9 @@ def describe(models: Models, template: TemplateSpec, root: Path, k: int, qs: Que
             "dtype": str(models.llm.dtype), "device": device, "template": template.model_dump(),
             "demos_file": file_hash(split_path(root, task, k, seed, "train")),
             "queries_file": file_hash(split_path(root, task, k, seed, "test")),
+            # What the LLM actually reads, so that a change in rendering or tokenization code shows too.
+            "context": text_hash(qs.demos.context),
+            "query_ids": text_hash(json.dumps([[q.x, q.options] for q in qs.queries])),
             "task": task, "seed": seed, "k": k, "limit": limit,
             "num_vectors": num_vectors if method == "icl-truncated" else None}
 
