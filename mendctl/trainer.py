@@ -182,7 +182,8 @@ def train(recipe: Recipe, stage: str, resume: bool = False, restart: bool = Fals
     kl_weight = spec.kl_weight if stage == "finetune" else 1.0
     per_step = spec.batch_size * spec.grad_accum * accelerator.num_processes
     out.mkdir(parents=True, exist_ok=True)
-    log = _metrics_log(out / "metrics.jsonl", step) if main else None
+    # A fresh run keeps nothing of an earlier one, not even its step-0 validation line.
+    log = _metrics_log(out / "metrics.jsonl", step if resume else -1) if main else None
     progress = _progress(console, main)
     bar = progress.add_task(stage, total=spec.steps, completed=step, stats="")
     last_good = checkpoints(ckpt_root)[-1] if resume else None
