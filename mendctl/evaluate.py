@@ -343,9 +343,8 @@ def _bootstrap(recipe: Recipe, sets: list[QuerySet], tasks: dict, methods: list[
         paired: dict[str, list[Paired]] = {}
         for qs in sets:
             run = tasks[qs.demos.task]["seeds"][str(qs.demos.seed)]["methods"]
-            metric = metrics.macro_f1 if partition.is_classification(qs.demos.task) else metrics.accuracy
             paired.setdefault(qs.demos.task, []).append(Paired(
-                metric, qs.golds, predicted(run["mend"]["predictions"], qs), predicted(run[baseline]["predictions"], qs)))
+                partition.is_classification(qs.demos.task), qs.golds, predicted(run["mend"]["predictions"], qs), predicted(run[baseline]["predictions"], qs)))
         out[f"mend_minus_{baseline}"] = paired_bootstrap(paired, recipe.eval.bootstrap_samples,
                                                          recipe.eval.bootstrap_seed)
     return out

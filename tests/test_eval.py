@@ -353,7 +353,7 @@ def test_paired_bootstrap_brackets_the_estimate_and_is_reproducible():
             golds = [rng.choice("xyz") for _ in range(40)]
             good = [g if rng.random() < 0.8 else rng.choice("xyz") for g in golds]
             poor = [g if rng.random() < 0.5 else rng.choice("xyz") for g in golds]
-            tasks.setdefault(task, []).append(Paired(macro_f1, golds, good, poor))
+            tasks.setdefault(task, []).append(Paired(True, golds, good, poor))
     ci = paired_bootstrap(tasks, 300, seed=1)
     estimate = statistics.fmean(statistics.fmean(macro_f1(p.a, p.golds) - macro_f1(p.b, p.golds) for p in seeds)
                                 for seeds in tasks.values())
@@ -361,8 +361,22 @@ def test_paired_bootstrap_brackets_the_estimate_and_is_reproducible():
     assert ci["low"] < ci["estimate"] < ci["high"] and ci["low"] > 0  # 0.8 vs 0.5 right: clearly better
     assert paired_bootstrap(tasks, 300, seed=1) == ci
     assert paired_bootstrap(tasks, 300, seed=2) != ci
-    same = {t: [Paired(macro_f1, p.golds, p.a, p.a) for p in seeds] for t, seeds in tasks.items()}
+    same = {t: [Paired(True, p.golds, p.a, p.a) for p in seeds] for t, seeds in tasks.items()}
     assert paired_bootstrap(same, 50, seed=1) == {"estimate": 0.0, "low": 0.0, "high": 0.0}
+
+
+@pytest.mark.parametrize("classification", [True, False])
+def test_batched_metric_equals_the_metric_on_every_resample(classification):
+    import numpy as np
+
+    from mendctl.bootstrap import batch_metric
+
+    rng = np.random.default_rng(0)
+    pred, gold = rng.integers(0, 4, 30), rng.integers(0, 3, 30)  # label 3: predicted, never gold
+    idx = rng.integers(0, 30, (200, 30))
+    metric = macro_f1 if classification else accuracy
+    expected = [metric(list(pred[i]), list(gold[i])) for i in idx]
+    assert batch_metric(pred[idx], gold[idx], classification) == pytest.approx(expected, abs=1e-12)
 
 
 def test_eval_reports_the_bootstrap_intervals(tmp_path):
