@@ -146,11 +146,29 @@ class TasksSpec(Strict):
     partition: str
     k: int = Field(16, ge=1)
     seeds: list[int] = Field(default_factory=lambda: list(DEFAULT_SEEDS), min_length=1)
+    validation: list[str] = Field(default_factory=list,
+                                  description="meta-train tasks held out of stage 2 for the learning curves")
 
     @model_validator(mode="after")
     def _one_source(self) -> "TasksSpec":
         if (self.data_dir is None) == (self.bigbench is None):
             raise ValueError("set exactly one of data_dir, bigbench")
+        return self
+
+    @model_validator(mode="after")
+    def _validation_in_train(self) -> "TasksSpec":
+        if not self.validation:
+            return self
+        from .partitions import load_partition
+
+        train = load_partition(self.partition).train
+        if unknown := [t for t in self.validation if t not in train]:
+            raise ValueError(f"validation tasks must be meta-train tasks of the partition; not in its train list: "
+                             f"{unknown}")
+        if len(set(self.validation)) != len(self.validation):
+            raise ValueError("validation lists a task more than once")
+        if set(train) <= set(self.validation):
+            raise ValueError("validation holds out every meta-train task: none would be left to train on")
         return self
 
     @field_validator("partition")
@@ -177,6 +195,8 @@ class TrainSpec(Strict):
     keep_last: int = Field(2, ge=1)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     trackers: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list)
+    eval_every: int | None = Field(None, ge=1, description="steps between validation scores (tasks.validation)")
+    eval_queries: int = Field(20, ge=1, description="validation queries per task")
 
 
 class PretrainSpec(TrainSpec):
@@ -219,6 +239,9 @@ class EvalSpec(Strict):
     methods: list[Method] = Field(
         default_factory=lambda: ["zero-shot", "icl", "mend"], min_length=1)
     batch_size: int = Field(8, ge=1, description="distillation batch when vectors are made on the fly")
+    cache: bool = Field(True, description="reuse zero-shot / icl / icl-truncated scores from the cache")
+    bootstrap_samples: int = Field(1000, ge=0, description="paired bootstrap resamples for the CIs; 0 = none")
+    bootstrap_seed: int = 0
 
 
 class Recipe(Strict):
@@ -241,6 +264,14 @@ class Recipe(Strict):
         if isinstance(v, str) and not v.strip():
             raise ValueError("must not be empty (it would mean the working directory)")
         return v
+
+    @model_validator(mode="after")
+    def _curves_need_validation_tasks(self) -> "Recipe":
+        for stage in ("pretrain", "finetune"):
+            spec = getattr(self, stage)
+            if spec is not None and spec.eval_every and (self.tasks is None or not self.tasks.validation):
+                raise ValueError(f"{stage}.eval_every needs validation tasks: set tasks.validation")
+        return self
 
     @field_validator("backend")
     @classmethod

@@ -1,7 +1,6 @@
 """`mendctl distill`: each test task's k demonstrations (per seed) distilled once into a vectors file."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -11,11 +10,10 @@ from rich.progress import Progress
 from .backend import Models
 from .checkpoint import load_distiller
 from .config import Recipe, TemplateSpec
-from .data.metaicl import load_split
 from .partitions import check_task_name
 from .registry import get_backend
-from .render import render_context
 from .provenance import text_hash
+from .scoring import DemoSet, demo_set
 from .trainer import distiller_inputs
 from .vectors import VectorsMismatch, as_metadata, read_metadata, save_vectors
 from .workspace import data_dir, partition_for, stage_input
@@ -24,23 +22,11 @@ from .workspace import data_dir, partition_for, stage_input
 UNTRAINED = "untrained"  # the distiller hash load_trained reports when no trained weights exist
 
 
-@dataclass
-class DemoSet:
-    task: str
-    seed: int
-    demos: list[dict]
-    context: str  # the demonstrations rendered with the template, as the distiller reads them
-
-
 def demo_sets(recipe: Recipe, template: TemplateSpec, tokenizer) -> list[DemoSet]:
     """One demonstration set per (test task, seed): the `_train` split of that seed."""
     root, tasks = data_dir(recipe), recipe.tasks
-    out = []
-    for task in partition_for(recipe).test:
-        for seed in tasks.seeds:
-            demos = load_split(root, task, tasks.k, seed, "train")
-            out.append(DemoSet(task, seed, demos, render_context(template, demos, tokenizer)))
-    return out
+    return [demo_set(root, task, tasks.k, seed, template, tokenizer)
+            for task in partition_for(recipe).test for seed in tasks.seeds]
 
 
 @torch.no_grad()

@@ -12,12 +12,15 @@ What each method puts before the query (the prefix):
   mend           the K distilled vectors, read from output_dir/vectors when a file there was made for
                  this LLM and these demonstrations, else distilled now from the trained distiller
   llmlingua      the K most informative of those tokens under the LLM (compress.py), once per set
+
+The first three do not depend on the distiller: their scores are cached (eval_cache.py), so a new
+distiller costs only its own scoring. MEND minus ICL and minus zero-shot come with paired bootstrap
+intervals (bootstrap.py). The scoring itself is shared with the trainer's curves (scoring.py).
 """
 from __future__ import annotations
 
 import statistics
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,40 +28,21 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from . import flops, metrics
+from . import eval_cache, flops, metrics
 from .compress import NOTE, SEGMENT_TOKENS, Compressed, compress
 from .backend import Models
+from .bootstrap import Paired, paired_bootstrap
 from .config import Recipe, TemplateSpec, resolved_dict
-from .data.metaicl import DataError, load_split
-from .distill import UNTRAINED, DemoSet, demo_sets, distil, load_trained, vectors_path
+from .distill import UNTRAINED, demo_sets, distil, load_trained, vectors_path
 from .fileio import atomic_path, write_json
 from .partitions import Partition
 from .provenance import stamp, text_hash
 from .registry import get_backend
-from .render import Query, context_ids, render_query
+from .render import context_ids
+from .scoring import DemoSet, MethodRun, QuerySet, option_losses, predicted, query_set, quality, score
 from .vectors import VectorsMismatch, check_compatible, load_vectors
 from .workspace import data_dir, partition_for
 
-
-
-@dataclass
-class QuerySet:
-    """One (task, seed): its demonstrations and its rendered queries."""
-
-    demos: DemoSet
-    queries: list[Query]      # rendered to follow demonstrations or vectors: the separator opens each
-    alone: list[Query]        # the same with nothing before them (zero-shot): no separator
-    options: list[list[str]]  # option texts, for the metric
-    golds: list[str]
-    where: list[str]          # file:line of each query, for error messages
-
-    @property
-    def key(self) -> str:
-        return f"{self.demos.task}/{self.demos.seed}"
-
-    def rendered(self, prefix: torch.Tensor) -> list[Query]:
-        """The queries as they follow this prefix: the separator opens them when anything precedes."""
-        return self.queries if prefix.shape[0] else self.alone
 
 
 @dataclass
@@ -68,27 +52,11 @@ class MendVectors:
     distill_flops: float
 
 
-@dataclass
-class MethodRun:
-    predictions: list[int] = field(default_factory=list)
-    losses: list[list[float]] = field(default_factory=list)
-    flops: list[float] = field(default_factory=list)
-    seconds: list[float] = field(default_factory=list)
-    memory_bytes: int = 0
-
-
 # --------------------------------------------------------------------------- inputs
 
 
 def _query_set(recipe: Recipe, ds: DemoSet, template: TemplateSpec, tokenizer, limit: int | None) -> QuerySet:
-    rows = load_split(data_dir(recipe), ds.task, recipe.tasks.k, ds.seed, "test")[:limit]
-    for row in rows:
-        if not row["options"]:
-            raise DataError(f"{row['_where']}: no options to score (MetaICL scoring needs a list of options)")
-    queries, alone = ([render_query(template, r["input"], r["options"], tokenizer, after_context=after) for r in rows]
-                      for after in (True, False))
-    return QuerySet(ds, queries, alone, [r["options"] for r in rows], [r["output"] for r in rows],
-                    [r["_where"] for r in rows])
+    return query_set(data_dir(recipe), ds, recipe.tasks.k, template, tokenizer, limit)
 
 
 def _saved_vectors(recipe: Recipe, models: Models, ds: DemoSet) -> tuple[torch.Tensor | None, dict]:
@@ -168,61 +136,16 @@ def _prefix(method: str, qs: QuerySet, models: Models, template: TemplateSpec, k
 # --------------------------------------------------------------------------- scoring
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _losses(llm, prefix: torch.Tensor, query: Query) -> torch.Tensor:
-    device = llm.device
-    return llm.option_losses(prefix, torch.tensor(query.x, dtype=torch.long, device=device),
-                             [torch.tensor(o, dtype=torch.long, device=device) for o in query.options])
-
-
-def _score(llm, prefix: torch.Tensor, qs: QuerySet, advance, gated_mlp: bool) -> MethodRun:
-    run, device, config = MethodRun(), llm.device, llm.model.config
-    queries = qs.rendered(prefix)
-    # The cost counts every position the LLM reads before the query, BOS included.
-    lengths = [(prefix.shape[0] + llm.bos_len, len(q.x), [len(o) for o in q.options]) for q in queries]
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    for query, where, (p, x, opts) in zip(queries, qs.where, lengths):
-        if p + x == 0:
-            raise DataError(f"{where}: empty input and no prefix: nothing to score the options after")
-        _sync(device)
-        start = time.perf_counter()
-        losses = _losses(llm, prefix, query)
-        _sync(device)
-        run.seconds.append(time.perf_counter() - start)
-        run.losses.append(losses.tolist())
-        run.predictions.append(int(losses.argmin()))
-        run.flops.append(flops.llm_query_flops(config, p, x, opts, llm.is_encoder_decoder, gated_mlp))
-        advance()
-    if device.type == "cuda":
-        run.memory_bytes = torch.cuda.max_memory_allocated(device)
-    else:
-        # No allocator counter on CPU: an analytic estimate for the longest query (flops.query_memory_bytes).
-        run.memory_bytes = max(flops.query_memory_bytes(config, p, x, opts, llm.is_encoder_decoder, llm.dtype.itemsize,
-                                                         gated_mlp)
-                               for p, x, opts in lengths)
-    return run
-
-
-def _quality(run: MethodRun, qs: QuerySet, classification: bool) -> float:
-    predicted = [opts[i] for opts, i in zip(qs.options, run.predictions)]
-    return (metrics.macro_f1 if classification else metrics.accuracy)(predicted, qs.golds)
-
-
-def _method_result(run: MethodRun, qs: QuerySet, prefix: torch.Tensor, classification: bool) -> dict:
-    return {"score": _quality(run, qs, classification), "n": len(qs.queries), "prefix_tokens": prefix.shape[0],
-            "flops_per_query": statistics.fmean(run.flops),
+def _method_result(run: MethodRun, qs: QuerySet, prefix_tokens: int, classification: bool, cached: bool) -> dict:
+    return {"score": quality(run.predictions, qs, classification), "n": len(qs.queries),
+            "prefix_tokens": prefix_tokens, "flops_per_query": statistics.fmean(run.flops),
             "latency_ms_per_query": 1000 * statistics.fmean(run.seconds),
-            "memory_bytes": run.memory_bytes, "predictions": run.predictions}
+            "memory_bytes": run.memory_bytes, "predictions": run.predictions, "from_cache": cached}
 
 
 def _warm_up(llm, qs: QuerySet) -> None:
     # The first call pays one-off costs (kernel selection, allocator growth) that belong to no method.
-    _losses(llm, llm.embed(torch.zeros(1, dtype=torch.long, device=llm.device)), qs.queries[0])
+    option_losses(llm, llm.embed(torch.zeros(1, dtype=torch.long, device=llm.device)), qs.queries[0])
 
 
 # --------------------------------------------------------------------------- aggregation
@@ -241,7 +164,9 @@ def _aggregate(tasks: dict, methods: list[str]) -> dict:
         out[m] = {"score": mean(m, "score"), "flops_per_query": mean(m, "flops_per_query"),
                   "latency_ms_per_query": mean(m, "latency_ms_per_query"),
                   "memory_bytes": max(s["methods"][m]["memory_bytes"] for t in tasks.values()
-                                      for s in t["seeds"].values())}
+                                      for s in t["seeds"].values()),
+                  # Cached latencies were measured when the entry was made, possibly in another run.
+                  "from_cache": all(s["methods"][m]["from_cache"] for t in tasks.values() for s in t["seeds"].values())}
         if m == "mend":
             out[m]["distill_flops_per_set"] = mean(m, "distill_flops")
         if m == "llmlingua":
@@ -294,8 +219,8 @@ def _rows(results: dict) -> list[tuple[str, ...]]:
     rows = []
     for m, a in results["aggregate"].items():
         rows.append((m, f"{100 * a['score']:.1f}", _si(a["flops_per_query"]), _ratio(a.get("flops_ratio_to_icl")),
-                     f"{a['latency_ms_per_query']:.2f}", _ratio(a.get("latency_ratio_to_icl")),
-                     _memory(a["memory_bytes"], estimated),
+                     f"{a['latency_ms_per_query']:.2f}" + (" (cached)" if a["from_cache"] else ""),
+                     _ratio(a.get("latency_ratio_to_icl")), _memory(a["memory_bytes"], estimated),
                      _si(a.get("distill_flops_per_set", a.get("compress_flops_per_set")))))
     return rows
 
@@ -319,6 +244,10 @@ def _markdown(results: dict) -> str:
     if "llmlingua" in results:
         lines += ["", f"llmlingua: {results['llmlingua']['implementation']}; its distil FLOPs column is the "
                       "compression's scoring cost"]
+    lines += [""] + _bootstrap_lines(results) if "bootstrap" in results else []
+    if any(a["from_cache"] for a in results["aggregate"].values()):
+        lines += ["", "(cached): scores and latency read from the baseline cache; the latency is the one measured "
+                      "when the entry was computed"]
     methods = list(results["aggregate"])
     lines += ["", "## Per task (mean over seeds, %)", "", "| task | metric | " + " | ".join(methods) + " |",
               "|" + "---|" * (len(methods) + 2)]
@@ -331,14 +260,20 @@ def _markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _plot(results: dict, path: Path) -> bool:
-    try:
-        import matplotlib
+def _bootstrap_lines(results: dict) -> list[str]:
+    b = results["bootstrap"]
+    return [f"MEND - {key.removeprefix('mend_minus_')}: {100 * c['estimate']:+.1f} points, "
+            f"{100 * b['level']:.0f}% CI [{100 * c['low']:+.1f}, {100 * c['high']:+.1f}] "
+            f"(paired bootstrap over queries, {b['samples']} resamples, seed {b['seed']})"
+            for key, c in b.items() if key.startswith("mend_minus_")]
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
+
+def _plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(5, 4))
     for m, a in results["aggregate"].items():
         ax.scatter(a["flops_per_query"], 100 * a["score"], s=40)
@@ -351,7 +286,6 @@ def _plot(results: dict, path: Path) -> bool:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
-    return True
 
 
 def _vectors_note(results: dict, recipe: Recipe) -> str:
@@ -374,16 +308,33 @@ def _load(recipe: Recipe) -> tuple[Models, str, torch.device]:
     return models, distiller_hash, models.llm.device
 
 
+def _run_method(method: str, qs: QuerySet, models: Models, template: TemplateSpec, recipe: Recipe, limit: int | None,
+                mend: dict[str, MendVectors], lingua: dict[str, Compressed], advance) -> tuple[MethodRun, int, bool]:
+    """The method's scores on `qs`, from the cache when they do not depend on the distiller and are there."""
+    description = None
+    if recipe.eval.cache and method in eval_cache.CACHED_METHODS:
+        description = eval_cache.describe(models, template, data_dir(recipe), recipe.tasks.k, qs, method,
+                                          recipe.num_vectors, limit, _device_name(models.llm.device))
+        if (hit := eval_cache.load(description)) is not None:
+            advance(len(qs.queries))
+            return *hit, True
+    prefix = _prefix(method, qs, models, template, recipe.num_vectors, mend, lingua)
+    run = score(models.llm, prefix, qs, models.gated_mlp, lambda: advance(1))
+    if description is not None:
+        eval_cache.save(description, run, prefix.shape[0])
+    return run, prefix.shape[0], False
+
+
 def _evaluate_set(qs: QuerySet, methods: list[str], models: Models, template: TemplateSpec, recipe: Recipe,
-                  partition: Partition, mend: dict[str, MendVectors], lingua: dict[str, Compressed],
-                  progress: Progress, bar) -> dict:
+                  limit: int | None, partition: Partition, mend: dict[str, MendVectors],
+                  lingua: dict[str, Compressed], progress: Progress, bar) -> dict:
     classification = partition.is_classification(qs.demos.task)
     result, runs = {"n_queries": len(qs.queries), "demos_hash": text_hash(qs.demos.context), "methods": {}}, {}
     for method in methods:
         progress.update(bar, description=f"{qs.demos.task} seed {qs.demos.seed} {method}")
-        prefix = _prefix(method, qs, models, template, recipe.num_vectors, mend, lingua)
-        runs[method] = _score(models.llm, prefix, qs, lambda: progress.advance(bar), models.gated_mlp)
-        result["methods"][method] = _method_result(runs[method], qs, prefix, classification)
+        runs[method], prefix_tokens, cached = _run_method(method, qs, models, template, recipe, limit, mend, lingua,
+                                                          lambda n: progress.advance(bar, n))
+        result["methods"][method] = _method_result(runs[method], qs, prefix_tokens, classification, cached)
         if not progress.console.is_terminal:  # the bar is invisible in a log file: one line per method
             progress.console.print(f"eval {qs.demos.task} seed {qs.demos.seed} {method}: "
                                    f"{100 * result['methods'][method]['score']:.1f}")
@@ -399,6 +350,21 @@ def _evaluate_set(qs: QuerySet, methods: list[str], models: Models, template: Te
 def _progress(console: Console) -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("queries"),
                     TimeElapsedColumn(), console=console)
+
+
+def _bootstrap(recipe: Recipe, sets: list[QuerySet], tasks: dict, methods: list[str], partition: Partition) -> dict:
+    out = {"samples": recipe.eval.bootstrap_samples, "seed": recipe.eval.bootstrap_seed, "level": 0.95}
+    for baseline in ("icl", "zero-shot"):
+        if baseline not in methods:
+            continue
+        paired: dict[str, list[Paired]] = {}
+        for qs in sets:
+            run = tasks[qs.demos.task]["seeds"][str(qs.demos.seed)]["methods"]
+            paired.setdefault(qs.demos.task, []).append(Paired(
+                partition.is_classification(qs.demos.task), qs.golds, predicted(run["mend"]["predictions"], qs), predicted(run[baseline]["predictions"], qs)))
+        out[f"mend_minus_{baseline}"] = paired_bootstrap(paired, recipe.eval.bootstrap_samples,
+                                                         recipe.eval.bootstrap_seed)
+    return out
 
 
 @torch.no_grad()
@@ -422,9 +388,11 @@ def run_eval(recipe: Recipe, limit: int | None = None, console: Console | None =
         for qs in sets:
             task = tasks.setdefault(qs.demos.task, {
                 "metric": "macro-f1" if partition.is_classification(qs.demos.task) else "accuracy", "seeds": {}})
-            task["seeds"][str(qs.demos.seed)] = _evaluate_set(qs, methods, models, template, recipe, partition, mend,
-                                                              lingua, progress, bar)
+            task["seeds"][str(qs.demos.seed)] = _evaluate_set(qs, methods, models, template, recipe, limit, partition,
+                                                              mend, lingua, progress, bar)
     results = _results(recipe, limit, methods, tasks, partition, device, models, mend, lingua)
+    if recipe.eval.bootstrap_samples and "mend" in methods:
+        results["bootstrap"] = _bootstrap(recipe, sets, tasks, methods, partition)
     _write(results, recipe, console)
     return results
 
@@ -462,8 +430,9 @@ def _write(results: dict, recipe: Recipe, console: Console) -> None:
     if "mend_vs_icl" in results:
         c = results["mend_vs_icl"]
         console.print(f"MEND vs ICL: agreement {100 * c['agreement']:.1f}%, mean KL(icl || mend) {c['mean_kl']:.4f}")
+    for line in _bootstrap_lines(results) if "bootstrap" in results else []:
+        console.print(line)
     if "vectors" in results:
         console.print(_vectors_note(results, recipe))
-    plotted = _plot(results, out / "quality_vs_cost.png")
-    console.print(f"results in {out / 'results.json'} and {out / 'results.md'}"
-                  + (f", plot {out / 'quality_vs_cost.png'}" if plotted else ""))
+    _plot(results, out / "quality_vs_cost.png")
+    console.print(f"results in {out / 'results.json'} and {out / 'results.md'}, plot {out / 'quality_vs_cost.png'}")

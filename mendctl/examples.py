@@ -85,7 +85,8 @@ class TaskExamples:
                  template: TemplateSpec, tokenizer, seed: int):
         self.template, self.tokenizer, self.seed, self.k = template, tokenizer, seed, tasks.k
         self.tasks = {}
-        for task in train_tasks:
+        # Validation tasks are held out: the learning curves score the distiller on tasks it never saw.
+        for task in [t for t in train_tasks if t not in tasks.validation]:
             rows = read_examples(data_dir / task / spec.train_file.replace("{task}", task))
             if len(rows) < self.k + 1:
                 raise DataError(f"{rows[0]['_where'].rsplit(':', 1)[0]}: {len(rows)} examples, need at least k+1={self.k + 1}")

@@ -27,6 +27,7 @@ from .backend import Models
 from .checkpoint import (checkpoints, keep_trainable_in_checkpoints, load_distiller, read_state, save_checkpoint,
                          save_distiller)
 from .config import FinetuneSpec, PretrainSpec, Recipe
+from .curves import Validation, plot
 from .examples import Example, example_source
 from .losses import ForwardKL, SparseKL, TargetCE
 from .registry import get_backend
@@ -111,6 +112,20 @@ def _init_weights(stage: str, spec, recipe: Recipe, models: Models, console: Con
     return str(source)
 
 
+def _distil(models: Models, distiller, contexts: list[str], recipe: Recipe, batch_size: int, device
+            ) -> list[torch.Tensor]:
+    """Vectors of the current distiller for the validation sets, in eval mode (no dropout), then back to training."""
+    distiller.eval()
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(contexts), batch_size):
+            ids, mask = distiller_inputs(contexts[i:i + batch_size], models.distiller_tokenizer,
+                                         recipe.distiller.max_length, device)
+            out += list(distiller(ids, mask).to(models.llm.dtype))
+    distiller.train()
+    return out
+
+
 def _metrics_log(path: Path, resume_step: int, console: Console):
     """metrics.jsonl opened for append; on resume, lines after the checkpoint are dropped."""
     note = trim_metrics(path, resume_step)
@@ -179,10 +194,25 @@ def train(recipe: Recipe, stage: str, resume: bool = False, restart: bool = Fals
     kl_weight = spec.kl_weight if stage == "finetune" else 1.0
     per_step = spec.batch_size * spec.grad_accum * accelerator.num_processes
     out.mkdir(parents=True, exist_ok=True)
+    # A fresh run (step 0) keeps nothing of an earlier one, not even its step-0 validation line.
     log = _metrics_log(out / "metrics.jsonl", step, console) if main else None
     progress = _progress(console, main)
     bar = progress.add_task(stage, total=spec.steps, completed=step, stats="")
     last_good = checkpoints(ckpt_root)[-1] if resume else None
+    # Learning curves on the main process only: the others wait for it at the next gradient all-reduce.
+    validation = (Validation(recipe, models, backend.template(recipe), spec.eval_queries)
+                  if spec.eval_every and main else None)
+
+    def validate(at: int) -> dict:
+        vectors = _distil(models, accelerator.unwrap_model(distiller), validation.contexts, recipe, spec.batch_size,
+                          accelerator.device)
+        return {"step": at, **validation.score(vectors)}
+
+    if validation and step == 0:  # the untrained distiller: where the curve starts
+        first = validate(0)
+        log.write(json.dumps(first) + "\n")
+        if trackers:
+            accelerator.log(first, step=0)
     t0 = time.perf_counter()
     def checkpoint(at: int) -> Path:
         if cached:
@@ -205,6 +235,8 @@ def train(recipe: Recipe, stage: str, resume: bool = False, restart: bool = Fals
                 record = {"step": step, "loss": loss_m, "kl": kl_m, "ce": ce_m, "teacher_ce": teacher_ce_m,
                           "lr": scheduler.get_last_lr()[0], "tokens_per_s": tokens / (time.perf_counter() - tic),
                           "elapsed_s": time.perf_counter() - t0}
+                if validation and (step % spec.eval_every == 0 or step == spec.steps):
+                    record |= validate(step)
                 if main:
                     _report(record, log, progress, bar, console, spec.steps, stage, show_ce=bool(ce_weight))
                 if trackers:
@@ -222,6 +254,7 @@ def train(recipe: Recipe, stage: str, resume: bool = False, restart: bool = Fals
         raise
     if log:
         log.close()
+        plot(out / "metrics.jsonl", out / "curves.png", stage)
     if cached:
         cached.cache.flush()
     accelerator.wait_for_everyone()
@@ -271,6 +304,10 @@ def _report(record: dict, log, progress: Progress, bar, console: Console, total:
             + (f"  ce {record['ce']:.4f} (icl {record['teacher_ce']:.4f})" if show_ce else "")
             + f"  {record['tokens_per_s']:.0f} tok/s")
     progress.update(bar, completed=record["step"], stats=text)
+    if "val_mend_f1" in record:
+        console.print(f"{stage} step {record['step']} validation: mend macro-F1 {100 * record['val_mend_f1']:.1f} "
+                      f"(icl {100 * record['val_icl_f1']:.1f}, zero-shot {100 * record['val_zero_shot_f1']:.1f}), "
+                      f"agreement {100 * record['val_agreement']:.1f}%, KL {record['val_kl']:.4f}")
     # Without a terminal the bar is invisible: a plain line every 5% keeps logs informative.
     if not console.is_terminal and (record["step"] % max(1, total // 20) == 0 or record["step"] == total):
         console.print(f"{stage} step {record['step']}/{total}  {text}")

@@ -44,6 +44,7 @@ def data_dir(recipe: Recipe) -> Path:
     # first conversion wrote converts again (deterministically: existing files come out the same).
     needed = [split_path(out, t, tasks.k, seed, split) for t in partition.test for seed in tasks.seeds
               for split in ("train", "test")]
+    needed += [split_path(out, t, tasks.k, tasks.seeds[0], split) for t in tasks.validation for split in ("train", "test")]
     if recipe.finetune is not None:
         needed += [out / t / recipe.finetune.train_file.replace("{task}", t) for t in partition.train]
     if not all(p.is_file() for p in needed):

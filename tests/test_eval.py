@@ -1,4 +1,3 @@
-import importlib.util
 import io
 import json
 import shutil
@@ -35,6 +34,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch):
+    # Baseline scores are cached under MENDCTL_CACHE: each test starts from an empty cache.
+    monkeypatch.setenv("MENDCTL_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
 
 
 def _recipe(backend: str, out: Path, *overrides: str):
@@ -100,9 +106,7 @@ def test_every_method_runs(backend, tmp_path):
         assert f"| {method} |" in markdown
         assert method in printed
     assert "distilled on the fly" in printed and str(tmp_path / "vectors") in printed
-    # The plot is optional: made when matplotlib is importable, silently skipped otherwise.
-    plotted = (tmp_path / "eval" / "quality_vs_cost.png").is_file()
-    assert plotted == (importlib.util.find_spec("matplotlib") is not None)
+    assert (tmp_path / "eval" / "quality_vs_cost.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_mend_without_vectors_needs_a_trained_distiller(tmp_path):
@@ -283,3 +287,128 @@ def test_cli_eval(tmp_path):
     assert (tmp_path / "eval" / "results.json").is_file()
     missing = CliRunner().invoke(cli, ["eval", recipe, f"output_dir={tmp_path}", "--limit", "1"])
     assert missing.exit_code == 2 and "no trained distiller" in missing.output
+
+
+# --------------------------------------------------------------------------- baseline cache, bootstrap
+
+
+def _count_scoring(monkeypatch) -> list[int]:
+    """Prefix length of every scoring pass run_eval makes."""
+    import mendctl.evaluate as evaluate
+
+    calls, real = [], evaluate.score
+    monkeypatch.setattr(evaluate, "score", lambda llm, prefix, *a, **k: calls.append(prefix.shape[0])
+                        or real(llm, prefix, *a, **k))
+    return calls
+
+
+def _baselines(results: dict) -> dict:
+    return {f"{t}/{s}/{m}": {k: v for k, v in r.items() if k != "from_cache"}
+            for t, task in results["tasks"].items() for s, seed in task["seeds"].items()
+            for m, r in seed["methods"].items() if m != "mend"}
+
+
+def test_a_second_eval_with_another_distiller_scores_only_mend(tmp_path, monkeypatch):
+    recipe = _recipe("gpt2", tmp_path)
+    _with_distiller(recipe)
+    calls = _count_scoring(monkeypatch)
+    first = run_eval(recipe, limit=3, console=_quiet())
+    assert len(calls) == len(METHODS) * 4  # 2 tasks x 2 seeds
+    models, _ = load_trained(recipe)
+    with torch.no_grad():
+        models.distiller.placeholders.add_(1.0)
+    save_distiller(recipe.stage_dir("finetune"), models.distiller, recipe, {})
+
+    calls.clear()
+    console = _quiet()
+    second = run_eval(recipe, limit=3, console=console)
+    assert calls == [recipe.num_vectors] * 4  # MEND's K vectors, nothing else
+    assert _baselines(second) == _baselines(first)  # scores, predictions and the latency measured the first time
+    methods = [s["methods"] for t in second["tasks"].values() for s in t["seeds"].values()]
+    assert all(m[b]["from_cache"] for m in methods for b in ("zero-shot", "icl", "icl-truncated"))
+    assert not any(m["mend"]["from_cache"] for m in methods)
+    assert _predictions(second, "mend") != _predictions(first, "mend") or \
+        second["mend_vs_icl"]["mean_kl"] != first["mend_vs_icl"]["mean_kl"]
+    assert "(cached)" in console.file.getvalue() and "(cached)" in (tmp_path / "eval" / "results.md").read_text()
+
+    calls.clear()
+    run_eval(_recipe("gpt2", tmp_path, "eval.cache=false"), limit=3, console=_quiet())
+    assert len(calls) == len(METHODS) * 4
+
+
+@pytest.mark.parametrize("change", ["template", "data", "limit", "k-of-truncation"])
+def test_a_stale_cache_entry_is_never_used(tmp_path, monkeypatch, change):
+    data, partition = _task_copy(tmp_path)
+    base = [f"tasks.data_dir={data}", f"tasks.partition={partition}", "eval.methods=[zero-shot, icl, icl-truncated]"]
+    run_eval(_recipe("gpt2", tmp_path / "out", *base), limit=3, console=_quiet())
+    calls = _count_scoring(monkeypatch)
+    run_eval(_recipe("gpt2", tmp_path / "out", *base), limit=3, console=_quiet())
+    assert calls == []  # unchanged: everything from the cache
+    limit, extra = 3, []
+    if change == "template":
+        extra = ["template.separator=' | '"]
+    elif change == "data":  # one test query of one seed edited: that (task, seed) only
+        _rewrite_line(data / "tiny_compare" / "tiny_compare_4_13_test.jsonl", 2, lambda row: row.update(input="changed"))
+    elif change == "limit":
+        limit = 2
+    else:
+        extra = ["num_vectors=3"]
+    run_eval(_recipe("gpt2", tmp_path / "out", *base, *extra), limit=limit, console=_quiet())
+    expected = {"template": 12, "data": 3, "limit": 12, "k-of-truncation": 4}[change]
+    assert len(calls) == expected
+
+
+def test_paired_bootstrap_brackets_the_estimate_and_is_reproducible():
+    import random
+
+    from mendctl.bootstrap import Paired, paired_bootstrap
+
+    rng = random.Random(0)
+    tasks = {}
+    for task in ("a", "b"):
+        for _ in range(2):
+            golds = [rng.choice("xyz") for _ in range(40)]
+            good = [g if rng.random() < 0.8 else rng.choice("xyz") for g in golds]
+            poor = [g if rng.random() < 0.5 else rng.choice("xyz") for g in golds]
+            tasks.setdefault(task, []).append(Paired(True, golds, good, poor))
+    ci = paired_bootstrap(tasks, 300, seed=1)
+    estimate = statistics.fmean(statistics.fmean(macro_f1(p.a, p.golds) - macro_f1(p.b, p.golds) for p in seeds)
+                                for seeds in tasks.values())
+    assert ci["estimate"] == pytest.approx(estimate)
+    assert ci["low"] < ci["estimate"] < ci["high"] and ci["low"] > 0  # 0.8 vs 0.5 right: clearly better
+    assert paired_bootstrap(tasks, 300, seed=1) == ci
+    assert paired_bootstrap(tasks, 300, seed=2) != ci
+    same = {t: [Paired(True, p.golds, p.a, p.a) for p in seeds] for t, seeds in tasks.items()}
+    assert paired_bootstrap(same, 50, seed=1) == {"estimate": 0.0, "low": 0.0, "high": 0.0}
+
+
+@pytest.mark.parametrize("classification", [True, False])
+def test_batched_metric_equals_the_metric_on_every_resample(classification):
+    import numpy as np
+
+    from mendctl.bootstrap import batch_metric
+
+    rng = np.random.default_rng(0)
+    pred, gold = rng.integers(0, 4, 30), rng.integers(0, 3, 30)  # label 3: predicted, never gold
+    idx = rng.integers(0, 30, (200, 30))
+    metric = macro_f1 if classification else accuracy
+    expected = [metric(list(pred[i]), list(gold[i])) for i in idx]
+    assert batch_metric(pred[idx], gold[idx], classification) == pytest.approx(expected, abs=1e-12)
+
+
+def test_eval_reports_the_bootstrap_intervals(tmp_path):
+    recipe = _recipe("gpt2", tmp_path, "eval.methods=[zero-shot, icl, mend]", "eval.bootstrap_samples=200")
+    _with_distiller(recipe)
+    console = _quiet()
+    results = run_eval(recipe, limit=6, console=console)
+    b = results["bootstrap"]
+    assert (b["samples"], b["seed"]) == (200, 0)
+    scores = {m: a["score"] for m, a in results["aggregate"].items()}
+    for baseline in ("icl", "zero-shot"):
+        c = b[f"mend_minus_{baseline}"]
+        assert c["estimate"] == pytest.approx(scores["mend"] - scores[baseline])
+        assert c["low"] <= c["estimate"] <= c["high"]
+    assert run_eval(recipe, limit=6, console=_quiet())["bootstrap"] == b
+    assert "MEND - icl:" in console.file.getvalue() and "95% CI" in (tmp_path / "eval" / "results.md").read_text()
+    assert "bootstrap" not in run_eval(_recipe("gpt2", tmp_path, "eval.bootstrap_samples=0"), limit=2,
+                                       console=_quiet())

@@ -1,0 +1,97 @@
+"""Learning curves: the distiller scored on held-out meta-train tasks while it trains, and their plot.
+
+The validation tasks (`tasks.validation`) are meta-train tasks kept out of stage 2's examples. Each
+gives one demonstration set (its `_train` split of the first recipe seed) and its first
+`eval_queries` test queries, scored as `mendctl eval` scores them (mendctl/scoring.py). ICL and
+zero-shot do not change while the distiller trains: they are scored once, when the run starts.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import torch
+
+from . import metrics
+from .backend import Models
+from .config import Recipe, TemplateSpec
+from .fileio import atomic_path
+from .render import context_ids
+from .scoring import MethodRun, QuerySet, demo_set, predicted, query_set, score
+from .workspace import data_dir
+
+
+def _f1(run: MethodRun, qs: QuerySet) -> float:
+    return metrics.macro_f1(predicted(run.predictions, qs), qs.golds)
+
+
+class Validation:
+    """The validation query sets with their ICL and zero-shot runs; `score` rates a distiller's vectors."""
+
+    def __init__(self, recipe: Recipe, models: Models, template: TemplateSpec, queries: int):
+        root, k, seed, tok = data_dir(recipe), recipe.tasks.k, recipe.tasks.seeds[0], models.llm_tokenizer
+        self.models = models
+        self.sets = [query_set(root, demo_set(root, task, k, seed, template, tok), k, template, tok, queries)
+                     for task in recipe.tasks.validation]
+        llm = models.llm
+        with torch.no_grad():
+            self.icl = [self._score(llm.embed(torch.tensor(context_ids(template, qs.demos.context, tok),
+                                                           dtype=torch.long, device=llm.device)), qs)
+                        for qs in self.sets]
+            self.zero_shot = [self._score(llm.embed(torch.zeros(0, dtype=torch.long, device=llm.device)), qs)
+                              for qs in self.sets]
+        self.baselines = {"val_icl_f1": statistics.fmean(map(_f1, self.icl, self.sets)),
+                          "val_zero_shot_f1": statistics.fmean(map(_f1, self.zero_shot, self.sets))}
+
+    def _score(self, prefix: torch.Tensor, qs: QuerySet) -> MethodRun:
+        return score(self.models.llm, prefix, qs, self.models.gated_mlp)
+
+    @property
+    def contexts(self) -> list[str]:
+        return [qs.demos.context for qs in self.sets]
+
+    @torch.no_grad()
+    def score(self, vectors: list[torch.Tensor]) -> dict:
+        """MEND's macro-F1, agreement with ICL and KL(ICL || MEND), each a mean over the validation tasks."""
+        mend = [self._score(v, qs) for v, qs in zip(vectors, self.sets)]
+        mean = statistics.fmean
+        return {"val_mend_f1": mean(map(_f1, mend, self.sets)),
+                "val_agreement": mean(metrics.agreement(i.predictions, m.predictions) for i, m in zip(self.icl, mend)),
+                "val_kl": mean(metrics.mean_kl(i.losses, m.losses) for i, m in zip(self.icl, mend)),
+                **self.baselines}
+
+
+def plot(metrics_path: Path, png: Path, title: str) -> None:
+    """Training loss, KL and CE per step and, when logged, the validation scores against ICL and zero-shot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line]
+    train = [r for r in records if "loss" in r]
+    val = [r for r in records if "val_mend_f1" in r]
+    fig, axes = plt.subplots(1, 4 if val else 1, figsize=(16 if val else 5, 3.8), squeeze=False)
+    ax = axes[0][0]
+    for key in ("loss", "kl", "ce"):
+        if any(r[key] for r in train):
+            ax.plot([r["step"] for r in train], [r[key] for r in train], label=key)
+    ax.set(xlabel="step", title=f"{title}: training")
+    ax.legend()
+    if val:
+        steps = [r["step"] for r in val]
+        ax = axes[0][1]
+        ax.plot(steps, [100 * r["val_mend_f1"] for r in val], marker="o", label="mend")
+        ax.axhline(100 * val[-1]["val_icl_f1"], color="tab:green", linestyle="--", label="icl")
+        ax.axhline(100 * val[-1]["val_zero_shot_f1"], color="tab:gray", linestyle=":", label="zero-shot")
+        ax.set(xlabel="step", ylabel="macro-F1 (%)", title="validation macro-F1")
+        ax.legend()
+        for ax, key, label in ((axes[0][2], "val_agreement", "agreement with icl"),
+                               (axes[0][3], "val_kl", "KL(icl || mend)")):
+            ax.plot(steps, [r[key] for r in val], marker="o")
+            ax.set(xlabel="step", title=f"validation {label}")
+    fig.tight_layout()
+    with atomic_path(png) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)

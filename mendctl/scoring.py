@@ -1,0 +1,122 @@
+"""Scoring options after a prefix: the MetaICL protocol shared by `mendctl eval` and the trainer's
+validation curves.
+
+A demonstration set is a task's `_train` split of one seed, rendered once; its query set is the
+`_test` split of that seed. Each option is scored by the mean per-token loss of its tokens after
+prefix + query input; the prediction is the lowest.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import flops, metrics
+from .config import TemplateSpec
+from .data.metaicl import DataError, load_split
+from .render import Query, render_context, render_query
+
+
+@dataclass
+class DemoSet:
+    task: str
+    seed: int
+    demos: list[dict]
+    context: str  # the demonstrations rendered with the template, as the distiller reads them
+
+
+@dataclass
+class QuerySet:
+    """One (task, seed): its demonstrations and its rendered queries."""
+
+    demos: DemoSet
+    queries: list[Query]      # rendered to follow demonstrations or vectors: the separator opens each
+    alone: list[Query]        # the same with nothing before them (zero-shot): no separator
+    options: list[list[str]]  # option texts, for the metric
+    golds: list[str]
+    where: list[str]          # file:line of each query, for error messages
+
+    @property
+    def key(self) -> str:
+        return f"{self.demos.task}/{self.demos.seed}"
+
+    def rendered(self, prefix: torch.Tensor) -> list[Query]:
+        """The queries as they follow this prefix: the separator opens them when anything precedes."""
+        return self.queries if prefix.shape[0] else self.alone
+
+
+@dataclass
+class MethodRun:
+    predictions: list[int] = field(default_factory=list)
+    losses: list[list[float]] = field(default_factory=list)
+    flops: list[float] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)
+    memory_bytes: int = 0
+
+
+def demo_set(root: Path, task: str, k: int, seed: int, template: TemplateSpec, tokenizer) -> DemoSet:
+    demos = load_split(root, task, k, seed, "train")
+    return DemoSet(task, seed, demos, render_context(template, demos, tokenizer))
+
+
+def query_set(root: Path, ds: DemoSet, k: int, template: TemplateSpec, tokenizer, limit: int | None) -> QuerySet:
+    rows = load_split(root, ds.task, k, ds.seed, "test")[:limit]
+    for row in rows:
+        if not row["options"]:
+            raise DataError(f"{row['_where']}: no options to score (MetaICL scoring needs a list of options)")
+    queries, alone = ([render_query(template, r["input"], r["options"], tokenizer, after_context=after) for r in rows]
+                      for after in (True, False))
+    return QuerySet(ds, queries, alone, [r["options"] for r in rows], [r["output"] for r in rows],
+                    [r["_where"] for r in rows])
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def option_losses(llm, prefix: torch.Tensor, query: Query) -> torch.Tensor:
+    device = llm.device
+    return llm.option_losses(prefix, torch.tensor(query.x, dtype=torch.long, device=device),
+                             [torch.tensor(o, dtype=torch.long, device=device) for o in query.options])
+
+
+def score(llm, prefix: torch.Tensor, qs: QuerySet, gated_mlp: bool, advance=lambda: None) -> MethodRun:
+    """Every query of `qs` after `prefix`: losses, predictions, and what each cost."""
+    run, device, config = MethodRun(), llm.device, llm.model.config
+    queries = qs.rendered(prefix)
+    # The cost counts every position the LLM reads before the query, BOS included.
+    lengths = [(prefix.shape[0] + llm.bos_len, len(q.x), [len(o) for o in q.options]) for q in queries]
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for query, where, (p, x, opts) in zip(queries, qs.where, lengths):
+        if p + x == 0:
+            raise DataError(f"{where}: empty input and no prefix: nothing to score the options after")
+        _sync(device)
+        start = time.perf_counter()
+        losses = option_losses(llm, prefix, query)
+        _sync(device)
+        run.seconds.append(time.perf_counter() - start)
+        run.losses.append(losses.tolist())
+        run.predictions.append(int(losses.argmin()))
+        run.flops.append(flops.llm_query_flops(config, p, x, opts, llm.is_encoder_decoder, gated_mlp))
+        advance()
+    if device.type == "cuda":
+        run.memory_bytes = torch.cuda.max_memory_allocated(device)
+    else:
+        # No allocator counter on CPU: an analytic estimate for the longest query (flops.query_memory_bytes).
+        run.memory_bytes = max(flops.query_memory_bytes(config, p, x, opts, llm.is_encoder_decoder, llm.dtype.itemsize,
+                                                         gated_mlp)
+                               for p, x, opts in lengths)
+    return run
+
+
+def predicted(predictions: list[int], qs: QuerySet) -> list[str]:
+    return [opts[i] for opts, i in zip(qs.options, predictions)]
+
+
+def quality(predictions: list[int], qs: QuerySet, classification: bool) -> float:
+    """Macro-F1 for a classification task, accuracy otherwise."""
+    return (metrics.macro_f1 if classification else metrics.accuracy)(predicted(predictions, qs), qs.golds)

@@ -1,0 +1,133 @@
+"""Learning curves: validation tasks held out of stage 2 and scored every eval_every steps."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from rich.console import Console
+
+from mendctl.config import RecipeError
+from mendctl.examples import TaskExamples
+from mendctl.registry import get_backend
+from mendctl.trainer import train
+from mendctl.workspace import data_dir, partition_for
+
+QUIET = Console(quiet=True)
+VAL_KEYS = {"val_mend_f1", "val_agreement", "val_kl", "val_icl_f1", "val_zero_shot_f1"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _records(recipe, stage: str = "finetune") -> list[dict]:
+    path = recipe.output_dir / stage / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _curve(recipe) -> list[dict]:
+    return [r for r in _records(recipe) if "val_mend_f1" in r]
+
+
+CURVES = ("tasks.validation=[tiny_color, tiny_sound]", "finetune.eval_every=2", "finetune.eval_queries=4")
+
+
+def test_curves_are_logged_every_eval_every_steps_and_plotted(tiny):
+    recipe = tiny("gpt2", *CURVES, "finetune.steps=5", "finetune.save_every=5")
+    train(recipe, "finetune", console=QUIET)
+    curve = _curve(recipe)
+    # Step 0 is the untrained distiller; then every 2 steps, and the last step.
+    assert [r["step"] for r in curve] == [0, 2, 4, 5]
+    assert set(curve[0]) == {"step"} | VAL_KEYS
+    assert all(VAL_KEYS | {"loss", "kl", "ce"} <= set(r) for r in curve[1:])
+    assert [r["step"] for r in _records(recipe) if "loss" in r] == [1, 2, 3, 4, 5]
+    for r in curve:
+        assert 0 <= r["val_mend_f1"] <= 1 and 0 <= r["val_agreement"] <= 1 and r["val_kl"] >= 0
+        # ICL and zero-shot are scored once: the same reference in every record.
+        assert (r["val_icl_f1"], r["val_zero_shot_f1"]) == (curve[0]["val_icl_f1"], curve[0]["val_zero_shot_f1"])
+    # The distiller changed between the first and the last point, and the curve shows it.
+    assert curve[0]["val_kl"] != curve[-1]["val_kl"]
+    png = recipe.output_dir / "finetune" / "curves.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_run_without_eval_every_logs_no_curve_but_plots_its_loss(tiny):
+    train(tiny("gpt2", *CURVES, "finetune.steps=2"), "finetune", console=QUIET)
+    recipe = tiny("gpt2", "finetune.steps=2")
+    train(recipe, "finetune", restart=True, console=QUIET)  # nothing of the first run's curve is left
+    assert not _curve(recipe) and [r["step"] for r in _records(recipe)] == [1, 2]
+    assert (recipe.output_dir / "finetune" / "curves.png").is_file()
+
+
+def test_validation_tasks_are_held_out_of_stage_2(tiny):
+    recipe = tiny("gpt2", "tasks.validation=[tiny_color]")
+    tok = get_backend("gpt2").build(recipe).llm_tokenizer
+    template = get_backend("gpt2").template(recipe)
+    examples = TaskExamples(recipe.finetune, recipe.tasks, data_dir(recipe), list(partition_for(recipe).train),
+                            template, tok, recipe.seed)
+    assert examples.names == ["tiny_length", "tiny_parity", "tiny_sound"]
+    colors = {r["output"] for r in json.loads("[" + ",".join(
+        Path("data/tiny/tasks/tiny_color/tiny_color_16384_100_train.jsonl").read_text().splitlines()) + "]")}
+    targets = {tok.decode(examples.get(p).y).strip() for p in range(200)}
+    assert not targets & colors
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["tasks.validation=[tiny_sentiment]"], r"not in its train list: \['tiny_sentiment'\]"),  # a test task
+    (["tasks.validation=[tiny_nothing]"], "not in its train list"),
+    (["tasks.validation=[tiny_parity, tiny_color, tiny_sound, tiny_length]"], "none would be left"),
+    (["finetune.eval_every=5"], "finetune.eval_every needs validation tasks"),
+    (["pretrain.eval_every=5"], "pretrain.eval_every needs validation tasks"),
+])
+def test_validation_tasks_are_checked_against_the_partition(tiny, overrides, message):
+    with pytest.raises(RecipeError, match=message):
+        tiny("gpt2", *overrides)
+
+
+def test_resume_continues_the_curve(tiny, monkeypatch):
+    import mendctl.trainer as trainer
+
+    overrides = (*CURVES, "finetune.steps=6", "finetune.save_every=3")
+    straight = tiny("gpt2", *overrides)
+    train(straight, "finetune", console=QUIET)
+    recipe = tiny("gpt2", *overrides, f"output_dir={straight.output_dir}-interrupted")
+    real, calls = trainer.step_loss, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 6:  # during step 6: step 5 is saved by the Ctrl-C handler, its record has no curve point
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "step_loss", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(recipe, "finetune", console=QUIET)
+    assert [r["step"] for r in _curve(recipe)] == [0, 2, 4]
+    monkeypatch.setattr(trainer, "step_loss", real)
+    train(recipe, "finetune", resume=True, console=QUIET)
+    resumed, expected = _curve(recipe), _curve(straight)
+    assert [r["step"] for r in resumed] == [0, 2, 4, 6]
+    for a, b in zip(resumed, expected):
+        assert a["val_kl"] == pytest.approx(b["val_kl"], abs=1e-5)
+        assert a["val_mend_f1"] == b["val_mend_f1"] and a["val_agreement"] == b["val_agreement"]
+
+
+def test_two_processes_score_on_the_main_process_only(tmp_path):
+    import subprocess
+    import sys
+
+    launcher = Path(sys.executable).parent / "accelerate"
+    out = tmp_path / "mp"
+    result = subprocess.run([str(launcher), "launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+                             "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "mendctl", "finetune",
+                             "recipes/tiny/gpt2.yaml", f"output_dir={out}", "finetune.steps=3", "finetune.save_every=3",
+                             *CURVES], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    records = [json.loads(line) for line in (out / "finetune" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "val_mend_f1" in r] == [0, 2, 3]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
+    assert (out / "finetune" / "curves.png").is_file()
