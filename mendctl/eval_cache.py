@@ -21,8 +21,8 @@ from .model_sources import cache_dir
 from .provenance import file_hash, text_hash
 from .scoring import MethodRun, QuerySet
 
-CACHED_METHODS = ("zero-shot", "icl", "icl-truncated")
-VERSION = 1  # bumped when the scoring itself (FrozenLM.option_losses) changes: every older entry turns stale
+CACHED_METHODS = ("zero-shot", "icl", "icl-truncated", "llmlingua")
+VERSION = 1  # bumped when the scoring itself (FrozenLM.option_losses, compress.py) changes: every older entry turns stale
 
 
 def describe(models: Models, template: TemplateSpec, root: Path, k: int, qs: QuerySet, method: str,
@@ -37,7 +37,7 @@ def describe(models: Models, template: TemplateSpec, root: Path, k: int, qs: Que
             "context": text_hash(qs.demos.context),
             "query_ids": text_hash(json.dumps([[q.x, q.options] for q in qs.queries + qs.alone])),
             "task": task, "seed": seed, "k": k, "limit": limit,
-            "num_vectors": num_vectors if method == "icl-truncated" else None}
+            "num_vectors": num_vectors if method in ("icl-truncated", "llmlingua") else None}
 
 
 def _path(description: dict) -> Path:

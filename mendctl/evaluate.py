@@ -115,9 +115,9 @@ def _distil_now(recipe: Recipe, models: Models, todo: list[DemoSet]) -> dict[str
     return {f"{ds.task}/{ds.seed}": v for ds, v in zip(todo, vectors)}
 
 
-def _compressed(sets: list[QuerySet], models: Models, template: TemplateSpec, k: int) -> dict[str, Compressed]:
+def _compressed(qs: QuerySet, models: Models, template: TemplateSpec, k: int) -> dict[str, Compressed]:
     return {qs.key: compress(models.llm, context_ids(template, qs.demos.context, models.llm_tokenizer), k,
-                             models.gated_mlp) for qs in sets}
+                             models.gated_mlp)}
 
 
 def _prefix(method: str, qs: QuerySet, models: Models, template: TemplateSpec, k: int,
@@ -309,7 +309,7 @@ def _load(recipe: Recipe) -> tuple[Models, str, torch.device]:
 
 
 def _run_method(method: str, qs: QuerySet, models: Models, template: TemplateSpec, recipe: Recipe, limit: int | None,
-                mend: dict[str, MendVectors], lingua: dict[str, Compressed], advance) -> tuple[MethodRun, int, bool]:
+                mend: dict[str, MendVectors], advance) -> tuple[MethodRun, int, bool]:
     """The method's scores on `qs`, from the cache when they do not depend on the distiller and are there."""
     description = None
     if recipe.eval.cache and method in eval_cache.CACHED_METHODS:
@@ -318,8 +318,12 @@ def _run_method(method: str, qs: QuerySet, models: Models, template: TemplateSpe
         if (hit := eval_cache.load(description)) is not None:
             advance(len(qs.queries))
             return *hit, True
+    # Compressed once per set, and only when not cached: the compression is llmlingua's dearest part.
+    lingua = _compressed(qs, models, template, recipe.num_vectors) if method == "llmlingua" else None
     prefix = _prefix(method, qs, models, template, recipe.num_vectors, mend, lingua)
     run = score(models.llm, prefix, qs, models.gated_mlp, lambda: advance(1))
+    if lingua:
+        run.prefix_flops = lingua[qs.key].flops
     if description is not None:
         eval_cache.save(description, run, prefix.shape[0])
     return run, prefix.shape[0], False
@@ -327,12 +331,12 @@ def _run_method(method: str, qs: QuerySet, models: Models, template: TemplateSpe
 
 def _evaluate_set(qs: QuerySet, methods: list[str], models: Models, template: TemplateSpec, recipe: Recipe,
                   limit: int | None, partition: Partition, mend: dict[str, MendVectors],
-                  lingua: dict[str, Compressed], progress: Progress, bar) -> dict:
+                  progress: Progress, bar) -> dict:
     classification = partition.is_classification(qs.demos.task)
     result, runs = {"n_queries": len(qs.queries), "demos_hash": text_hash(qs.demos.context), "methods": {}}, {}
     for method in methods:
         progress.update(bar, description=f"{qs.demos.task} seed {qs.demos.seed} {method}")
-        runs[method], prefix_tokens, cached = _run_method(method, qs, models, template, recipe, limit, mend, lingua,
+        runs[method], prefix_tokens, cached = _run_method(method, qs, models, template, recipe, limit, mend,
                                                           lambda n: progress.advance(bar, n))
         result["methods"][method] = _method_result(runs[method], qs, prefix_tokens, classification, cached)
         if not progress.console.is_terminal:  # the bar is invisible in a log file: one line per method
@@ -341,7 +345,7 @@ def _evaluate_set(qs: QuerySet, methods: list[str], models: Models, template: Te
     if "mend" in methods:
         result["methods"]["mend"]["distill_flops"] = mend[qs.key].distill_flops
     if "llmlingua" in methods:
-        result["methods"]["llmlingua"]["compress_flops"] = lingua[qs.key].flops
+        result["methods"]["llmlingua"]["compress_flops"] = runs["llmlingua"].prefix_flops
     if {"icl", "mend"} <= set(methods):
         result["mend_vs_icl"] = _compare(runs["icl"], runs["mend"])
     return result
@@ -380,7 +384,6 @@ def run_eval(recipe: Recipe, limit: int | None = None, console: Console | None =
     mend = {}
     if "mend" in methods:
         mend = _mend_vectors(recipe, models, distiller_hash, [qs.demos for qs in sets], console)
-    lingua = _compressed(sets, models, template, recipe.num_vectors) if "llmlingua" in methods else {}
     _warm_up(models.llm, sets[0])
     tasks: dict[str, dict] = {}
     with _progress(console) as progress:
@@ -389,8 +392,8 @@ def run_eval(recipe: Recipe, limit: int | None = None, console: Console | None =
             task = tasks.setdefault(qs.demos.task, {
                 "metric": "macro-f1" if partition.is_classification(qs.demos.task) else "accuracy", "seeds": {}})
             task["seeds"][str(qs.demos.seed)] = _evaluate_set(qs, methods, models, template, recipe, limit, partition,
-                                                              mend, lingua, progress, bar)
-    results = _results(recipe, limit, methods, tasks, partition, device, models, mend, lingua)
+                                                              mend, progress, bar)
+    results = _results(recipe, limit, methods, tasks, partition, device, models, mend)
     if recipe.eval.bootstrap_samples and "mend" in methods:
         results["bootstrap"] = _bootstrap(recipe, sets, tasks, methods, partition)
     _write(results, recipe, console)
@@ -398,8 +401,7 @@ def run_eval(recipe: Recipe, limit: int | None = None, console: Console | None =
 
 
 def _results(recipe: Recipe, limit: int | None, methods: list[str], tasks: dict, partition: Partition,
-             device: torch.device, models: Models, mend: dict[str, MendVectors],
-             lingua: dict[str, Compressed]) -> dict:
+             device: torch.device, models: Models, mend: dict[str, MendVectors]) -> dict:
     _task_summaries(tasks, methods)
     results = {
         "partition": partition.name, "device": _device_name(device), "limit": limit, "seeds": recipe.tasks.seeds,
@@ -414,7 +416,7 @@ def _results(recipe: Recipe, limit: int | None, methods: list[str], tasks: dict,
     if mend:
         results["vectors"] = {"dir": str(recipe.output_dir / "vectors"),
                               "sources": {key: v.source for key, v in mend.items()}}
-    if lingua:
+    if "llmlingua" in methods:
         results["llmlingua"] = {"implementation": NOTE, "segment_tokens": SEGMENT_TOKENS}
     results["recipe"] = resolved_dict(recipe)
     results["provenance"] = stamp()

@@ -54,6 +54,7 @@ class MethodRun:
     flops: list[float] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
     memory_bytes: int = 0
+    prefix_flops: float = 0.0  # one-off cost of making the prefix for the whole set (llmlingua's compression)
 
 
 def demo_set(root: Path, task: str, k: int, seed: int, template: TemplateSpec, tokenizer) -> DemoSet:
