@@ -13,7 +13,8 @@ from .checkpoint import load_distiller
 from .config import Recipe, TemplateSpec
 from .data.metaicl import load_split
 from .registry import get_backend
-from .render import render_context
+from .anchors import anchor_embeddings, anchor_ids, label_ids
+from .render import context_ids, render_context
 from .provenance import text_hash
 from .trainer import distiller_inputs
 from .vectors import VectorsMismatch, as_metadata, read_metadata, save_vectors
@@ -42,15 +43,27 @@ def demo_sets(recipe: Recipe, template: TemplateSpec, tokenizer) -> list[DemoSet
     return out
 
 
+def set_anchors(recipe: Recipe, template: TemplateSpec, sets: list[DemoSet], tokenizer) -> list[list[int]] | None:
+    """The LLM ids an anchored distiller starts from for each set, as training computes them; None unanchored."""
+    if recipe.distiller.anchor == "none":
+        return None
+    return [anchor_ids(recipe.distiller.anchor, context_ids(template, ds.context, tokenizer),
+                       label_ids(template, ds.demos, tokenizer), recipe.num_vectors) for ds in sets]
+
+
 @torch.no_grad()
-def distil(models: Models, contexts: list[str], max_length: int, batch_size: int) -> list[torch.Tensor]:
-    """[K, d_llm] vectors per context, in the LLM's dtype; batching does not change them (left padding)."""
+def distil(models: Models, contexts: list[str], max_length: int, batch_size: int,
+           anchors: list[list[int]] | None = None) -> list[torch.Tensor]:
+    """[K, d_llm] vectors per context, in the LLM's dtype; batching does not change them (left padding).
+
+    `anchors`: for an anchored distiller, each context's anchor ids (`set_anchors`)."""
     distiller = models.distiller.eval()
-    device = models.llm.device
+    device, k = models.llm.device, distiller.num_vectors
     out = []
     for i in range(0, len(contexts), batch_size):
         ids, mask = distiller_inputs(contexts[i:i + batch_size], models.distiller_tokenizer, max_length, device)
-        out += list(distiller(ids, mask).to(models.llm.dtype))
+        rows = None if anchors is None else anchor_embeddings(models.llm, anchors[i:i + batch_size], k)
+        out += list(distiller(ids, mask, rows).to(models.llm.dtype))
     return out
 
 
@@ -105,7 +118,8 @@ def run_distill(recipe: Recipe, force: bool = False, console: Console | None = N
         bar = progress.add_task("distilling", total=len(todo))
         for start in range(0, len(todo), batch):
             chunk = todo[start:start + batch]
-            vectors = distil(models, [sets[i].context for i in chunk], recipe.distiller.max_length, batch)
+            anchors = set_anchors(recipe, template, [sets[i] for i in chunk], models.llm_tokenizer)
+            vectors = distil(models, [sets[i].context for i in chunk], recipe.distiller.max_length, batch, anchors)
             for i, v in zip(chunk, vectors):
                 save_vectors(vectors_path(recipe, sets[i].task, sets[i].seed), v, metas[i])
             progress.advance(bar, len(chunk))

@@ -26,7 +26,8 @@ from transformers import get_linear_schedule_with_warmup
 from .backend import Models
 from .checkpoint import checkpoints, load_distiller, read_state, save_checkpoint, save_distiller
 from .config import FinetuneSpec, PretrainSpec, Recipe
-from .examples import Example, TaskExamples, TextExamples
+from .anchors import anchor_embeddings, anchor_ids
+from .examples import Example, TaskExamples, TextExamples, meta_train_tasks
 from .losses import ForwardKL, TargetCE
 from .registry import get_backend
 from .data.text import iter_local
@@ -71,7 +72,10 @@ def step_loss(models: Models, distiller, batch: list[Example], recipe: Recipe, k
                                      recipe.distiller.max_length, device)
     with torch.no_grad():
         teacher = llm.target_logits([llm.embed(as_t(e.ctx)) for e in batch], xs, ys)
-    vectors = distiller(d_ids, d_mask)
+    anchor, k = recipe.distiller.anchor, recipe.num_vectors
+    anchors = None if anchor == "none" else anchor_embeddings(
+        llm, [anchor_ids(anchor, e.ctx, e.labels, k) for e in batch], k)
+    vectors = distiller(d_ids, d_mask, anchors)
     student = llm.target_logits(list(vectors), xs, ys)
     kl_loss = kl(teacher.logits, student.logits)
     ce = TargetCE()
@@ -92,7 +96,8 @@ def _example_source(stage: str, spec, recipe: Recipe, models: Models, backend):
         documents = iter_local([passages_file(recipe)]) if spec.bigbench_passages else None
         return TextExamples(spec, models.llm_tokenizer, recipe.seed, models.llm.is_encoder_decoder, documents)
     partition = partition_for(recipe)
-    return TaskExamples(spec, recipe.tasks, data_dir(recipe), list(partition.train), backend.template(recipe),
+    root = data_dir(recipe)
+    return TaskExamples(spec, recipe.tasks, root, meta_train_tasks(spec, root, partition, recipe.tasks.k), backend.template(recipe),
                         models.llm_tokenizer, recipe.seed)
 
 
