@@ -95,10 +95,9 @@ def _example_source(stage: str, spec, recipe: Recipe, models: Models, backend):
     if stage == "pretrain":
         documents = iter_local([passages_file(recipe)]) if spec.bigbench_passages else None
         return TextExamples(spec, models.llm_tokenizer, recipe.seed, models.llm.is_encoder_decoder, documents)
-    partition = partition_for(recipe)
     root = data_dir(recipe)
-    return TaskExamples(spec, recipe.tasks, root, meta_train_tasks(spec, root, partition, recipe.tasks.k), backend.template(recipe),
-                        models.llm_tokenizer, recipe.seed)
+    tasks = meta_train_tasks(spec, root, partition_for(recipe), recipe.tasks.k)
+    return TaskExamples(spec, recipe.tasks, root, tasks, backend.template(recipe), models.llm_tokenizer, recipe.seed)
 
 
 def _init_weights(stage: str, spec, recipe: Recipe, models: Models, console: Console) -> str | None:
