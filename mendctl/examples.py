@@ -26,8 +26,8 @@ class Example:
     labels: list[int] = field(default_factory=list)  # the demonstrations' outputs (LLM ids): `labels` anchors
 
 
-# Stand-in label words for finetune.remap_labels: common, unrelated to any task's own labels, mostly
-# one token each, so a remapped episode can only be solved by reading the mapping off the demonstrations.
+# Stand-in label words for finetune.remap_labels: common words, mostly one token each. A few are some
+# task's own labels (colours, directions): "red" may become "blue", which only the demonstrations tell.
 REMAP_WORDS = (
     "apple", "river", "chair", "window", "garden", "pencil", "cloud", "bottle", "yellow", "mountain", "orange",
     "table", "paper", "horse", "bridge", "music", "winter", "summer", "silver", "forest", "market", "doctor",
