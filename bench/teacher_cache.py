@@ -21,7 +21,8 @@ from mendctl.losses import ForwardKL, SparseKL
 from mendctl.provenance import stamp
 from mendctl.registry import get_backend
 from mendctl.teacher_cache import CachedTeacher, TeacherCache, sparsify
-from mendctl.trainer import distiller_inputs, step_loss
+from mendctl.distiller import distiller_inputs
+from mendctl.trainer import step_loss
 
 
 def main() -> None:

@@ -157,12 +157,17 @@ class Backend:
         if dist_tok.pad_token_id is None:
             dist_tok.pad_token = dist_tok.eos_token
         init_std = getattr(body.config, "initializer_range", None) or getattr(body.config, "initializer_factor", 0.02)
+        stats = None
+        if recipe.distiller.scale_to_embeddings:
+            table = llm.model.get_input_embeddings().weight.detach().float()
+            stats = (table.mean(0), table.std(0))
         # Seeded so that two builds of one recipe start from the same placeholders and projector.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(recipe.seed + 2)
             distiller = Distiller(body, llm.hidden_size, recipe.num_vectors,
                                   placeholder_init=recipe.distiller.placeholder_init,
-                                  causal=self.distiller_is_causal, init_std=init_std)
+                                  causal=self.distiller_is_causal, init_std=init_std,
+                                  anchor=recipe.distiller.anchor, embedding_stats=stats)
         return Models(llm, llm_tok, llm_id, config_hash(llm.model.config), distiller, dist_tok, self.gated_mlp)
 
     def template(self, recipe: Recipe) -> TemplateSpec:

@@ -101,6 +101,17 @@ class DistillerSpec(ModelSpec):
     max_length: int = Field(1024, ge=8, description="distiller input tokens; demonstrations beyond are cut from the left")
     lora: LoraSpec | None = Field(None, description="train adapters instead of the body; shares the LLM's layers")
     freeze_embeddings: bool = Field(False, description="keep the body's token embeddings as loaded")
+    anchor: Literal["none", "last", "labels"] = Field(
+        "none", description="vectors = these K frozen LLM token embeddings + a correction that starts at zero")
+    scale_to_embeddings: bool = Field(
+        False, description="plain distiller: a LayerNorm starting at the LLM embeddings' per-dimension mean and std")
+
+    @model_validator(mode="after")
+    def _scale_is_for_plain(self) -> "DistillerSpec":
+        if self.scale_to_embeddings and self.anchor != "none":
+            raise ValueError("scale_to_embeddings is for distiller.anchor: none; anchored vectors already have "
+                             "the embeddings' scale")
+        return self
 
     def _sources(self) -> list[str]:
         return super()._sources() + (["init_from_llm_layers"] if self.init_from_llm_layers else [])
@@ -221,6 +232,12 @@ class FinetuneSpec(TrainSpec):
     train_file: str = Field("{task}_16384_100_train.jsonl", description="meta-train file of each task, under data_dir/{task}/")
     kl_weight: float = Field(1.0, ge=0)
     init_from: ExistingPath | None = Field(None, description="stage-1 output; default output_dir/pretrain when present")
+    remap_labels: float = Field(0.0, ge=0, le=1, description="probability that an episode's option strings are "
+                                "replaced by random words, in the demonstrations and the target alike")
+    train_tasks: Literal["partition", "all"] = Field(
+        "partition", description="all: every classification task in data_dir with a train_file, except test tasks")
+    task_sampling: Literal["uniform", "proportional"] = Field(
+        "uniform", description="how an episode's task is drawn: uniformly, or in proportion to its examples")
 
     @field_validator("train_file")
     @classmethod

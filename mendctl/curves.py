@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from . import metrics
+from .anchors import set_anchors
 from .backend import Models
 from .config import Recipe, TemplateSpec
 from .fileio import atomic_path
@@ -34,6 +35,7 @@ class Validation:
         self.models = models
         self.sets = [query_set(root, demo_set(root, task, k, seed, template, tok), k, template, tok, queries)
                      for task in recipe.tasks.validation]
+        self.anchors = set_anchors(recipe, template, [qs.demos for qs in self.sets], tok)
         llm = models.llm
         with torch.no_grad():
             self.icl = [self._score(llm.embed(torch.tensor(context_ids(template, qs.demos.context, tok),

@@ -10,11 +10,12 @@ from rich.progress import Progress
 from .backend import Models
 from .checkpoint import load_distiller
 from .config import Recipe, TemplateSpec
+from .anchors import set_anchors
 from .partitions import check_task_name
 from .registry import get_backend
 from .provenance import text_hash
 from .scoring import DemoSet, demo_set
-from .trainer import distiller_inputs
+from .distiller import distil
 from .vectors import VectorsMismatch, as_metadata, read_metadata, save_vectors
 from .workspace import data_dir, partition_for, stage_input
 
@@ -27,18 +28,6 @@ def demo_sets(recipe: Recipe, template: TemplateSpec, tokenizer) -> list[DemoSet
     root, tasks = data_dir(recipe), recipe.tasks
     return [demo_set(root, task, tasks.k, seed, template, tokenizer)
             for task in partition_for(recipe).test for seed in tasks.seeds]
-
-
-@torch.no_grad()
-def distil(models: Models, contexts: list[str], max_length: int, batch_size: int) -> list[torch.Tensor]:
-    """[K, d_llm] vectors per context, in the LLM's dtype; batching does not change them (left padding)."""
-    distiller = models.distiller.eval()
-    device = models.llm.device
-    out = []
-    for i in range(0, len(contexts), batch_size):
-        ids, mask = distiller_inputs(contexts[i:i + batch_size], models.distiller_tokenizer, max_length, device)
-        out += list(distiller(ids, mask).to(models.llm.dtype))
-    return out
 
 
 def load_trained(recipe: Recipe, require: bool = True) -> tuple[Models, str]:
@@ -93,7 +82,8 @@ def run_distill(recipe: Recipe, force: bool = False, console: Console | None = N
         bar = progress.add_task("distilling", total=len(todo))
         for start in range(0, len(todo), batch):
             chunk = todo[start:start + batch]
-            vectors = distil(models, [sets[i].context for i in chunk], recipe.distiller.max_length, batch)
+            anchors = set_anchors(recipe, template, [sets[i] for i in chunk], models.llm_tokenizer)
+            vectors = distil(models, [sets[i].context for i in chunk], recipe.distiller.max_length, batch, anchors)
             for i, v in zip(chunk, vectors):
                 save_vectors(vectors_path(recipe, sets[i].task, sets[i].seed), v, metas[i])
             progress.advance(bar, len(chunk))

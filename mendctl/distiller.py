@@ -4,6 +4,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .anchors import anchor_embeddings
+
+ANCHORS = ("none", "last", "labels")
+
 
 class Distiller(nn.Module):
     """A trainable LM body, K learnable placeholders appended after the demonstrations, a projector.
@@ -11,13 +15,27 @@ class Distiller(nn.Module):
     Inputs are LEFT-padded so that the placeholders always sit right after the last real
     demonstration token; with a causal body, position ids are counted over real tokens only, so a
     demonstration set gives the same vectors whatever it is batched with.
+
+    Anchored (`anchor` other than "none"): the vectors are K of the frozen LLM's own input
+    embeddings, chosen from the demonstrations by `mendctl.anchors` and passed to `forward`, plus a
+    correction read from the placeholders' hidden states. The correction's last layer starts at
+    zero, so an untrained anchored distiller gives exactly the anchors (for `last`, truncated ICL):
+    training starts from a prefix the LLM can already read instead of from vectors far off its
+    embedding scale. The anchors are inputs, never parameters: nothing of them is trained or saved.
     """
 
     def __init__(self, body: nn.Module, d_llm: int, num_vectors: int, *, placeholder_init: str = "random",
-                 causal: bool = True, init_std: float = 0.02):
+                 causal: bool = True, init_std: float = 0.02, anchor: str = "none",
+                 embedding_stats: tuple[torch.Tensor, torch.Tensor] | None = None):
         super().__init__()
+        if anchor not in ANCHORS:
+            raise ValueError(f"anchor must be one of {ANCHORS}, not {anchor!r}")
+        if anchor != "none" and embedding_stats is not None:
+            raise ValueError("embedding_stats (scale_to_embeddings) is for the plain distiller; anchored vectors "
+                             "already have the embeddings' scale")
         self.body = body
         self.causal = causal
+        self.anchor = anchor
         embeddings = body.get_input_embeddings().weight
         d = embeddings.shape[1]
         if placeholder_init == "vocab":
@@ -37,15 +55,36 @@ class Distiller(nn.Module):
             raise ValueError(f"num_vectors={num_vectors} leaves no room for demonstrations in the distiller's "
                              f"{limit} positions")
         self.max_input = limit - num_vectors if limit is not None else None
-        # Identity when sizes match: a projector there would only add parameters to train.
-        self.projector = nn.Sequential(nn.Linear(d, d_llm), nn.Tanh()) if d != d_llm else nn.Identity()
+        if anchor != "none":
+            # A differently named module than `projector`, so that weights trained one way refuse
+            # to load into a distiller built the other way.
+            last = nn.Linear(d, d_llm)
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
+            self.correction = nn.Sequential(nn.LayerNorm(d), last)
+        else:
+            # Identity when sizes match: a projector there would only add parameters to train.
+            self.projector = nn.Sequential(nn.Linear(d, d_llm), nn.Tanh()) if d != d_llm else nn.Identity()
+            if embedding_stats is not None:
+                # Hidden states of a deep layer are ~10x the norm of input embeddings; a LayerNorm
+                # whose gain and bias start at the embeddings' per-dimension std and mean puts the
+                # vectors where the LLM's input usually is.
+                mean, std = embedding_stats
+                norm = nn.LayerNorm(d_llm)
+                with torch.no_grad():
+                    norm.weight.copy_(std.float())
+                    norm.bias.copy_(mean.float())
+                self.projector = nn.Sequential(self.projector, norm)
 
     @property
     def num_vectors(self) -> int:
         return self.placeholders.shape[0]
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """[B, L] left-padded demonstration ids -> [B, K, d_llm] vectors."""
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                anchors: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, L] left-padded demonstration ids (and, anchored, [B, K, d_llm] anchors) -> [B, K, d_llm] vectors."""
+        if (anchors is None) != (self.anchor == "none"):
+            raise ValueError(f"distiller.anchor={self.anchor!r}: anchors must be given exactly when anchored")
         batch, k = input_ids.shape[0], self.num_vectors
         if self.max_input is not None and input_ids.shape[1] > self.max_input:
             input_ids, attention_mask = input_ids[:, -self.max_input:], attention_mask[:, -self.max_input:]
@@ -58,4 +97,42 @@ class Distiller(nn.Module):
             kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
         hidden = self.body(inputs_embeds=embeds, attention_mask=mask, **kwargs).last_hidden_state
         # Placeholders and projector stay float32 whatever the body's dtype.
-        return self.projector(hidden[:, -k:].to(self.placeholders.dtype))
+        hidden = hidden[:, -k:].to(self.placeholders.dtype)
+        if anchors is None:
+            return self.projector(hidden)
+        return anchors.to(hidden.dtype) + self.correction(hidden)
+
+
+def left_pad(rows: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    length = max(len(r) for r in rows)
+    ids = torch.full((len(rows), length), pad, dtype=torch.long)
+    mask = torch.zeros(len(rows), length, dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, length - len(r):] = torch.tensor(r)
+            mask[i, length - len(r):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def distiller_inputs(texts: list[str], tokenizer, max_length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Demonstrations as the distiller reads them, left-padded; the oldest tokens go first if too long."""
+    rows = [tokenizer(t, add_special_tokens=False).input_ids[-max_length:] for t in texts]
+    return left_pad(rows, tokenizer.pad_token_id, device)
+
+
+@torch.no_grad()
+def distil(models, contexts: list[str], max_length: int, batch_size: int,
+           anchors: list[list[int]] | None = None) -> list[torch.Tensor]:
+    """[K, d_llm] vectors per context, in the LLM's dtype; batching does not change them (left padding).
+
+    `anchors`: for an anchored distiller, each context's anchor ids (`set_anchors`)."""
+    distiller, training = models.distiller, models.distiller.training
+    distiller.eval()  # no dropout: the vectors of a set are always the same (the trainer's curves restore training)
+    device, k = models.llm.device, distiller.num_vectors
+    out = []
+    for i in range(0, len(contexts), batch_size):
+        ids, mask = distiller_inputs(contexts[i:i + batch_size], models.distiller_tokenizer, max_length, device)
+        rows = None if anchors is None else anchor_embeddings(models.llm, anchors[i:i + batch_size], k)
+        out += list(distiller(ids, mask, rows).to(models.llm.dtype))
+    distiller.train(training)
+    return out

@@ -33,7 +33,9 @@ from .compress import NOTE, SEGMENT_TOKENS, Compressed, compress
 from .backend import Models
 from .bootstrap import Paired, paired_bootstrap
 from .config import Recipe, TemplateSpec, resolved_dict
-from .distill import UNTRAINED, demo_sets, distil, load_trained, vectors_path
+from .anchors import set_anchors
+from .distill import UNTRAINED, demo_sets, load_trained, vectors_path
+from .distiller import distil
 from .fileio import atomic_path, write_json
 from .partitions import Partition
 from .provenance import stamp, text_hash
@@ -111,7 +113,9 @@ def _mend_vectors(recipe: Recipe, models: Models, distiller_hash: str, sets: lis
 def _distil_now(recipe: Recipe, models: Models, todo: list[DemoSet]) -> dict[str, torch.Tensor]:
     if not todo:
         return {}
-    vectors = distil(models, [ds.context for ds in todo], recipe.distiller.max_length, recipe.eval.batch_size)
+    template = get_backend(recipe.backend).template(recipe)
+    anchors = set_anchors(recipe, template, todo, models.llm_tokenizer)
+    vectors = distil(models, [ds.context for ds in todo], recipe.distiller.max_length, recipe.eval.batch_size, anchors)
     return {f"{ds.task}/{ds.seed}": v for ds, v in zip(todo, vectors)}
 
 

@@ -5,13 +5,15 @@ the position, and every process of a multi-process run draws its own disjoint po
 """
 from __future__ import annotations
 
+import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import FinetuneSpec, PretrainSpec, TasksSpec, TemplateSpec
 from .data.metaicl import DataError, read_examples
 from .data.text import iter_hf, iter_local, pieces
+from .anchors import label_ids
 from .render import context_ids, render_context, render_query
 
 
@@ -21,6 +23,41 @@ class Example:
     ctx: list[int]       # the same demonstrations as the teacher reads them (LLM ids)
     x: list[int]         # query input (LLM ids)
     y: list[int]         # target (LLM ids)
+    labels: list[int] = field(default_factory=list)  # the demonstrations' outputs (LLM ids): `labels` anchors
+
+
+# Stand-in label words for finetune.remap_labels: common words, mostly one token each. A few are some
+# task's own labels (colours, directions): "red" may become "blue", which only the demonstrations tell.
+REMAP_WORDS = (
+    "apple", "river", "chair", "window", "garden", "pencil", "cloud", "bottle", "yellow", "mountain", "orange",
+    "table", "paper", "horse", "bridge", "music", "winter", "summer", "silver", "forest", "market", "doctor",
+    "kitchen", "island", "planet", "rabbit", "violin", "candle", "ticket", "pocket", "engine", "coffee",
+    "letter", "stone", "tiger", "camera", "basket", "butter", "castle", "dragon", "guitar", "hammer",
+    "jacket", "ladder", "mirror", "needle", "onion", "pepper", "rocket", "saddle", "tomato", "wallet",
+    "banana", "carpet", "desert", "falcon", "glass", "honey", "lemon", "cotton", "anchor", "blue", "green",
+    "north", "south", "left", "right", "up", "down", "cat", "dog", "sun", "moon", "car", "tree", "book",
+)
+
+
+def meta_train_tasks(spec: FinetuneSpec, data_dir: Path, partition, k: int) -> list[str]:
+    """finetune.train_tasks: the partition's meta-train tasks, or every classification task (its
+    rows carry two or more options) in data_dir with a train_file and more than k examples,
+    except any shipped partition's test tasks and this partition's."""
+    if spec.train_tasks == "partition":
+        return list(partition.train)
+    from .partitions import list_partitions, load_partition
+
+    excluded = set(partition.test).union(*(load_partition(n).test for n in list_partitions()))
+    names = []
+    for folder in sorted(p for p in Path(data_dir).iterdir() if p.is_dir() and p.name not in excluded):
+        path = folder / spec.train_file.replace("{task}", folder.name)
+        if not path.is_file():
+            continue
+        with path.open() as f:
+            first = f.readline()
+            if len(json.loads(first).get("options") or []) >= 2 and 1 + sum(1 for _ in f) > k:
+                names.append(folder.name)
+    return names
 
 
 class TextExamples:
@@ -84,6 +121,7 @@ class TaskExamples:
     def __init__(self, spec: FinetuneSpec, tasks: TasksSpec, data_dir: Path, train_tasks: list[str],
                  template: TemplateSpec, tokenizer, seed: int):
         self.template, self.tokenizer, self.seed, self.k = template, tokenizer, seed, tasks.k
+        self.remap, self.proportional = spec.remap_labels, spec.task_sampling == "proportional"
         self.tasks = {}
         # Validation tasks are held out: the learning curves score the distiller on tasks it never saw.
         for task in [t for t in train_tasks if t not in tasks.validation]:
@@ -94,18 +132,31 @@ class TaskExamples:
         self.names = sorted(self.tasks)
         if not self.names:
             raise DataError("the partition lists no meta-train task")
+        self.sizes = [len(self.tasks[n]) for n in self.names]
 
     def get(self, position: int) -> Example:
         rng = random.Random(f"{self.seed}:{position}")
-        rows = self.tasks[rng.choice(self.names)]
+        name = rng.choices(self.names, weights=self.sizes)[0] if self.proportional else rng.choice(self.names)
+        rows = self.tasks[name]
         q = rng.randrange(len(rows))
         demos = [rows[i] for i in rng.sample([i for i in range(len(rows)) if i != q], self.k)]
+        target = rows[q]["output"]
+        # Drawn whatever remap_labels is, so that changing it leaves every other draw as it was.
+        remap = rng.random() < self.remap
+        options = rows[q].get("options") or []
+        if remap and 2 <= len(options) <= len(REMAP_WORDS):
+            # One consistent mapping for the whole episode: the target is only predictable from
+            # the demonstrations' new labels, never from what the distiller remembers of the task.
+            mapping = dict(zip(options, rng.sample(REMAP_WORDS, len(options))))
+            demos = [{**d, "output": mapping.get(d["output"], d["output"])} for d in demos]
+            target = mapping.get(target, target)
         context = render_context(self.template, demos, self.tokenizer)
         if not context:
             raise DataError(f"template.max_context_tokens={self.template.max_context_tokens} leaves room for no "
                             f"demonstration (query {rows[q]['_where']})")
-        query = render_query(self.template, rows[q]["input"], [rows[q]["output"]], self.tokenizer, after_context=True)
-        return Example(context, context_ids(self.template, context, self.tokenizer), query.x, query.options[0])
+        query = render_query(self.template, rows[q]["input"], [target], self.tokenizer, after_context=True)
+        return Example(context, context_ids(self.template, context, self.tokenizer), query.x, query.options[0],
+                       label_ids(self.template, demos, self.tokenizer))
 
 
 def example_source(stage: str, recipe, tokenizer, encoder_decoder: bool, template: TemplateSpec):
@@ -116,5 +167,6 @@ def example_source(stage: str, recipe, tokenizer, encoder_decoder: bool, templat
     if stage == "pretrain":
         documents = iter_local([passages_file(recipe)]) if spec.bigbench_passages else None
         return TextExamples(spec, tokenizer, recipe.seed, encoder_decoder, documents)
-    return TaskExamples(spec, recipe.tasks, data_dir(recipe), list(partition_for(recipe).train), template,
-                        tokenizer, recipe.seed)
+    root = data_dir(recipe)
+    tasks = meta_train_tasks(spec, root, partition_for(recipe), recipe.tasks.k)
+    return TaskExamples(spec, recipe.tasks, root, tasks, template, tokenizer, recipe.seed)

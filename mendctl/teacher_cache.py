@@ -187,6 +187,7 @@ def teacher_key(recipe, stage: str, models, template) -> dict:
     key = {"format": FORMAT, "stage": stage, "llm": models.llm_id, "llm_config": models.llm_config_hash,
            "llm_weights": _fingerprint(llm.model), "llm_class": type(llm).__name__, "dtype": recipe.llm.dtype,
            "mixed_precision": spec.mixed_precision, "pad_token_id": llm.pad_token_id,
+           "bos_token_id": llm.bos_token_id,
            "temperature": spec.temperature, "top_k": spec.teacher_top_k, "seed": recipe.seed}
     if stage == "pretrain":
         from .workspace import passages_file
@@ -200,9 +201,16 @@ def teacher_key(recipe, stage: str, models, template) -> dict:
         from .provenance import file_hash
         from .workspace import data_dir, partition_for
 
+        from .examples import meta_train_tasks
+
         root = data_dir(recipe)
-        files = {t: file_hash(root / t / spec.train_file.replace("{task}", t)) for t in sorted(partition_for(recipe).train)}
-        key |= {"template": template.model_dump(mode="json"), "k": recipe.tasks.k, "data": files}
+        tasks = [t for t in meta_train_tasks(spec, root, partition_for(recipe), recipe.tasks.k)
+                 if t not in recipe.tasks.validation]
+        files = {t: file_hash(root / t / spec.train_file.replace("{task}", t)) for t in sorted(tasks)}
+        # The draw of an episode (which task, which labels) changes with these; the input hash would
+        # catch it too, but runs that differ in them would then overwrite each other's shards.
+        key |= {"template": template.model_dump(mode="json"), "k": recipe.tasks.k, "data": files,
+                "remap_labels": spec.remap_labels, "task_sampling": spec.task_sampling}
     return key
 
 

@@ -27,7 +27,9 @@ from .backend import Models
 from .checkpoint import (checkpoints, keep_trainable_in_checkpoints, load_distiller, read_state, save_checkpoint,
                          save_distiller)
 from .config import FinetuneSpec, PretrainSpec, Recipe
+from .anchors import anchor_embeddings, anchor_ids
 from .curves import Validation, plot
+from .distiller import distil, distiller_inputs
 from .examples import Example, example_source
 from .losses import ForwardKL, SparseKL, TargetCE
 from .registry import get_backend
@@ -37,23 +39,6 @@ from .workspace import stage_input
 
 class TrainingDiverged(RuntimeError):
     pass
-
-
-def left_pad(rows: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    length = max(len(r) for r in rows)
-    ids = torch.full((len(rows), length), pad, dtype=torch.long)
-    mask = torch.zeros(len(rows), length, dtype=torch.long)
-    for i, r in enumerate(rows):
-        if r:
-            ids[i, length - len(r):] = torch.tensor(r)
-            mask[i, length - len(r):] = 1
-    return ids.to(device), mask.to(device)
-
-
-def distiller_inputs(texts: list[str], tokenizer, max_length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Demonstrations as the distiller reads them, left-padded; the oldest tokens go first if too long."""
-    rows = [tokenizer(t, add_special_tokens=False).input_ids[-max_length:] for t in texts]
-    return left_pad(rows, tokenizer.pad_token_id, device)
 
 
 @dataclass
@@ -79,7 +64,10 @@ def step_loss(models: Models, distiller, batch: list[Example], recipe: Recipe, k
             teacher = llm.target_logits([llm.embed(as_t(e.ctx)) for e in batch], xs, ys)
     else:
         top = cached(batch, positions)
-    vectors = distiller(d_ids, d_mask)
+    anchor, k = recipe.distiller.anchor, recipe.num_vectors
+    anchors = None if anchor == "none" else anchor_embeddings(
+        llm, [anchor_ids(anchor, e.ctx, e.labels, k) for e in batch], k)
+    vectors = distiller(d_ids, d_mask, anchors)
     student = llm.target_logits(list(vectors), xs, ys)
     ce = TargetCE()
     if cached is None:
@@ -110,20 +98,6 @@ def _init_weights(stage: str, spec, recipe: Recipe, models: Models, console: Con
     load_distiller(models.distiller, source)
     console.print(f"Starting from {source}")
     return str(source)
-
-
-def _distil(models: Models, distiller, contexts: list[str], recipe: Recipe, batch_size: int, device
-            ) -> list[torch.Tensor]:
-    """Vectors of the current distiller for the validation sets, in eval mode (no dropout), then back to training."""
-    distiller.eval()
-    out = []
-    with torch.no_grad():
-        for i in range(0, len(contexts), batch_size):
-            ids, mask = distiller_inputs(contexts[i:i + batch_size], models.distiller_tokenizer,
-                                         recipe.distiller.max_length, device)
-            out += list(distiller(ids, mask).to(models.llm.dtype))
-    distiller.train()
-    return out
 
 
 def _metrics_log(path: Path, resume_step: int, console: Console):
@@ -204,8 +178,7 @@ def train(recipe: Recipe, stage: str, resume: bool = False, restart: bool = Fals
                   if spec.eval_every and main else None)
 
     def validate(at: int) -> dict:
-        vectors = _distil(models, accelerator.unwrap_model(distiller), validation.contexts, recipe, spec.batch_size,
-                          accelerator.device)
+        vectors = distil(models, validation.contexts, recipe.distiller.max_length, spec.batch_size, validation.anchors)
         return {"step": at, **validation.score(vectors)}
 
     if validation and step == 0:  # the untrained distiller: where the curve starts

@@ -4,7 +4,7 @@ import torch
 
 from mendctl import apply, load_vectors
 from mendctl.registry import get_backend
-from mendctl.trainer import distiller_inputs
+from mendctl.distiller import distiller_inputs
 from mendctl.vectors import VectorsMismatch, save_vectors
 
 BACKENDS = ("gpt2", "t5", "llama")

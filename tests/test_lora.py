@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 import mendctl.backend
 from mendctl.checkpoint import load_distiller
 from mendctl.config import RecipeError, load_recipe
-from mendctl.distill import distil
+from mendctl.distiller import distil
 from mendctl.registry import get_backend
 from mendctl.trainer import train
 

@@ -313,7 +313,7 @@ def test_a_recipe_runs_on_a_gguf_llm_and_a_gguf_distiller(cache: Path, tiny_gguf
     """`llm: {source: DIR, gguf_file: NAME}` through the llama backend; the distiller body from the same GGUF."""
     from mendctl.config import load_recipe
     from mendctl.registry import get_backend
-    from mendctl.trainer import distiller_inputs
+    from mendctl.distiller import distiller_inputs
 
     gguf_path, _ = tiny_gguf
     src = [f"llm.source={gguf_path.parent}", f"llm.gguf_file={gguf_path.name}", "llm.random_init=null",

@@ -1,0 +1,47 @@
+"""Which of the LLM's own token embeddings an anchored distiller starts from (distiller.anchor).
+
+Training (trainer.step_loss) and inference (distill.distil) both go through `anchor_ids`, from the
+teacher-side ids of the rendered demonstrations and the ids of their outputs, so a distiller always
+meets at inference the anchors it was trained on.
+"""
+from __future__ import annotations
+
+import torch
+
+from .config import TemplateSpec
+from .render import context_ids, render_query
+
+
+def label_ids(template: TemplateSpec, demos: list[dict], tokenizer) -> list[int]:
+    """LLM ids of the demonstrations' outputs, in order, each tokenised as a query's option is."""
+    return [i for d in demos for i in render_query(template, "", [d["output"]], tokenizer).options[0]]
+
+
+def anchor_ids(anchor: str, ctx: list[int], labels: list[int], k: int) -> list[int]:
+    """At most k LLM ids: `last`, the last k tokens of the demonstrations as the LLM reads them
+    (what icl-truncated reads); `labels`, the last k tokens of the demonstrations' outputs, or of
+    the demonstrations when they have no outputs (stage-1 text)."""
+    if anchor == "last" or (anchor == "labels" and not labels):
+        return ctx[-k:]
+    if anchor == "labels":
+        return labels[-k:]
+    raise ValueError(f"no anchors for distiller.anchor={anchor!r}")
+
+
+def anchor_embeddings(llm, rows: list[list[int]], k: int) -> torch.Tensor:
+    """[B, k, d_llm] frozen LLM input embeddings of each row's ids, LEFT-padded with zero vectors
+    when a row has fewer than k ids (a zero vector adds nothing a correction must undo)."""
+    out = torch.zeros(len(rows), k, llm.hidden_size, dtype=llm.dtype, device=llm.device)
+    for i, ids in enumerate(rows):
+        if ids:
+            with torch.no_grad():
+                out[i, k - len(ids):] = llm.embed(torch.tensor(ids, dtype=torch.long, device=llm.device))
+    return out
+
+
+def set_anchors(recipe, template: TemplateSpec, sets, tokenizer) -> list[list[int]] | None:
+    """The LLM ids an anchored distiller starts from for each set, as training computes them; None unanchored."""
+    if recipe.distiller.anchor == "none":
+        return None
+    return [anchor_ids(recipe.distiller.anchor, context_ids(template, ds.context, tokenizer),
+                       label_ids(template, ds.demos, tokenizer), recipe.num_vectors) for ds in sets]

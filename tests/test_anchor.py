@@ -1,0 +1,157 @@
+"""Anchored distillers (distiller.anchor), the embedding-scale projector, and the stage-2 episode
+options: label remapping, every task as meta-train, task sampling in proportion to size."""
+import io
+import json
+import shutil
+
+import pytest
+import torch
+from rich.console import Console
+from safetensors.torch import load_file
+
+from mendctl.anchors import anchor_embeddings, anchor_ids, label_ids
+from mendctl.checkpoint import load_distiller, save_distiller
+from mendctl.config import RecipeError
+from mendctl.anchors import set_anchors
+from mendctl.distill import demo_sets, load_trained, run_distill
+from mendctl.distiller import distil
+from mendctl.evaluate import run_eval
+from mendctl.examples import REMAP_WORDS, TaskExamples, meta_train_tasks
+from mendctl.registry import get_backend
+from mendctl.render import context_ids
+from mendctl.trainer import train
+from mendctl.workspace import data_dir, partition_for
+
+QUIET = Console(file=io.StringIO())
+
+
+def _sets(recipe, models):
+    template = get_backend(recipe.backend).template(recipe)
+    return template, demo_sets(recipe, template, models.llm_tokenizer)
+
+
+@pytest.mark.parametrize("backend", ["llama", "gpt2", "t5"])
+def test_an_untrained_anchored_distiller_gives_exactly_the_last_k_context_embeddings(tiny, backend):
+    recipe = tiny(backend, "distiller.anchor=last")
+    models = get_backend(backend).build(recipe)
+    template, sets = _sets(recipe, models)
+    vectors = distil(models, [s.context for s in sets], recipe.distiller.max_length, 3,
+                     set_anchors(recipe, template, sets, models.llm_tokenizer))
+    for s, v in zip(sets, vectors):
+        last = context_ids(template, s.context, models.llm_tokenizer)[-recipe.num_vectors:]
+        assert len(last) == recipe.num_vectors
+        assert torch.equal(v, models.llm.embed(torch.tensor(last)))  # what icl-truncated reads, bit for bit
+
+
+def test_labels_anchors_are_the_demonstrations_outputs_and_short_rows_are_left_padded_with_zeros(tiny):
+    recipe = tiny("llama", "distiller.anchor=labels", "num_vectors=8")
+    models = get_backend("llama").build(recipe)
+    template, sets = _sets(recipe, models)
+    tok = models.llm_tokenizer
+    ids = set_anchors(recipe, template, sets[:1], tok)[0]
+    wanted = [i for d in sets[0].demos for i in tok(template.output.replace("{output}", d["output"]),
+                                                  add_special_tokens=False).input_ids][-8:]
+    assert ids == wanted and ids == label_ids(template, sets[0].demos, tok)[-8:]
+    rows = anchor_embeddings(models.llm, [[5, 6, 7], []], 8)
+    assert torch.equal(rows[0, 5:], models.llm.embed(torch.tensor([5, 6, 7])))
+    assert not rows[0, :5].any() and not rows[1].any()
+    assert anchor_ids("labels", [1, 2, 3], [], 2) == [2, 3]  # stage-1 text has no outputs: its last tokens
+
+
+def test_untrained_anchored_mend_scores_as_icl_truncated_in_eval(tiny, tmp_path):
+    recipe = tiny("llama", "distiller.anchor=last")
+    models, _ = load_trained(recipe, require=False)
+    save_distiller(recipe.stage_dir("finetune"), models.distiller, recipe, {})
+    results = run_eval(recipe, limit=3, console=QUIET)
+    for task in results["tasks"].values():
+        for seed in task["seeds"].values():
+            m = seed["methods"]
+            assert m["mend"]["predictions"] == m["icl-truncated"]["predictions"]
+            assert m["mend"]["score"] == m["icl-truncated"]["score"]
+
+
+def test_anchored_training_moves_the_correction_and_saves_no_anchor(tiny):
+    recipe = tiny("llama", "distiller.anchor=last", "finetune.steps=3", "finetune.lr=1e-2")
+    path = train(recipe, "finetune", console=QUIET)
+    saved = load_file(str(path))
+    assert not any("projector" in k for k in saved)
+    assert saved["correction.1.weight"].abs().sum() > 0  # trained away from its zero start
+    before = get_backend("llama").build(recipe).distiller.state_dict()
+    assert set(saved) <= set(before)  # every saved tensor is a distiller parameter: no anchor in the file
+    run_distill(recipe, console=QUIET)  # `mendctl distill` reads it back and makes anchored vectors
+    models, _ = load_trained(recipe)
+    template, sets = _sets(recipe, models)
+    anchors = set_anchors(recipe, template, sets[:1], models.llm_tokenizer)
+    v = distil(models, [sets[0].context], recipe.distiller.max_length, 1, anchors)[0]
+    assert not torch.equal(v, anchor_embeddings(models.llm, anchors, recipe.num_vectors)[0])
+    plain = get_backend("llama").build(tiny("llama"))
+    with pytest.raises(ValueError, match="does not fit"):
+        load_distiller(plain.distiller, path)
+
+
+def test_scale_to_embeddings_puts_plain_vectors_at_the_embeddings_scale(tiny):
+    recipe = tiny("llama", "distiller.scale_to_embeddings=true")
+    models = get_backend("llama").build(recipe)
+    template, sets = _sets(recipe, models)
+    v = torch.stack(distil(models, [s.context for s in sets], recipe.distiller.max_length, 4))
+    table = models.llm.model.get_input_embeddings().weight
+    ratio = v.norm(dim=-1).mean() / table.norm(dim=-1).mean()
+    assert 0.7 < ratio < 1.4, ratio
+    with pytest.raises(RecipeError, match="scale_to_embeddings"):
+        tiny("llama", "distiller.scale_to_embeddings=true", "distiller.anchor=last")
+
+
+def _examples(recipe, models, tasks=None):
+    root = data_dir(recipe)
+    names = tasks or meta_train_tasks(recipe.finetune, root, partition_for(recipe), recipe.tasks.k)
+    return TaskExamples(recipe.finetune, recipe.tasks, root, names, get_backend(recipe.backend).template(recipe),
+                        models.llm_tokenizer, recipe.seed)
+
+
+def test_remapped_episodes_replace_each_label_by_one_word_in_demonstrations_and_target(tiny):
+    plain_recipe, remap_recipe = tiny("llama"), tiny("llama", "finetune.remap_labels=1")
+    models = get_backend("llama").build(plain_recipe)
+    plain, remapped = _examples(plain_recipe, models), _examples(remap_recipe, models)
+    tok = models.llm_tokenizer
+    for position in range(12):
+        a, b = plain.get(position), remapped.get(position)
+        assert a.x == b.x  # the same query of the same task: only labels change
+        old, new = tok.decode(a.y).strip(), tok.decode(b.y).strip()
+        assert new in REMAP_WORDS and new != old
+        mapping = {old: new}
+        lines_a, lines_b = a.distiller_text.split("\n"), b.distiller_text.split("\n")
+        assert len(lines_a) == len(lines_b)
+        for la, lb in zip(lines_a, lines_b):
+            (ia, oa), (ib, ob) = la.rsplit(" ", 1), lb.rsplit(" ", 1)
+            assert ia == ib and ob in REMAP_WORDS
+            assert mapping.setdefault(oa, ob) == ob  # one word per label for the whole episode
+        assert len(set(mapping.values())) == len(mapping)  # and distinct labels stay distinct
+    half = _examples(tiny("llama", "finetune.remap_labels=0.5"), models)
+    changed = sum(half.get(p).y != plain.get(p).y for p in range(40))
+    assert 8 < changed < 32
+
+
+def test_all_train_tasks_take_every_classification_task_but_the_test_ones(tiny, tmp_path):
+    root = tmp_path / "tasks"
+    shutil.copytree("data/tiny/tasks", root)
+    extra = root / "tiny_extra"
+    extra.mkdir()
+    rows = [{"input": f"word {i}", "output": "x" if i % 3 else "y", "options": ["x", "y"]} for i in range(200)]
+    (extra / "tiny_extra_16384_100_train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (root / "tiny_free").mkdir()
+    (root / "tiny_free" / "tiny_free_16384_100_train.jsonl").write_text(
+        "".join(json.dumps({"input": f"q{i}", "output": f"a{i}", "options": []}) + "\n" for i in range(50)))
+    recipe = tiny("llama", f"tasks.data_dir={root}", "finetune.train_tasks=all")
+    partition = partition_for(recipe)
+    names = meta_train_tasks(recipe.finetune, root, partition, recipe.tasks.k)
+    assert names == sorted(list(partition.train) + ["tiny_extra"])
+    assert meta_train_tasks(tiny("llama").finetune, root, partition, 4) == list(partition.train)
+
+    models = get_backend("llama").build(recipe)
+    drawn = {}
+    for sampling in ("uniform", "proportional"):
+        ex = _examples(tiny("llama", f"tasks.data_dir={root}", f"finetune.task_sampling={sampling}"), models, names)
+        extra_x = {tuple(models.llm_tokenizer(r["input"], add_special_tokens=False).input_ids) for r in rows}
+        drawn[sampling] = sum(tuple(ex.get(p).x) in extra_x for p in range(300)) / 300
+    # tiny_extra holds 200 of 392 examples: about 1/5 of episodes drawn uniformly, about half in proportion.
+    assert drawn["uniform"] < 0.32 and drawn["proportional"] > 0.38, drawn
