@@ -14,7 +14,7 @@ from .render import context_ids, render_query
 
 def label_ids(template: TemplateSpec, demos: list[dict], tokenizer) -> list[int]:
     """LLM ids of the demonstrations' outputs, in order, each tokenised as a query's option is."""
-    return [i for d in demos for i in render_query(template, "", [d["output"]], tokenizer).options[0]]
+    return [i for d in demos for i in render_query(template, "", [d["output"]], tokenizer, after_context=False).options[0]]
 
 
 def anchor_ids(anchor: str, ctx: list[int], labels: list[int], k: int) -> list[int]:

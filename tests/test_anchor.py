@@ -9,16 +9,15 @@ import torch
 from rich.console import Console
 from safetensors.torch import load_file
 
-from mendctl.anchors import anchor_embeddings, anchor_ids, label_ids
+from mendctl.anchors import anchor_embeddings, anchor_ids, label_ids, set_anchors
 from mendctl.checkpoint import load_distiller, save_distiller
 from mendctl.config import RecipeError
-from mendctl.anchors import set_anchors
 from mendctl.distill import demo_sets, load_trained, run_distill
 from mendctl.distiller import distil
 from mendctl.evaluate import run_eval
 from mendctl.examples import REMAP_WORDS, TaskExamples, meta_train_tasks
 from mendctl.registry import get_backend
-from mendctl.render import context_ids
+from mendctl.render import context_ids, render_query
 from mendctl.trainer import train
 from mendctl.workspace import data_dir, partition_for
 
@@ -151,7 +150,9 @@ def test_all_train_tasks_take_every_classification_task_but_the_test_ones(tiny, 
     drawn = {}
     for sampling in ("uniform", "proportional"):
         ex = _examples(tiny("llama", f"tasks.data_dir={root}", f"finetune.task_sampling={sampling}"), models, names)
-        extra_x = {tuple(models.llm_tokenizer(r["input"], add_special_tokens=False).input_ids) for r in rows}
+        template = get_backend("llama").template(recipe)
+        extra_x = {tuple(render_query(template, r["input"], [], models.llm_tokenizer, after_context=True).x)
+                   for r in rows}
         drawn[sampling] = sum(tuple(ex.get(p).x) in extra_x for p in range(300)) / 300
     # tiny_extra holds 200 of 392 examples: about 1/5 of episodes drawn uniformly, about half in proportion.
     assert drawn["uniform"] < 0.32 and drawn["proportional"] > 0.38, drawn
