@@ -1,0 +1,45 @@
+"""Untrained (step-0) anchored vectors on the validation tasks: which anchor starts MEND best.
+
+    .venv/bin/python bench/anchor_start.py recipes/llama/smollm2-bench.yaml [key=value ...]
+
+Scores ICL and zero-shot once, then the untrained distiller for each `distiller.anchor` in
+{last, labels} on the recipe's `tasks.validation` (macro-F1, agreement with ICL, KL(ICL || MEND)),
+as the trainer's learning curves score them. Writes bench/results/anchor_start.json.
+"""
+import json
+import sys
+import time
+from pathlib import Path
+
+from mendctl.anchors import set_anchors
+from mendctl.config import load_recipe
+from mendctl.curves import Validation
+from mendctl.distiller import distil
+from mendctl.provenance import stamp
+from mendctl.registry import get_backend
+
+
+def main() -> None:
+    path, overrides = sys.argv[1], sys.argv[2:]
+    out, validation = {}, None
+    for anchor in ("last", "labels"):
+        recipe = load_recipe(path, [*overrides, f"distiller.anchor={anchor}"])
+        backend = get_backend(recipe.backend)
+        models = backend.build(recipe)
+        template = backend.template(recipe)
+        tic = time.perf_counter()
+        if validation is None:  # ICL and zero-shot do not depend on the distiller: scored once
+            validation = Validation(recipe, models, template, recipe.finetune.eval_queries)
+        validation.models = models
+        anchors = set_anchors(recipe, template, [qs.demos for qs in validation.sets], models.llm_tokenizer)
+        vectors = distil(models, validation.contexts, recipe.distiller.max_length, 4, anchors)
+        out[anchor] = {**validation.score(vectors), "seconds": time.perf_counter() - tic}
+        print(anchor, json.dumps(out[anchor]), flush=True)
+    result = {"recipe": path, "overrides": overrides, "validation_tasks": recipe.tasks.validation,
+              "queries_per_task": recipe.finetune.eval_queries, "step0": out, **stamp()}
+    Path("bench/results").mkdir(parents=True, exist_ok=True)
+    Path("bench/results/anchor_start.json").write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
