@@ -47,12 +47,18 @@ def data_dir(recipe: Recipe) -> Path:
     needed += [split_path(out, t, tasks.k, tasks.seeds[0], split) for t in tasks.validation for split in ("train", "test")]
     if recipe.finetune is not None:
         needed += [out / t / recipe.finetune.train_file.replace("{task}", t) for t in partition.train]
-    if not all(p.is_file() for p in needed):
+    # finetune.train_tasks: all trains on every task the conversion finds, so all of BIG-bench is
+    # converted; the marker says it was (the files alone cannot tell which tasks exist).
+    everything = recipe.finetune is not None and recipe.finetune.train_tasks == "all"
+    marker = out / ".all-tasks-converted"
+    if not all(p.is_file() for p in needed) or (everything and not marker.is_file()):
         from .data.bigbench import convert_bigbench
 
-        report = convert_bigbench(bigbench_source(recipe), out, tasks=wanted, k=tasks.k, seeds=tuple(tasks.seeds),
-                                  progress=True)
+        report = convert_bigbench(bigbench_source(recipe), out, tasks=None if everything else wanted, k=tasks.k,
+                                  seeds=tuple(tasks.seeds), progress=True)
         print(report.summary())
+        if everything:
+            marker.touch()
     return out
 
 

@@ -304,3 +304,24 @@ def test_a_recipe_converts_bigbench_on_first_use_and_again_for_new_seeds(src, tm
     more = load_recipe(root / "recipes" / "tiny" / "gpt2.yaml", [*overrides, "tasks.seeds=[100,13]"])
     assert data_dir(more) == out
     assert (out / "group-sub" / f"group-sub_{K}_13_train.jsonl").is_file()
+
+
+def test_a_recipe_training_on_all_tasks_converts_every_task_once(src, tmp_path, monkeypatch):
+    import mendctl.data.bigbench as bigbench
+    from mendctl.config import load_recipe
+    from mendctl.workspace import data_dir
+
+    asked, real = [], bigbench.convert_bigbench
+    monkeypatch.setattr(bigbench, "convert_bigbench", lambda *a, **kw: asked.append(kw["tasks"]) or real(*a, **kw))
+    partition = tmp_path / "p.json"
+    partition.write_text(json.dumps({"train": ["alpha"], "test": ["group-sub"]}))
+    root = Path(__file__).resolve().parents[1]
+    base = [f"output_dir={tmp_path / 'run'}", "tasks.data_dir=null", f"tasks.bigbench={src}",
+            f"tasks.partition={partition}", f"tasks.k={K}", "tasks.seeds=[100]"]
+    data_dir(load_recipe(root / "recipes" / "tiny" / "gpt2.yaml", base))
+    assert asked == [["alpha", "group-sub"]]  # the partition's tasks only
+    everything = load_recipe(root / "recipes" / "tiny" / "gpt2.yaml", [*base, "finetune.train_tasks=all"])
+    out = data_dir(everything)
+    assert asked[1:] == [None] and (out / ".all-tasks-converted").is_file()  # every task, once
+    data_dir(everything)
+    assert len(asked) == 2
