@@ -31,12 +31,16 @@ def save_distiller(out_dir: Path, distiller: nn.Module, recipe: Recipe, info: di
     """Writes only what training changes; the rest (frozen body, shared LLM layers) comes from the recipe."""
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / WEIGHTS
+    run = {"recipe": resolved_dict(recipe), **stamp(), **info}
+    # The recipe and provenance travel inside the file too: a shipped or copied distiller explains itself.
+    metadata = {"format": "mendctl-distiller", "recipe": json.dumps(run["recipe"]),
+                "provenance": json.dumps({k: v for k, v in run.items() if k != "recipe"}, default=str)}
     with atomic_path(path) as tmp:
-        save_file({k: v.detach().contiguous() for k, v in trainable_state(distiller).items()}, str(tmp))
+        save_file({k: v.detach().contiguous() for k, v in trainable_state(distiller).items()}, str(tmp), metadata)
     write_json(out_dir / "distiller.json", {
         "backend": recipe.backend, "num_vectors": distiller.num_vectors, "causal": distiller.causal,
         "body_config": distiller.body.config.to_dict(), "weights_sha256_16": file_hash(path)})
-    write_json(out_dir / "run.json", {"recipe": resolved_dict(recipe), **stamp(), **info})
+    write_json(out_dir / "run.json", run)
     return path
 
 

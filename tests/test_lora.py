@@ -1,9 +1,11 @@
 """What of the distiller trains: LoRA adapters on shared LLM layers, frozen embeddings, and what is saved."""
+import json
 from pathlib import Path
 
 import pytest
 import torch
 from rich.console import Console
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import mendctl.backend
@@ -76,6 +78,10 @@ def test_saved_distiller_and_checkpoints_hold_only_trainable_tensors_and_reload_
     saved = load_file(path)
     assert set(saved) == trainable(trained.distiller)
     assert "placeholders" in saved and not any("base_layer" in k or "embed" in k for k in saved)
+    with safe_open(path, "pt") as f:  # the file explains itself: its recipe and provenance ride along
+        meta = f.metadata()
+    assert json.loads(meta["recipe"])["distiller"]["lora"]["r"] == recipe.distiller.lora.r
+    assert json.loads(meta["provenance"])["steps"] == 2
     ckpt = load_file(recipe.output_dir / "pretrain" / "checkpoints" / "step_0000002" / "model.safetensors")
     assert set(ckpt) == set(saved)
     reloaded = build(recipe)
