@@ -30,10 +30,12 @@ from mendctl.registry import get_backend
 from mendctl.teacher_cache import CachedTeacher, TeacherCache
 from mendctl.trainer import step_loss
 
+# Each variant states every key it depends on, whatever the recipe sets: the demo as it trained before
+# the cache and LoRA existed (plain vectors, the whole distiller), then one change at a time.
 VARIANTS = {
-    "today": ["finetune.teacher_cache=false"],
-    "teacher_cache": ["finetune.teacher_cache=true"],
-    "all": ["finetune.teacher_cache=true", "distiller.lora={r: 16}"],
+    "today": ["finetune.teacher_cache=false", "distiller.lora=null", "distiller.anchor=none"],
+    "teacher_cache": ["finetune.teacher_cache=true", "distiller.lora=null", "distiller.anchor=none"],
+    "all": ["finetune.teacher_cache=true", "distiller.lora={r: 16, alpha: 32}", "distiller.anchor=none"],
 }
 
 
