@@ -63,9 +63,16 @@ def data_dir(recipe: Recipe) -> Path:
 
 
 def passages_file(recipe: Recipe) -> Path:
-    """BIG-bench passages for stage 1, extracted once into output_dir/data/passages-N.jsonl."""
+    """BIG-bench passages for stage 1, extracted once into output_dir/data/passages-N-<tasks left out>.jsonl.
+
+    The test tasks and the validation tasks give none: the curves and the final table score the
+    distiller on tasks whose text it never read."""
+    import hashlib
+
     limit = recipe.pretrain.bigbench_passages
-    path = recipe.output_dir / "data" / f"passages-{limit}.jsonl"
+    exclude = set(partition_for(recipe).test) | set(_tasks(recipe).validation)
+    tag = hashlib.sha256(json.dumps(sorted(exclude)).encode()).hexdigest()[:8]
+    path = recipe.output_dir / "data" / f"passages-{limit}-{tag}.jsonl"
     if path.is_file():
         return path
     from rich.console import Console
@@ -73,7 +80,7 @@ def passages_file(recipe: Recipe) -> Path:
     from .data.bigbench import iter_passages
     from .fileio import atomic_path
 
-    src, exclude = bigbench_source(recipe), set(partition_for(recipe).test)
+    src = bigbench_source(recipe)
     console = Console(stderr=True)
     console.print(f"extracting up to {limit} stage-1 passages from {src} into {path} (once)")
     with console.status("extracting passages") as status, \

@@ -325,3 +325,19 @@ def test_a_recipe_training_on_all_tasks_converts_every_task_once(src, tmp_path, 
     assert asked[1:] == [None] and (out / ".all-tasks-converted").is_file()  # every task, once
     data_dir(everything)
     assert len(asked) == 2
+
+
+def test_stage1_passages_leave_out_the_validation_tasks_too(src, tmp_path):
+    from mendctl.config import load_recipe
+    from mendctl.workspace import passages_file
+
+    partition = tmp_path / "p.json"
+    partition.write_text(json.dumps({"train": ["alpha", "tiny"], "test": ["group-sub"]}))
+    root = Path(__file__).resolve().parents[1]
+    base = [f"output_dir={tmp_path / 'run'}", "tasks.data_dir=null", f"tasks.bigbench={src}",
+            f"tasks.partition={partition}", f"tasks.k={K}", "pretrain.text=null", "pretrain.bigbench_passages=50"]
+    plain = passages_file(load_recipe(root / "recipes" / "tiny" / "gpt2.yaml", base))
+    held = passages_file(load_recipe(root / "recipes" / "tiny" / "gpt2.yaml", [*base, "tasks.validation=[alpha]"]))
+    assert plain != held  # one file per set of tasks left out, not one per count
+    assert any(json.loads(line)["text"].startswith("alpha") for line in plain.read_text().splitlines())
+    assert not any(json.loads(line)["text"].startswith("alpha") for line in held.read_text().splitlines())
