@@ -2,13 +2,12 @@
 from transformers import GPT2Config, GPT2LMHeadModel, GPT2Model
 
 from mendctl.backend import Backend as Base
-from mendctl.config import TemplateSpec
+from mendctl.config import RANDOM_INIT_POSITIONS, TemplateSpec
 from mendctl.lm import CausalLM
 
 
 class Backend(Base):
     name = "gpt2"
-    aliases = ("gpt-2", "gpt2-family")
     lm_class = CausalLM
     llm_class = GPT2LMHeadModel
     distiller_class = GPT2Model
@@ -19,6 +18,6 @@ class Backend(Base):
     default_template = TemplateSpec(input="{input}", output=" {output}", separator=" ")
 
     def tiny_config(self, spec, tokenizer, *, encoder_only=False):
-        return GPT2Config(vocab_size=len(tokenizer), n_positions=4096, n_embd=spec.hidden, n_layer=spec.layers,
-                          n_head=spec.heads, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        return GPT2Config(vocab_size=len(tokenizer), n_positions=RANDOM_INIT_POSITIONS, n_embd=spec.hidden,
+                          n_layer=spec.layers, n_head=spec.heads, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                           pad_token_id=tokenizer.pad_token_id, initializer_range=spec.init_std)

@@ -3,12 +3,12 @@ the LLM's own first N layers (`distiller.init_from_llm_layers`), sharing its tok
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel
 
 from mendctl.backend import Backend as Base
+from mendctl.config import RANDOM_INIT_POSITIONS
 from mendctl.lm import CausalLM
 
 
 class Backend(Base):
     name = "llama"
-    aliases = ("smollm2", "tinyllama")
     lm_class = CausalLM
     llm_class = LlamaForCausalLM
     distiller_class = LlamaModel
@@ -19,6 +19,7 @@ class Backend(Base):
     def tiny_config(self, spec, tokenizer, *, encoder_only=False):
         return LlamaConfig(vocab_size=len(tokenizer), hidden_size=spec.hidden, intermediate_size=spec.hidden * 3,
                            num_hidden_layers=spec.layers, num_attention_heads=spec.heads,
-                           num_key_value_heads=spec.heads, max_position_embeddings=4096, tie_word_embeddings=True,
-                           bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                           pad_token_id=tokenizer.pad_token_id, initializer_range=spec.init_std)
+                           num_key_value_heads=spec.heads, max_position_embeddings=RANDOM_INIT_POSITIONS,
+                           tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                           initializer_range=spec.init_std)

@@ -19,7 +19,6 @@ class T5LM(Seq2SeqLM):
 
 class Backend(Base):
     name = "t5"
-    aliases = ("t5-lm-adapt", "flan-t5")
     lm_class = T5LM
     llm_class = T5ForConditionalGeneration
     distiller_class = T5EncoderModel

@@ -59,7 +59,6 @@ def config_hash(config: PretrainedConfig) -> str:
 
 class Backend:
     name: ClassVar[str]
-    aliases: ClassVar[tuple[str, ...]] = ()
     lm_class: ClassVar[type[FrozenLM]]
     llm_class: ClassVar[type]        # a transformers LM class with from_pretrained / from_config
     distiller_class: ClassVar[type]  # the distiller body: a base model returning last_hidden_state

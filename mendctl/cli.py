@@ -14,7 +14,6 @@ from .config import Recipe, RecipeError, load_recipe
 
 console = Console()
 err_console = Console(stderr=True)
-RECIPES_DIR = Path("recipes")
 
 
 class UserError(click.ClickException):
@@ -196,17 +195,20 @@ def validate(recipes: tuple[str, ...]) -> None:
 def ls(what: str) -> None:
     """List shipped recipes, registered backends and partitions."""
     if what in ("all", "recipes"):
-        table = Table("recipe", "first line", title="recipes")
-        for path in sorted(RECIPES_DIR.rglob("*.yaml")):
+        from .shipped import recipes_dir, shipped_recipes
+
+        table = Table("recipe", "first line", title=f"recipes (in {recipes_dir()}; mendctl cp RECIPE DEST)")
+        for name, path in shipped_recipes().items():
             first = path.read_text().splitlines()[0].lstrip("# ") if path.stat().st_size else ""
-            table.add_row(str(path), first)
+            table.add_row(name, first)
         console.print(table)
     if what in ("all", "backends"):
-        from .registry import available
+        from .registry import aliases, registered
 
-        table = Table("backend", "aliases", "module", title="backends (entry points: mendctl.backends)")
-        for name, cls in available().items():
-            table.add_row(name, ", ".join(getattr(cls, "aliases", ())), cls.__module__)
+        others = aliases()
+        table = Table("backend", "aliases", "class", title="backends (entry points: mendctl.backends)")
+        for name, value in registered().items():
+            table.add_row(name, ", ".join(a for a, target in sorted(others.items()) if target == name), value)
         console.print(table)
     if what in ("all", "partitions"):
         from .partitions import list_partitions, load_partition
@@ -216,6 +218,30 @@ def ls(what: str) -> None:
             p = load_partition(name)
             table.add_row(name, str(len(p.train)), str(len(p.test)))
         console.print(table)
+
+
+@cli.command()
+@click.argument("recipe")
+@click.argument("dest", type=click.Path())
+@click.option("--force", is_flag=True, help="Overwrite DEST if it exists.")
+def cp(recipe: str, dest: str, force: bool) -> None:
+    """Copy a shipped recipe (`llama/smollm2-demo`, or `smollm2-demo`) to DEST, a file or folder, to start from."""
+    import shutil
+
+    from .shipped import find_recipe
+
+    try:
+        source = find_recipe(recipe)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    target = Path(dest) / source.name if Path(dest).is_dir() else Path(dest)
+    if target.exists() and not force:
+        raise UserError(f"{target} exists: pass --force to overwrite it")
+    try:
+        shutil.copyfile(source, target)
+    except OSError as e:
+        raise UserError(f"{e.filename or target}: {e.strerror or e}") from None
+    console.print(f"[green]copied[/] {source} to {target}")
 
 
 @cli.group()

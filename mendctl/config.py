@@ -33,6 +33,11 @@ def _existing(path: Path, what: str = "path") -> Path:
 ExistingPath = Annotated[Path, AfterValidator(_existing)]
 
 
+# Positions of a random_init model (gpt2, llama): what validate holds a random model's lengths to
+# without building it. T5's relative positions have no limit, but no toy run comes near this bound.
+RANDOM_INIT_POSITIONS = 4096
+
+
 class RandomInit(Strict):
     """A randomly initialised model with a byte-level tokenizer built in-process (no download)."""
 

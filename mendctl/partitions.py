@@ -14,13 +14,14 @@ BIG-bench tasks, named as :func:`mendctl.data.bigbench.task_name_from_path` name
 
 from __future__ import annotations
 
-import difflib
 import json
 import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
+
+from .suggest import did_you_mean
 
 CLASSIFICATION = "classification"
 MULTI_CHOICE = "multi-choice"
@@ -106,10 +107,8 @@ def _looks_like_path(name_or_path: str | Path) -> bool:
 
 
 def _unknown_name_message(name: str, names: list[str]) -> str:
-    close = difflib.get_close_matches(name, names, n=1)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
     return (
-        f"unknown partition {name!r}.{hint} Shipped partitions: {', '.join(names)}. "
+        f"unknown partition {name!r}.{did_you_mean(name, names)} Shipped partitions: {', '.join(names)}. "
         "A path to a partition JSON file is also accepted."
     )
 

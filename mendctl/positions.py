@@ -7,9 +7,11 @@ does (lm.py, distiller.py), never crash.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from types import SimpleNamespace
 
-from .config import ModelSpec, Recipe
+from .config import RANDOM_INIT_POSITIONS, ModelSpec, Recipe, TemplateSpec
 
 
 def max_positions(config) -> int | None:
@@ -23,39 +25,38 @@ def max_positions(config) -> int | None:
     return None
 
 
-def _config(backend, spec: ModelSpec, *, encoder_only: bool):
-    """The model's config when it costs nothing to get: random_init, or a local folder's config.json."""
+def _config(spec: ModelSpec):
+    """What the model's config says of its positions, when it costs nothing to know: a random_init
+    model is built with RANDOM_INIT_POSITIONS, a local folder has its config.json (read as plain JSON:
+    validate imports neither torch nor transformers)."""
     if spec.random_init is not None:
-        from .tokenizer import byte_tokenizer
-
-        return backend.tiny_config(spec.random_init, byte_tokenizer(), encoder_only=encoder_only)
+        return SimpleNamespace(max_position_embeddings=RANDOM_INIT_POSITIONS)
     source = getattr(spec, "source", None)
-    if source and spec.gguf_file is None and (Path(source).expanduser() / "config.json").is_file():
-        from transformers import AutoConfig
-
-        return AutoConfig.from_pretrained(str(Path(source).expanduser()))
+    path = Path(source).expanduser() / "config.json" if source else None
+    if path is not None and spec.gguf_file is None and path.is_file():
+        config = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(config, dict):
+            raise ValueError("not a JSON object")
+        return SimpleNamespace(**config)
     return None
 
 
 def recipe_problems(recipe: Recipe) -> list[tuple[str, str]]:
     """(key, message) for each length the recipe asks for that its models cannot read."""
-    from .registry import get_backend
-
-    backend = get_backend(recipe.backend)
     problems = []
 
-    def config(key: str, spec: ModelSpec, encoder_only: bool):
+    def config(key: str, spec: ModelSpec):
         try:
-            return _config(backend, spec, encoder_only=encoder_only)
-        except Exception as e:  # a damaged config.json: transformers raises several error types
+            return _config(spec)
+        except Exception as e:  # a damaged or unreadable config.json
             problems.append((key, f"cannot read {spec.source}/config.json ({type(e).__name__}: {str(e)[:200]})"))
             return None
 
-    llm_config = config("llm.source", recipe.llm, False)
+    llm_config = config("llm.source", recipe.llm)
     if recipe.distiller.init_from_llm_layers:
         distiller_config = llm_config
     else:
-        distiller_config = config("distiller.source", recipe.distiller, True)
+        distiller_config = config("distiller.source", recipe.distiller)
     k = recipe.num_vectors
     d_max = max_positions(distiller_config) if distiller_config is not None else None
     if d_max is not None:
@@ -67,7 +68,7 @@ def recipe_problems(recipe: Recipe) -> list[tuple[str, str]]:
                                                      f"distiller's {d_max} positions: use at most {d_max - k}"))
     l_max = max_positions(llm_config) if llm_config is not None else None
     if l_max is not None:
-        template = recipe.template or backend.default_template
+        template = recipe.template or _default_template(recipe.backend)
         if k >= l_max:
             problems.append(("num_vectors", f"{k} vectors leave no room for the query in the LLM's {l_max} positions"))
         if template.max_context_tokens + template.max_example_tokens >= l_max:
@@ -79,3 +80,9 @@ def recipe_problems(recipe: Recipe) -> list[tuple[str, str]]:
             problems.append(("pretrain.max_length", f"{recipe.pretrain.max_length} exceeds the LLM's {l_max} "
                                                     "positions (the teacher reads a whole passage)"))
     return problems
+
+
+def _default_template(backend: str) -> TemplateSpec:
+    from .registry import load  # the backend's module, and so torch: only for a recipe without a template
+
+    return load(backend).default_template

@@ -1,50 +1,62 @@
 """Backends are plugins: any installed distribution can add one through the entry-point group
-`mendctl.backends` (name = "module:Class"), so a third party needs no change to mendctl."""
+`mendctl.backends` (name = "module:Class"), so a third party needs no change to mendctl.
+
+Other names for a backend are entry points of `mendctl.backend_aliases` pointing at the same
+"module:Class". Names resolve from the installed metadata alone: no backend module (and so neither
+torch nor transformers) is imported until a backend is used, which keeps `validate` and `ls` fast.
+"""
 from __future__ import annotations
 
-import difflib
 from functools import lru_cache
-from importlib.metadata import EntryPoint, entry_points
+from importlib.metadata import entry_points
+
+from .suggest import did_you_mean
 
 GROUP = "mendctl.backends"
+ALIAS_GROUP = "mendctl.backend_aliases"
 
 
 class UnknownBackend(ValueError):
     pass
 
 
-def _entry_points() -> dict[str, EntryPoint]:
-    return {ep.name: ep for ep in entry_points(group=GROUP)}
+def registered() -> dict[str, str]:
+    """Registered name -> "module:Class", from the metadata (imports nothing)."""
+    return {ep.name: ep.value for ep in sorted(entry_points(group=GROUP), key=lambda ep: ep.name)}
+
+
+def aliases() -> dict[str, str]:
+    """Alias -> registered name. An alias whose target no backend registers is ignored."""
+    by_target = {value: name for name, value in registered().items()}
+    return {ep.name: by_target[ep.value] for ep in entry_points(group=ALIAS_GROUP) if ep.value in by_target}
+
+
+def resolve_name(name: str) -> str:
+    table = registered()
+    if name in table:
+        return name
+    other = aliases()
+    if name in other:
+        return other[name]
+    raise UnknownBackend(f"unknown backend {name!r}.{did_you_mean(name, [*table, *other], n=3)} "
+                         f"Registered: {', '.join(table) or 'none'}")
+
+
+def load(name: str) -> type:
+    """The class registered as `name` (imported now), checked to be a `mendctl.backend.Backend`."""
+    return _load(name, registered()[name])
 
 
 @lru_cache(maxsize=None)
 def _load(name: str, value: str) -> type:
-    return _entry_points()[name].load()
+    from .backend import Backend
 
-
-def available() -> dict[str, type]:
-    """Registered name -> backend class (imports each plugin)."""
-    return {name: _load(name, ep.value) for name, ep in sorted(_entry_points().items())}
-
-
-def _aliases() -> dict[str, str]:
-    table = {}
-    for name, cls in available().items():
-        table[name] = name
-        for alias in getattr(cls, "aliases", ()):
-            table.setdefault(alias, name)
-    return table
-
-
-def resolve_name(name: str) -> str:
-    table = _aliases()
-    if name in table:
-        return table[name]
-    close = difflib.get_close_matches(name, list(table), n=3)
-    hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-    raise UnknownBackend(f"unknown backend {name!r}.{hint} Registered: {', '.join(sorted(available())) or 'none'}")
+    cls = next(ep for ep in entry_points(group=GROUP) if ep.name == name and ep.value == value).load()
+    if not (isinstance(cls, type) and issubclass(cls, Backend)):
+        raise TypeError(f"entry point {name} = {value!r} of group {GROUP} is not a subclass of mendctl.backend.Backend")
+    return cls
 
 
 def get_backend(name: str):
     """An instance of the backend registered as `name` (or one of its aliases)."""
-    return available()[resolve_name(name)]()
+    return load(resolve_name(name))()

@@ -214,7 +214,7 @@ def test_task_filter_accepts_both_name_forms(src, tmp_path, name):
 
 
 def test_unknown_task_suggests_closest(src, tmp_path):
-    with pytest.raises(ValueError, match="did you mean 'alpha'"):
+    with pytest.raises(ValueError, match="Did you mean 'alpha'"):
         _convert(src, tmp_path / "out", tasks=["alpah"])
     assert not (tmp_path / "out").exists()
 
@@ -239,7 +239,7 @@ def test_iter_passages(src, tarball):
     assert list(iter_passages(tarball, exclude_tasks={"group-sub"})) == passages
     short = list(iter_passages(src, exclude_tasks={"alpha", "tiny", "empty"}, min_chars=1))
     assert short == [f"sub item {i}" for i in range(N_SUB)]
-    with pytest.raises(ValueError, match="did you mean 'alpha'"):
+    with pytest.raises(ValueError, match="Did you mean 'alpha'"):
         list(iter_passages(src, exclude_tasks={"alpah"}))
 
 

@@ -101,7 +101,7 @@ def test_cli_validate_exits_2_without_traceback(tmp_path):
 def test_cli_ls_lists_backends_recipes_and_partitions():
     result = CliRunner().invoke(cli, ["ls"])
     assert result.exit_code == 0, result.output
-    for word in ("gpt2", "t5", "llama", "recipes/tiny/gpt2.yaml", "class_to_class"):
+    for word in ("gpt2", "t5", "llama", "tiny/gpt2", "class_to_class"):
         assert word in result.output
 
 

@@ -24,7 +24,6 @@ BIG-bench's task prefix or appended choices.
 
 from __future__ import annotations
 
-import difflib
 import json
 import os
 import random
@@ -39,6 +38,8 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from rich.progress import track
+
+from ..suggest import did_you_mean
 
 SEEDS: tuple[int, ...] = (100, 13, 21, 42, 87)
 DEFAULT_K = 16
@@ -142,8 +143,8 @@ def _resolve_names(requested: Iterable[str], available: Iterable[str], what: str
         if name in known:
             resolved.append(name)
             continue
-        close = difflib.get_close_matches(name, sorted(known), n=1)
-        errors.append(f"{raw!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        hint = did_you_mean(name, known).strip()
+        errors.append(f"{raw!r} ({hint})" if hint else repr(raw))
     if errors:
         raise ValueError(f"unknown BIG-bench {what}: {', '.join(errors)}")
     return list(dict.fromkeys(resolved))
