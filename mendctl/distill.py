@@ -3,59 +3,27 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from rich.console import Console
 from rich.progress import Progress
 
-from .backend import Models
-from .checkpoint import load_distiller
-from .config import Recipe, TemplateSpec
 from .anchors import set_anchors
-from .partitions import check_task_name
-from .registry import get_backend
-from .provenance import text_hash
-from .scoring import DemoSet, demo_set
+from .backend import Models
+from .config import Recipe, TemplateSpec
 from .distiller import distil
+from .provenance import text_hash
+from .registry import get_backend
+from .scoring import DemoSet, demo_sets
+from .trained import load_trained
 from .vectors import VectorsMismatch, as_metadata, read_metadata, save_vectors
-from .workspace import data_dir, partition_for, stage_input
-
-
-UNTRAINED = "untrained"  # the distiller hash load_trained reports when no trained weights exist
-
-
-def demo_sets(recipe: Recipe, template: TemplateSpec, tokenizer) -> list[DemoSet]:
-    """One demonstration set per (test task, seed): the `_train` split of that seed."""
-    root, tasks = data_dir(recipe), recipe.tasks
-    return [demo_set(root, task, tasks.k, seed, template, tokenizer)
-            for task in partition_for(recipe).test for seed in tasks.seeds]
-
-
-def load_trained(recipe: Recipe, require: bool = True) -> tuple[Models, str]:
-    """The recipe's models, on the GPU when there is one, with the latest trained distiller loaded.
-
-    Returns them and the distiller weights' hash ("untrained" when `require` is off and none exists).
-    """
-    models = get_backend(recipe.backend).build(recipe)
-    source = stage_input(recipe, "distill")
-    if source is None and require:
-        raise FileNotFoundError(f"no trained distiller under {recipe.output_dir}: run `mendctl pretrain` and/or "
-                                "`mendctl finetune` first, or set distill.checkpoint")
-    distiller_hash = load_distiller(models.distiller, source) if source is not None else UNTRAINED
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    models.llm.to(device)
-    models.distiller.to(device)
-    return models, distiller_hash
-
-
-def vectors_path(recipe: Recipe, task: str, seed: int) -> Path:
-    check_task_name(task)  # vectors are written only inside output_dir/vectors
-    return recipe.output_dir / "vectors" / task / f"{seed}.safetensors"
+from .workspace import vectors_path
 
 
 def vectors_metadata(recipe: Recipe, models: Models, distiller_hash: str, template: TemplateSpec, ds: DemoSet) -> dict:
     return {"backend": recipe.backend, "llm_id": models.llm_id, "llm_config_hash": models.llm_config_hash,
             "distiller_hash": distiller_hash, "task": ds.task, "seed": ds.seed, "num_demos": len(ds.demos),
-            "demos_hash": text_hash(ds.context), "template": template.model_dump()}
+            "demos_hash": text_hash(ds.context), "template": template.model_dump(),
+            # Two anchor modes give different vectors from one untrained distiller (same weights hash).
+            "anchor": recipe.distiller.anchor}
 
 
 def _up_to_date(path: Path, meta: dict) -> bool:

@@ -34,16 +34,16 @@ from .backend import Models
 from .bootstrap import Paired, paired_bootstrap
 from .config import Recipe, TemplateSpec, resolved_dict
 from .anchors import set_anchors
-from .distill import UNTRAINED, demo_sets, load_trained, vectors_path
 from .distiller import distil
 from .fileio import atomic_path, write_json
 from .partitions import Partition
 from .provenance import stamp, text_hash
 from .registry import get_backend
 from .render import context_ids
-from .scoring import DemoSet, MethodRun, QuerySet, option_losses, predicted, query_set, quality, score
+from .scoring import DemoSet, MethodRun, QuerySet, demo_sets, option_losses, predicted, query_set, quality, score
+from .trained import UNTRAINED, load_trained
 from .vectors import VectorsMismatch, check_compatible, load_vectors
-from .workspace import data_dir, partition_for
+from .workspace import data_dir, partition_for, vectors_path
 
 
 

@@ -121,3 +121,12 @@ def predicted(predictions: list[int], qs: QuerySet) -> list[str]:
 def quality(predictions: list[int], qs: QuerySet, classification: bool) -> float:
     """Macro-F1 for a classification task, accuracy otherwise."""
     return (metrics.macro_f1 if classification else metrics.accuracy)(predicted(predictions, qs), qs.golds)
+
+
+def demo_sets(recipe, template: TemplateSpec, tokenizer) -> list[DemoSet]:
+    """One demonstration set per (test task, seed): the `_train` split of that seed."""
+    from .workspace import data_dir, partition_for
+
+    root, tasks = data_dir(recipe), recipe.tasks
+    return [demo_set(root, task, tasks.k, seed, template, tokenizer)
+            for task in partition_for(recipe).test for seed in tasks.seeds]

@@ -7,7 +7,7 @@ from pathlib import Path
 from .checkpoint import WEIGHTS
 from .config import Recipe
 from .data.metaicl import split_path
-from .partitions import Partition, load_partition
+from .partitions import Partition, check_task_name, load_partition
 
 
 def _tasks(recipe: Recipe):
@@ -107,3 +107,8 @@ def stage_input(recipe: Recipe, stage: str) -> Path | None:
         if (recipe.stage_dir(name) / WEIGHTS).is_file():
             return recipe.stage_dir(name)
     return None
+
+
+def vectors_path(recipe: Recipe, task: str, seed: int) -> Path:
+    check_task_name(task)  # vectors are written only inside output_dir/vectors
+    return recipe.output_dir / "vectors" / task / f"{seed}.safetensors"

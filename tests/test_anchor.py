@@ -12,7 +12,9 @@ from safetensors.torch import load_file
 from mendctl.anchors import anchor_embeddings, anchor_ids, label_ids, set_anchors
 from mendctl.checkpoint import load_distiller, save_distiller
 from mendctl.config import RecipeError
-from mendctl.distill import demo_sets, load_trained, run_distill
+from mendctl.distill import run_distill
+from mendctl.scoring import demo_sets
+from mendctl.trained import load_trained
 from mendctl.distiller import distil
 from mendctl.evaluate import run_eval
 from mendctl.examples import REMAP_WORDS, TaskExamples, meta_train_tasks

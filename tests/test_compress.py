@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from mendctl import compress as compress_mod
 from mendctl.compress import compress
 from mendctl.config import load_recipe
-from mendctl.distill import demo_sets, load_trained
+from mendctl.scoring import demo_sets
+from mendctl.trained import load_trained
 from mendctl.registry import get_backend
 from mendctl.render import context_ids
 

@@ -15,7 +15,9 @@ from mendctl.cli import cli
 from mendctl.compress import compress
 from mendctl.config import METHODS, load_recipe
 from mendctl.data.metaicl import DataError, load_split
-from mendctl.distill import demo_sets, load_trained, run_distill
+from mendctl.distill import run_distill
+from mendctl.scoring import demo_sets
+from mendctl.trained import load_trained
 from mendctl.evaluate import _prefix, _query_set, run_eval
 from mendctl.metrics import accuracy, macro_f1
 from mendctl.registry import get_backend
