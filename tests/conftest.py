@@ -29,3 +29,14 @@ def _private_cache(request, tmp_path_factory, monkeypatch):
     # Tests must not share (or pollute) the user's teacher cache; the real model still lives in the real one.
     if "real_model" not in request.keywords:
         monkeypatch.setenv("MENDCTL_CACHE", str(tmp_path_factory.mktemp("cache")))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny models: intra-op threads only add overhead, and on a busy small machine they spin.
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

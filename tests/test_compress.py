@@ -15,13 +15,6 @@ from mendctl.render import context_ids
 TINY = Path(__file__).resolve().parent.parent / "recipes" / "tiny"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def _llm_and_context(backend: str, tmp_path):
     recipe = load_recipe(TINY / f"{backend}.yaml", [f"output_dir={tmp_path}"])

@@ -3,7 +3,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from rich.console import Console
 
 from mendctl.config import RecipeError
@@ -15,13 +14,6 @@ from mendctl.workspace import data_dir, partition_for
 QUIET = Console(quiet=True)
 VAL_KEYS = {"val_mend_f1", "val_agreement", "val_kl", "val_icl_f1", "val_zero_shot_f1"}
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _records(recipe, stage: str = "finetune") -> list[dict]:

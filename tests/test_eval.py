@@ -29,14 +29,6 @@ BACKENDS = ["gpt2", "t5", "llama"]
 TEST_TASKS = ["tiny_sentiment", "tiny_compare"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models: intra-op threads only add overhead, and on a busy small machine they spin.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(autouse=True)
 def own_cache(tmp_path, monkeypatch):
