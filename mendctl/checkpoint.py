@@ -27,16 +27,23 @@ WEIGHTS = "distiller.safetensors"
 STATE = "trainer_state.json"
 
 
-def save_distiller(out_dir: Path, distiller: nn.Module, recipe: Recipe, info: dict) -> Path:
-    """Writes only what training changes; the rest (frozen body, shared LLM layers) comes from the recipe."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / WEIGHTS
+def write_distiller(path: Path, distiller: nn.Module, recipe: Recipe, info: dict) -> dict:
+    """Writes only what training changes (the rest, frozen body or shared LLM layers, comes from the
+    recipe), with the recipe and provenance in the file's metadata: a shipped or copied distiller
+    explains itself. Returns that run record."""
     run = {"recipe": resolved_dict(recipe), **stamp(), **info}
-    # The recipe and provenance travel inside the file too: a shipped or copied distiller explains itself.
     metadata = {"format": "mendctl-distiller", "recipe": json.dumps(run["recipe"]),
                 "provenance": json.dumps({k: v for k, v in run.items() if k != "recipe"}, default=str)}
-    with atomic_path(path) as tmp:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(Path(path)) as tmp:
         save_file({k: v.detach().contiguous() for k, v in trainable_state(distiller).items()}, str(tmp), metadata)
+    return run
+
+
+def save_distiller(out_dir: Path, distiller: nn.Module, recipe: Recipe, info: dict) -> Path:
+    """The stage's final distiller, and beside it what it is and how it was made."""
+    path = out_dir / WEIGHTS
+    run = write_distiller(path, distiller, recipe, info)
     write_json(out_dir / "distiller.json", {
         "backend": recipe.backend, "num_vectors": distiller.num_vectors, "causal": distiller.causal,
         "body_config": distiller.body.config.to_dict(), "weights_sha256_16": file_hash(path)})

@@ -151,6 +151,19 @@ def teacher(recipe: str, stage: str, overrides: tuple[str, ...], processes: int)
 
 @cli.command()
 @recipe_arg
+@click.argument("checkpoint", type=click.Path(exists=True))
+@click.argument("dest", type=click.Path(dir_okay=False))
+@overrides_arg
+def export(recipe: str, checkpoint: str, dest: str, overrides: tuple[str, ...]) -> None:
+    """Write a training checkpoint (a step_N folder) as a distiller file, e.g. the step the curves chose."""
+    from .export import export_checkpoint
+
+    path = _run(export_checkpoint, _recipe(recipe, overrides), Path(checkpoint), Path(dest))
+    console.print(f"[green]distiller[/]: {path} (load it with distill.checkpoint={path})")
+
+
+@cli.command()
+@recipe_arg
 @overrides_arg
 @click.option("--force", is_flag=True, help="Rewrite vectors files that are already up to date.")
 def distill(recipe: str, overrides: tuple[str, ...], force: bool) -> None:

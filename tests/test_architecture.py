@@ -2,7 +2,7 @@
 import ast
 from pathlib import Path
 
-COMMANDS = {"trainer", "distill", "evaluate", "fill_teacher"}
+COMMANDS = {"trainer", "distill", "evaluate", "fill_teacher", "export"}
 PACKAGE = Path(__file__).resolve().parents[1] / "mendctl"
 
 

@@ -125,3 +125,30 @@ def test_lora_keys_are_validated(tmp_path):
         load_recipe(recipe, [f"output_dir={tmp_path}", "distiller.lora={}", "distiller.dtype=bfloat16"])
     # With a body of its own, the distiller may keep another dtype.
     load_recipe("recipes/tiny/gpt2.yaml", [f"output_dir={tmp_path}", "distiller.lora={}", "distiller.dtype=bfloat16"])
+
+
+def test_export_writes_a_checkpoint_as_a_distiller_file_that_distils_like_it(tiny, tmp_path):
+    from click.testing import CliRunner
+
+    from mendctl.cli import cli
+
+    recipe = tiny("llama", LORA, "pretrain.steps=4", "pretrain.save_every=2", "pretrain.keep_last=2", "pretrain.lr=1e-2")
+    train(recipe, "pretrain", console=QUIET)
+    step2 = recipe.output_dir / "pretrain" / "checkpoints" / "step_0000002"
+    dest = tmp_path / "shipped" / "d.safetensors"
+    args = ["export", "recipes/tiny/llama.yaml", str(step2), str(dest), LORA, f"output_dir={recipe.output_dir}"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    with safe_open(dest, "pt") as f:
+        assert json.loads(f.metadata()["provenance"])["steps"] == 2
+    at2, at4 = build(recipe), build(recipe)
+    load_distiller(at2.distiller, dest)
+    load_distiller(at4.distiller, recipe.stage_dir("pretrain"))
+    # The exported step, not the last one: its vectors are step 2's, which differ from step 4's.
+    ckpt = build(recipe)
+    ckpt.distiller.load_state_dict(load_file(step2 / "model.safetensors"), strict=False)
+    assert torch.equal(distil(at2, CONTEXTS, 64, 2)[0], distil(ckpt, CONTEXTS, 64, 2)[0])
+    assert not torch.equal(distil(at2, CONTEXTS, 64, 2)[0], distil(at4, CONTEXTS, 64, 2)[0])
+    other = CliRunner().invoke(cli, ["export", "recipes/tiny/llama.yaml", str(step2), str(tmp_path / "x.safetensors"),
+                                     f"output_dir={recipe.output_dir}"])  # without LoRA: another distiller
+    assert other.exit_code == 2 and "does not fit this recipe's distiller" in other.output
