@@ -3,13 +3,14 @@ an anchored distiller (distiller.anchor=last) untrained and after a short stage 
 label remapping.
 
     PYTHONPATH=. python bench/anchor_ce.py recipes/llama/smollm2-demo.yaml --steps 100 \
-        tasks.bigbench=null tasks.data_dir=/work/data/bb output_dir=/work/runs/anchor/ce
+        tasks.bigbench=null tasks.data_dir=DATA output_dir=runs/anchor-ce
 
 The held-out tasks are taken out of the partition's meta-train list (a partition file written into
 output_dir), so stage 2 never sees them; episodes are drawn as stage 2 draws them, with another
 seed, once as they are and once with every episode's labels remapped (finetune.remap_labels=1).
 Writes bench/results/anchor_ce.json after every configuration.
 """
+from demo_setting import AS_MEASURED  # bench/ is on sys.path when a bench script runs
 import argparse
 import json
 import time
@@ -69,6 +70,7 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_intermixed_args()
     torch.set_grad_enabled(True)
+    a.overrides = [*AS_MEASURED, *a.overrides]
     base = load_recipe(a.recipe, a.overrides)
     full = load_partition(base.tasks.partition)
     part = base.output_dir / "partition-heldout.json"

@@ -9,6 +9,7 @@ parameters, the saved distiller.safetensors and last checkpoint in MB, seconds p
 step, which pays one-off allocations, left out), RSS after building the models and at its peak, and
 each number as a ratio to the full copy.
 """
+from demo_setting import AS_MEASURED  # bench/ is on sys.path when a bench script runs
 import argparse
 import json
 import resource
@@ -26,10 +27,9 @@ MB = 1e6
 
 
 def rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024 / MB
-    raise RuntimeError("no VmRSS in /proc/self/status")
+    import psutil  # installed with accelerate
+
+    return psutil.Process().memory_info().rss / MB
 
 
 def child(recipe_path: str, overrides: list[str], steps: int) -> dict:
@@ -75,7 +75,7 @@ def main() -> None:
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
-        overrides = [*a.override, *VARIANTS[a.child], f"output_dir={Path(a.out_root) / a.child}"]
+        overrides = [*AS_MEASURED, *a.override, *VARIANTS[a.child], f"output_dir={Path(a.out_root) / a.child}"]
         print(json.dumps(child(a.recipe, overrides, a.steps)))
         return
     from mendctl.provenance import stamp

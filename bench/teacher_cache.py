@@ -1,12 +1,13 @@
 """The teacher cache on the demo's real models (SmolLM2-135M, stage 2): how far the cached sparse KL is
 from the exact KL for several top-k, and seconds per training step with the cache (hit) vs without.
 
-    .venv/bin/python bench/teacher_cache.py tasks.bigbench=null tasks.data_dir=/work/data/bb [--episodes 24]
+    .venv/bin/python bench/teacher_cache.py tasks.bigbench=null tasks.data_dir=DATA [--episodes 24]   (DATA: BIG-bench converted, `mendctl data bigbench --fetch DATA`)
 
 Both measurements in one run, on the first `episodes` example positions of the recipe's stage 2 and
 its initial distiller; the timed steps alternate (no cache, cache hit) on the same batches. The
 cache goes to a temporary folder, not the user's. Writes bench/results/teacher_cache.json.
 """
+from demo_setting import AS_MEASURED  # bench/ is on sys.path when a bench script runs
 import argparse
 import json
 import tempfile
@@ -34,7 +35,7 @@ def main() -> None:
     ap.add_argument("--timed-k", type=int, default=64)
     ap.add_argument("--out", default="bench/results/teacher_cache.json")
     a = ap.parse_args()
-    recipe = load_recipe(a.recipe, a.overrides)
+    recipe = load_recipe(a.recipe, [*AS_MEASURED, *a.overrides])
     spec, backend = recipe.finetune, get_backend(recipe.backend)
     models = backend.build(recipe)
     llm, template = models.llm, backend.template(recipe)

@@ -7,6 +7,7 @@ after:  the context alone, separator + query tokenised together, BOS first (what
 Also the two halves apart (tokenization only; BOS only) and BOS = <|endoftext|> for comparison.
 Zero-shot has no separator either way, so only BOS changes it. Writes bench/results/tokenization_check.json.
 """
+from demo_setting import AS_MEASURED  # bench/ is on sys.path when a bench script runs
 import argparse
 import json
 import statistics
@@ -27,9 +28,9 @@ def main() -> None:
     ap.add_argument("--recipe", default="recipes/llama/smollm2-demo.yaml")
     ap.add_argument("--episodes", type=int, default=20)
     ap.add_argument("--out", default="bench/results/tokenization_check.json")
-    ap.add_argument("overrides", nargs="*", default=["tasks.bigbench=null", "tasks.data_dir=/work/data/bb"])
+    ap.add_argument("overrides", nargs="*")
     a = ap.parse_args()
-    recipe = load_recipe(a.recipe, a.overrides)
+    recipe = load_recipe(a.recipe, [*AS_MEASURED, *a.overrides])
     backend = get_backend(recipe.backend)
     lm, tok, llm_id = backend.load_llm(recipe.llm, recipe.seed)
     template = backend.template(recipe)
