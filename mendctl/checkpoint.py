@@ -2,6 +2,7 @@
 
 output_dir/<stage>/
   distiller.safetensors, distiller.json, run.json   the final distiller, read by later stages
+  best.safetensors                                  with keep_best: the distiller at the lowest val_kl
   checkpoints/step_0000100/                         resumable state (Accelerate's save_state + ours)
   metrics.jsonl
 A checkpoint is written to a temporary folder and renamed when complete, so a run killed while
@@ -24,6 +25,7 @@ from .fileio import atomic_path, write_json
 from .provenance import file_hash, stamp
 
 WEIGHTS = "distiller.safetensors"
+BEST = "best.safetensors"  # finetune.keep_best: the distiller at the lowest validation KL
 STATE = "trainer_state.json"
 
 

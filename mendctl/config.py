@@ -213,6 +213,8 @@ class TrainSpec(Strict):
     trackers: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list)
     eval_every: int | None = Field(None, ge=1, description="steps between validation scores (tasks.validation)")
     eval_queries: int = Field(20, ge=1, description="validation queries per task")
+    keep_best: bool = Field(False, description="also write best.safetensors: the distiller at the validation step "
+                            "with the lowest val_kl (needs eval_every)")
 
 
 class PretrainSpec(TrainSpec):
@@ -236,6 +238,7 @@ class FinetuneSpec(TrainSpec):
     lr: float = Field(1e-5, gt=0)
     train_file: str = Field("{task}_16384_100_train.jsonl", description="meta-train file of each task, under data_dir/{task}/")
     kl_weight: float = Field(1.0, ge=0)
+    ce_weight: float = Field(1.0, ge=0, description="weight of the student's target-token CE (0 = KL only)")
     init_from: ExistingPath | None = Field(None, description="stage-1 output; default output_dir/pretrain when present")
     remap_labels: float = Field(0.0, ge=0, le=1, description="probability that an episode's option strings are "
                                 "replaced by random words, in the demonstrations and the target alike")
@@ -293,6 +296,8 @@ class Recipe(Strict):
             spec = getattr(self, stage)
             if spec is not None and spec.eval_every and (self.tasks is None or not self.tasks.validation):
                 raise ValueError(f"{stage}.eval_every needs validation tasks: set tasks.validation")
+            if spec is not None and spec.keep_best and not spec.eval_every:
+                raise ValueError(f"{stage}.keep_best chooses on the validation curve: set {stage}.eval_every")
         return self
 
     @field_validator("backend")

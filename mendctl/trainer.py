@@ -24,8 +24,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from transformers import get_linear_schedule_with_warmup
 
 from .backend import Models
-from .checkpoint import (checkpoints, keep_trainable_in_checkpoints, load_distiller, read_state, save_checkpoint,
-                         save_distiller)
+from .checkpoint import (BEST, checkpoints, keep_trainable_in_checkpoints, load_distiller, read_state,
+                         save_checkpoint, save_distiller, write_distiller)
 from .config import FinetuneSpec, PretrainSpec, Recipe
 from .anchors import anchor_embeddings, anchor_ids
 from .curves import Validation, plot
@@ -70,13 +70,15 @@ def step_loss(models: Models, distiller, batch: list[Example], recipe: Recipe, k
     vectors = distiller(d_ids, d_mask, anchors)
     student = llm.target_logits(list(vectors), xs, ys)
     ce = TargetCE()
+    # The CEs are measured whenever there are target tokens, even at ce_weight 0 (a KL-only run's curve).
+    has_y = bool(student.is_y.any())
     if cached is None:
         kl_loss = kl(teacher.logits, student.logits)
-        teacher_ce = ce(teacher.logits[teacher.is_y], teacher.targets[teacher.is_y]).item() if ce_weight else 0.0
+        teacher_ce = ce(teacher.logits[teacher.is_y], teacher.targets[teacher.is_y]).item() if has_y else 0.0
     else:
         kl_loss = kl(top.logp, top.ids, top.log_rest, student.logits)
-        teacher_ce = -top.target_logp[student.is_y].mean().item() if ce_weight else 0.0
-    ce_loss = ce(student.logits[student.is_y], student.targets[student.is_y]) if ce_weight else kl_loss.new_zeros(())
+        teacher_ce = -top.target_logp[student.is_y].mean().item() if has_y else 0.0
+    ce_loss = ce(student.logits[student.is_y], student.targets[student.is_y]) if has_y else kl_loss.new_zeros(())
     loss = kl_weight * kl_loss + ce_weight * ce_loss
     tokens = int(d_mask.sum()) + sum(len(e.ctx) + 2 * (llm.bos_len + len(e.x) + len(e.y)) for e in batch)
     return StepStats(loss, kl_loss.item(), ce_loss.item(), teacher_ce, tokens)
@@ -164,7 +166,7 @@ def train(recipe: Recipe, stage: str, resume: bool = False, restart: bool = Fals
         accelerator.init_trackers(f"mendctl-{stage}", config=recipe.model_dump(mode="json"))
 
     kl = SparseKL(spec.temperature) if cached else ForwardKL(spec.temperature)
-    ce_weight = 1.0 if stage == "finetune" else 0.0
+    ce_weight = spec.ce_weight if stage == "finetune" else 0.0
     kl_weight = spec.kl_weight if stage == "finetune" else 1.0
     per_step = spec.batch_size * spec.grad_accum * accelerator.num_processes
     out.mkdir(parents=True, exist_ok=True)
@@ -177,9 +179,18 @@ def train(recipe: Recipe, stage: str, resume: bool = False, restart: bool = Fals
     validation = (Validation(recipe, models, backend.template(recipe), spec.eval_queries)
                   if spec.eval_every and main else None)
 
+    info = {"stage": stage, "initialised_from": start_from, "llm_id": models.llm_id,
+            "llm_config_hash": models.llm_config_hash}
+    best_kl = _best_val_kl(out / "metrics.jsonl") if spec.keep_best and main else None
+
     def validate(at: int) -> dict:
+        nonlocal best_kl
         vectors = distil(models, validation.contexts, recipe.distiller.max_length, spec.batch_size, validation.anchors)
-        return {"step": at, **validation.score(vectors)}
+        scores = {"step": at, **validation.score(vectors)}
+        if spec.keep_best and (best_kl is None or scores["val_kl"] < best_kl):
+            best_kl = scores["val_kl"]
+            write_distiller(out / BEST, accelerator.unwrap_model(distiller), recipe, {**info, "steps": at, **scores})
+        return scores
 
     if validation and step == 0:  # the untrained distiller: where the curve starts
         first = validate(0)
@@ -211,7 +222,7 @@ def train(recipe: Recipe, stage: str, resume: bool = False, restart: bool = Fals
                 if validation and (step % spec.eval_every == 0 or step == spec.steps):
                     record |= validate(step)
                 if main:
-                    _report(record, log, progress, bar, console, spec.steps, stage, show_ce=bool(ce_weight))
+                    _report(record, log, progress, bar, console, spec.steps, stage, show_ce=stage == "finetune")
                 if trackers:
                     accelerator.log(record, step=step)
                 if step % spec.save_every == 0 or step == spec.steps:
@@ -234,9 +245,7 @@ def train(recipe: Recipe, stage: str, resume: bool = False, restart: bool = Fals
     _check_frozen(models, llm_before)
     path = out / "distiller.safetensors"
     if main:
-        path = save_distiller(out, accelerator.unwrap_model(distiller), recipe,
-                              {"stage": stage, "steps": step, "initialised_from": start_from,
-                               "llm_id": models.llm_id, "llm_config_hash": models.llm_config_hash})
+        path = save_distiller(out, accelerator.unwrap_model(distiller), recipe, {**info, "steps": step})
         console.print(f"[green]{stage} done[/]: {path}")
     if trackers:
         accelerator.end_training()
@@ -268,6 +277,14 @@ def _optimizer_step(models, distiller, optimizer, scheduler, examples, accelerat
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return sums
+
+
+def _best_val_kl(metrics_path: Path) -> float | None:
+    """The lowest validation KL logged so far (a resumed run keeps the best of the steps it continues)."""
+    if not metrics_path.is_file():
+        return None
+    kls = [json.loads(line).get("val_kl") for line in metrics_path.read_text().splitlines() if line.strip()]
+    return min((k for k in kls if k is not None), default=None)
 
 
 def _report(record: dict, log, progress: Progress, bar, console: Console, total: int, stage: str, show_ce: bool) -> None:

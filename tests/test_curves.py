@@ -80,6 +80,55 @@ def test_validation_tasks_are_checked_against_the_partition(tiny, overrides, mes
         tiny("gpt2", *overrides)
 
 
+def test_keep_best_writes_the_distiller_of_the_lowest_validation_kl(tiny):
+    from safetensors import safe_open
+
+    from mendctl.checkpoint import load_distiller
+
+    recipe = tiny("gpt2", *CURVES, "finetune.steps=6", "finetune.lr=0.05", "finetune.keep_best=true")
+    train(recipe, "finetune", console=QUIET)
+    curve = _curve(recipe)
+    best = min(curve, key=lambda r: r["val_kl"])
+    path = recipe.output_dir / "finetune" / "best.safetensors"
+    with safe_open(str(path), "pt") as f:
+        provenance = json.loads(f.metadata()["provenance"])
+    assert provenance["steps"] == best["step"] and provenance["val_kl"] == pytest.approx(best["val_kl"])
+    # Loaded and scored again, it gives the curve's value at that step.
+    from mendctl.curves import Validation
+    from mendctl.distiller import distil
+
+    backend = get_backend("gpt2")
+    models = backend.build(recipe)
+    load_distiller(models.distiller, path)
+    validation = Validation(recipe, models, backend.template(recipe), 4)
+    vectors = distil(models, validation.contexts, recipe.distiller.max_length, 2, validation.anchors)
+    assert validation.score(vectors)["val_kl"] == pytest.approx(best["val_kl"], abs=1e-5)
+
+
+def test_keep_best_needs_a_curve(tiny):
+    with pytest.raises(RecipeError, match="finetune.keep_best chooses on the validation curve"):
+        tiny("gpt2", "finetune.keep_best=true")
+
+
+def test_ce_weight_zero_trains_on_kl_alone_and_still_logs_the_ce(tiny, monkeypatch):
+    import mendctl.trainer as trainer
+
+    recipe = tiny("gpt2", "finetune.steps=2", "finetune.ce_weight=0")
+    seen = []
+    real = trainer.step_loss
+
+    def spy(*args, **kwargs):
+        stats = real(*args, **kwargs)
+        seen.append(stats)
+        return stats
+
+    monkeypatch.setattr(trainer, "step_loss", spy)
+    train(recipe, "finetune", console=QUIET)
+    for stats in seen:
+        assert stats.ce > 0 and stats.loss.item() == pytest.approx(stats.kl, rel=1e-5)
+    assert all(r["ce"] > 0 for r in _records(recipe))
+
+
 def test_resume_continues_the_curve(tiny, monkeypatch):
     import mendctl.trainer as trainer
 
