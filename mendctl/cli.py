@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .config import Recipe, RecipeError, load_recipe
+from .data.metaicl import DEFAULT_K
 
 console = Console()
 err_console = Console(stderr=True)
@@ -266,7 +267,7 @@ def data() -> None:
 @click.argument("paths", nargs=-1, required=True, metavar="[SRC] OUT")
 @click.option("--tasks", help="Comma-separated task names (default: all).")
 @click.option("--fetch", is_flag=True, help="Download the bigbench==1.0.0 sdist with pip into the cache and use it as SRC.")
-@click.option("--k", default=16, show_default=True, help="Demonstrations per train/dev split.")
+@click.option("--k", default=DEFAULT_K, show_default=True, help="Demonstrations per train/dev split.")
 def data_bigbench(paths: tuple[str, ...], tasks: str | None, fetch: bool, k: int) -> None:
     """Convert BIG-bench task files (a folder, or the sdist tarball) into the MetaICL layout in OUT.
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from .checkpoint import WEIGHTS
 from .config import Recipe
-from .data.metaicl import split_path
+from .data.metaicl import split_path, task_file
 from .partitions import Partition, check_task_name, load_partition
 
 
@@ -46,7 +46,7 @@ def data_dir(recipe: Recipe) -> Path:
               for split in ("train", "test")]
     needed += [split_path(out, t, tasks.k, tasks.seeds[0], split) for t in tasks.validation for split in ("train", "test")]
     if recipe.finetune is not None:
-        needed += [out / t / recipe.finetune.train_file.replace("{task}", t) for t in partition.train]
+        needed += [task_file(out, t, recipe.finetune.train_file) for t in partition.train]
     # finetune.train_tasks: all trains on every task the conversion finds, so all of BIG-bench is
     # converted; the marker says it was (the files alone cannot tell which tasks exist).
     everything = recipe.finetune is not None and recipe.finetune.train_tasks == "all"
