@@ -16,12 +16,13 @@ from mendctl.compress import compress
 from mendctl.config import METHODS, load_recipe
 from mendctl.data.metaicl import DataError, load_split
 from mendctl.distill import run_distill
-from mendctl.scoring import demo_sets
+from mendctl.scoring import demo_sets, query_set
 from mendctl.trained import load_trained
-from mendctl.evaluate import _prefix, _query_set, run_eval
+from mendctl.evaluate import _prefix, run_eval
 from mendctl.metrics import accuracy, macro_f1
 from mendctl.registry import get_backend
 from mendctl.render import context_ids
+from mendctl.workspace import data_dir
 
 TINY = Path(__file__).resolve().parent.parent / "recipes" / "tiny"
 DATA = Path(__file__).resolve().parent.parent / "data" / "tiny" / "tasks"
@@ -211,7 +212,7 @@ def test_prefixes(tmp_path):
     models, _ = load_trained(recipe, require=False)
     template = get_backend(recipe.backend).template(recipe)
     ds = demo_sets(recipe, template, models.llm_tokenizer)[0]
-    qs = _query_set(recipe, ds, template, models.llm_tokenizer, 1)
+    qs = query_set(data_dir(recipe), ds, recipe.tasks.k, template, models.llm_tokenizer, 1)
     ids = torch.tensor(context_ids(template, ds.context, models.llm_tokenizer))
     embed = models.llm.embed
     assert _prefix("zero-shot", qs, models, template, 4, {}).shape == (0, models.llm.hidden_size)
