@@ -36,7 +36,7 @@ from .config import Recipe, TemplateSpec, resolved_dict
 from .anchors import set_anchors
 from .distiller import distil
 from .partitions import Partition
-from .provenance import stamp, text_hash
+from .provenance import models_stamp, stamp, text_hash
 from .registry import get_backend
 from .render import context_ids
 from .results import Agreement, MethodResult, SetResult, TaskResult, mean_agreement, summarize
@@ -277,6 +277,7 @@ def _results(run: EvalRun, tasks: dict[str, TaskResult], mend: dict[str, MendVec
                               "sources": {key: v.source for key, v in mend.items()}}
     if "llmlingua" in methods:
         results["llmlingua"] = {"implementation": NOTE, "segment_tokens": SEGMENT_TOKENS}
+    results["models"] = models_stamp(run.models, run.distiller_hash, recipe.backend)
     results["recipe"] = resolved_dict(recipe)
     results["provenance"] = stamp()
     return results

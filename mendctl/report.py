@@ -52,6 +52,16 @@ def table(results: dict) -> Table:
     return t
 
 
+def models_line(results: dict) -> str:
+    """What was evaluated (provenance.models_stamp); the special tokens in backticks, or markdown would
+    read `<s>` as a tag."""
+    m = results["models"]
+    specials = ", ".join(f"{name} " + ("none" if s["token"] is None else f"`{s['token']}` = {s['id']}")
+                         for name, s in m["tokenizer"].items())
+    return (f"LLM: `{m['llm_id']}` ({m['backend']}, config {m['llm_config_hash']}); distiller: "
+            f"{m['distiller_hash']}; LLM tokenizer: {specials}")
+
+
 def mend_vs_icl_line(results: dict) -> str:
     c = results["mend_vs_icl"]
     return f"MEND vs ICL: agreement {100 * c['agreement']:.1f}%, mean KL(icl || mend) {c['mean_kl']:.4f}"
@@ -70,7 +80,7 @@ def bootstrap_lines(results: dict) -> list[str]:
 def markdown(results: dict) -> str:
     lines = [f"# mendctl eval: {results['partition']}", "",
              f"device: {results['device']}; limit: {results['limit'] or 'none'} queries per task and seed; "
-             f"seeds: {results['seeds']}; K = {results['num_vectors']}", "",
+             f"seeds: {results['seeds']}; K = {results['num_vectors']}", "", models_line(results), "",
              "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     lines += ["| " + " | ".join(row) + " |" for row in rows(results)]
     if "mend_vs_icl" in results:
