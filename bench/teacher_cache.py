@@ -19,6 +19,7 @@ import torch
 from mendctl.config import load_recipe
 from mendctl.examples import example_source
 from mendctl.losses import ForwardKL, SparseKL
+from mendctl.prepare import prepare
 from mendctl.provenance import stamp
 from mendctl.registry import get_backend
 from mendctl.teacher_cache import CachedTeacher, TeacherCache, sparsify
@@ -36,6 +37,7 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results/teacher_cache.json")
     a = ap.parse_args()
     recipe = load_recipe(a.recipe, [*AS_MEASURED, *a.overrides])
+    prepare(recipe, "finetune")
     spec, backend = recipe.finetune, get_backend(recipe.backend)
     models = backend.build(recipe)
     llm, template = models.llm, backend.template(recipe)

@@ -198,6 +198,7 @@ def teacher_key(recipe, stage: str, models, template) -> dict:
             text = _files_hash(spec.text if spec.text else [passages_file(recipe)])
         key |= {"text": text, "max_length": spec.max_length, "demo_fraction": spec.demo_fraction}
     else:
+        from .data.metaicl import task_file
         from .provenance import file_hash
         from .workspace import data_dir, partition_for
 
@@ -206,7 +207,7 @@ def teacher_key(recipe, stage: str, models, template) -> dict:
         root = data_dir(recipe)
         tasks = [t for t in meta_train_tasks(spec, root, partition_for(recipe), recipe.tasks.k)
                  if t not in recipe.tasks.validation]
-        files = {t: file_hash(root / t / spec.train_file.replace("{task}", t)) for t in sorted(tasks)}
+        files = {t: file_hash(task_file(root, t, spec.train_file)) for t in sorted(tasks)}
         # The draw of an episode (which task, which labels) changes with these; the input hash would
         # catch it too, but runs that differ in them would then overwrite each other's shards.
         key |= {"template": template.model_dump(mode="json"), "k": recipe.tasks.k, "data": files,
