@@ -27,8 +27,9 @@ class Stage:
     start_from: Path | None
     # The stage whose output it would start from by default, to say so when that output is missing.
     follows: str | None
-    # Stage 2's examples end in a target output, so its progress line shows the CE beside ICL's.
-    shows_ce: bool
+    # Stage 2's examples end in a target output: the student's CE and ICL's on it are measured, logged
+    # and shown even at ce_weight 0. Stage 1's target is only the rest of a text: the KL says it all.
+    measures_ce: bool
 
     @property
     def checkpoints(self) -> Path:
@@ -48,6 +49,6 @@ def build_stage(recipe: Recipe, name: str) -> Stage:
     if name == "pretrain":
         # Stage 1 has no target outputs worth a CE term: it learns the teacher's distributions alone.
         return Stage(name, spec, recipe, recipe.stage_dir(name), ce_weight=0.0, kl_weight=1.0, start_from=None,
-                     follows=None, shows_ce=False)
+                     follows=None, measures_ce=False)
     return Stage(name, spec, recipe, recipe.stage_dir(name), ce_weight=spec.ce_weight, kl_weight=spec.kl_weight,
-                 start_from=stage_input(recipe, name), follows="pretrain", shows_ce=True)
+                 start_from=stage_input(recipe, name), follows="pretrain", measures_ce=True)

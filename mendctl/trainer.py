@@ -63,11 +63,12 @@ class Objective:
     kl_weight: float
     # The teacher's top-k from the cache instead of its forward pass; the KL must then be a SparseKL.
     cached: CachedTeacher | None = None
+    measure_ce: bool = True  # False: ce and teacher_ce are logged as 0 (stage 1)
 
     @classmethod
     def for_stage(cls, stage: Stage, cached: CachedTeacher | None) -> Objective:
         kl = SparseKL(stage.spec.temperature) if cached else ForwardKL(stage.spec.temperature)
-        return cls(kl, stage.ce_weight, stage.kl_weight, cached)
+        return cls(kl, stage.ce_weight, stage.kl_weight, cached, stage.measures_ce)
 
 
 def step_loss(models: Models, distiller, batch: list[Example], recipe: Recipe, objective: Objective,
@@ -89,8 +90,8 @@ def step_loss(models: Models, distiller, batch: list[Example], recipe: Recipe, o
     vectors = distiller(d_ids, d_mask, anchors)
     student = llm.target_logits(list(vectors), xs, ys)
     ce = TargetCE()
-    # The CEs are measured whenever there are target tokens, even at ce_weight 0 (a KL-only run's curve).
-    has_y = bool(student.is_y.any())
+    # Measured even at ce_weight 0: a KL-only run still shows how the student's CE follows ICL's.
+    has_y = objective.measure_ce and bool(student.is_y.any())
     if cached is None:
         kl_loss = objective.kl(teacher.logits, student.logits)
         teacher_ce = ce(teacher.logits[teacher.is_y], teacher.targets[teacher.is_y]).item() if has_y else 0.0
@@ -389,7 +390,7 @@ class _Report:
         self.log.flush()
         name, total = self.stage.name, self.stage.spec.steps
         text = (f"loss {record['loss']:.4f}  kl {record['kl']:.4f}"
-                + (f"  ce {record['ce']:.4f} (icl {record['teacher_ce']:.4f})" if self.stage.shows_ce else "")
+                + (f"  ce {record['ce']:.4f} (icl {record['teacher_ce']:.4f})" if self.stage.measures_ce else "")
                 + f"  {record['tokens_per_s']:.0f} tok/s")
         self.progress.update(self.bar, completed=record["step"], stats=text)
         if "val_mend_f1" in record:
