@@ -100,7 +100,10 @@ def step_loss(models: Models, distiller, batch: list[Example], recipe: Recipe, o
         teacher_ce = -top.target_logp[student.is_y].mean().item() if has_y else 0.0
     ce_loss = ce(student.logits[student.is_y], student.targets[student.is_y]) if has_y else kl_loss.new_zeros(())
     loss = objective.kl_weight * kl_loss + objective.ce_weight * ce_loss
-    tokens = int(d_mask.sum()) + sum(len(e.ctx) + 2 * (llm.bos_len + len(e.x) + len(e.y)) for e in batch)
+    # tokens/s counts what the models read: a teacher served from the cache read nothing.
+    query = lambda e: llm.bos_len + len(e.x) + len(e.y)  # noqa: E731
+    taught = batch if cached is None else [batch[i] for i in cached.computed]
+    tokens = int(d_mask.sum()) + sum(map(query, batch)) + sum(len(e.ctx) + query(e) for e in taught)
     return StepStats(loss, kl_loss.item(), ce_loss.item(), teacher_ce, tokens)
 
 
