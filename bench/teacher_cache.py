@@ -24,7 +24,7 @@ from mendctl.provenance import stamp
 from mendctl.registry import get_backend
 from mendctl.teacher_cache import CachedTeacher, TeacherCache, sparsify
 from mendctl.distiller import distiller_inputs
-from mendctl.trainer import step_loss
+from mendctl.trainer import Objective, step_loss
 
 
 def main() -> None:
@@ -85,7 +85,7 @@ def main() -> None:
                 use = cached if mode == "cache_hit" else None
                 kl = SparseKL(spec.temperature) if use else ForwardKL(spec.temperature)
                 tic = time.perf_counter()
-                stats = step_loss(models, distiller, batch, recipe, kl, 1.0, spec.kl_weight, "cpu", use,
+                stats = step_loss(models, distiller, batch, recipe, Objective(kl, 1.0, spec.kl_weight, use),
                                   list(range(i * bs, (i + 1) * bs)))
                 stats.loss.backward()
                 opt.step()

@@ -137,17 +137,19 @@ class TeacherCache:
 
 class CachedTeacher:
     """The teacher as the trainer uses it: TopK rows for a batch, read from the cache or computed
-    and stored. `forwards` counts the LLM forward passes it ran (one per batch with a miss)."""
+    and stored. `forwards` counts the LLM forward passes it ran (one per batch with a miss);
+    `computed` lists the examples of the last batch that the LLM read (the trainer's tokens/s counts them)."""
 
     def __init__(self, llm, cache: TeacherCache, top_k: int, temperature: float):
         self.llm, self.cache, self.top_k, self.temperature = llm, cache, top_k, temperature
         self.forwards = 0
+        self.computed: list[int] = []
 
     @torch.no_grad()
     def __call__(self, batch: list, positions: list[int]) -> TopK:
         digests = [input_hash(e.ctx, e.x, e.y) for e in batch]
         found = [self.cache.get(p, d) for p, d in zip(positions, digests)]
-        missing = [i for i, f in enumerate(found) if f is None]
+        missing = self.computed = [i for i, f in enumerate(found) if f is None]
         if missing:
             self.forwards += 1
             llm = self.llm
