@@ -6,9 +6,14 @@ model reads prefix + x + y and predicts x and y. Encoder-decoder: the encoder re
 decoder predicts y. For a family trained with a BOS token, BOS comes first, before the prefix:
 callers never add it (`with_bos` is the one place). The LM head runs only at the positions a loss
 or a score uses, never over every demonstration token.
+
+Scoring many queries after the same prefix (a query set after its demonstrations) can run BOS +
+prefix once (`prefix_cache`) and each query on top of it: the decoder-only LLM attends causally, so
+the prefix's keys and values do not depend on what follows them.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +27,30 @@ class TargetLogits:
     targets: torch.Tensor  # [N]
     is_y: torch.Tensor     # [N] bool: the token belongs to y (CE applies), else to x
     example: torch.Tensor  # [N] index of the example in the batch
+
+
+@dataclass
+class PrefixCache:
+    """BOS + one prefix run once through a decoder-only LLM, for every query that follows that prefix."""
+
+    rows: int             # prefix rows, BOS not counted: what the left cut weighs against max_positions
+    positions: int        # positions the cache holds: BOS + prefix
+    cache: object         # the transformers Cache after those positions; never written into (see _fork)
+    last: torch.Tensor    # [1, d] hidden state at the last position: it predicts a query's first option
+                          # token when the query input is empty
+
+
+def _fork(cache):
+    """A copy of `cache` that the query can grow without touching the original."""
+    from transformers.cache_utils import DynamicLayer
+
+    fork = copy.copy(cache)
+    if all(type(layer) is DynamicLayer for layer in cache.layers):
+        # A DynamicLayer grows by torch.cat and reassigns (as batch_repeat_interleave does), never
+        # writing into its tensors: the fork can share the prefix's keys and values, no copy.
+        fork.layers = [copy.copy(layer) for layer in cache.layers]
+        return fork
+    return copy.deepcopy(cache)  # other layer kinds (static, sliding) may write in place
 
 
 def _pad_stack(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,8 +141,16 @@ class FrozenLM(nn.Module):
                       ) -> TargetLogits:
         raise NotImplementedError
 
-    def option_losses(self, prefix: torch.Tensor, x: torch.Tensor, options: list[torch.Tensor]) -> torch.Tensor:
-        """Mean per-token loss of each option given prefix + x; the prefix is computed once."""
+    def prefix_cache(self, prefix: torch.Tensor) -> PrefixCache | None:
+        """BOS + `prefix` computed once for the queries that follow it, or None when nothing can be reused."""
+        return None
+
+    def option_losses(self, prefix: torch.Tensor, x: torch.Tensor, options: list[torch.Tensor],
+                      cached: PrefixCache | None = None) -> torch.Tensor:
+        """Mean per-token loss of each option given prefix + x; prefix + x is computed once for all options.
+
+        `cached` is `prefix_cache(prefix)` of this very prefix, shared by the queries that follow it.
+        """
         raise NotImplementedError
 
 
@@ -142,7 +179,31 @@ class CausalLM(FrozenLM):
         selected = hidden[example_t, torch.cat(positions)]
         return TargetLogits(self.head(selected), torch.cat(targets), torch.cat(is_y), example_t)
 
-    def option_losses(self, prefix, x, options):
+    def prefix_cache(self, prefix):
+        ctx = self.with_bos(prefix)
+        if ctx.shape[0] == 0:
+            return None  # no BOS, no prefix (GPT-2 zero-shot): nothing precedes the query
+        if self.max_positions is not None and prefix.shape[0] >= self.max_positions:
+            return None  # every query would cut the prefix from the left: each reads its own cut
+        out = self._base()(inputs_embeds=ctx.unsqueeze(0), use_cache=True)
+        return PrefixCache(prefix.shape[0], ctx.shape[0], out.cache, out.last_hidden_state[:, -1])
+
+    def _fits(self, context_rows: int, options: list[torch.Tensor]) -> bool:
+        """Whether prefix + x + every option fit the positions uncut, so the cached prefix is what they read."""
+        if self.max_positions is None:
+            return True
+        longest = max(o.shape[0] for o in options)
+        return longest < self.max_positions and context_rows + longest <= self.max_positions
+
+    def option_losses(self, prefix, x, options, cached=None):
+        if cached is not None and self._fits(cached.rows + x.shape[0], options):
+            cache = _fork(cached.cache)
+            last = cached.last
+            if x.shape[0]:
+                pos = cached.positions + torch.arange(x.shape[0], device=x.device)
+                last = self._base()(inputs_embeds=self.embed(x).unsqueeze(0), position_ids=pos.unsqueeze(0),
+                                    cache=cache, use_cache=True).last_hidden_state[:, -1]
+            return self._options_after(cache, cached.positions + x.shape[0], last, options)
         if self.max_positions is not None:
             # Room for the longest option (cut to leave one context position), then the newest context.
             options = [o[: self.max_positions - 1] for o in options]
@@ -150,11 +211,15 @@ class CausalLM(FrozenLM):
             prefix, x = _cut_left(room, prefix, x)
         ctx = torch.cat([self.with_bos(prefix), self.embed(x)]).unsqueeze(0)
         out = self._base()(inputs_embeds=ctx, use_cache=True)
-        cache = out.cache
-        first = F.log_softmax(self.head(out.last_hidden_state[:, -1]), -1)[0]
-        n, c = len(options), ctx.shape[1]
+        return self._options_after(out.cache, ctx.shape[1], out.last_hidden_state[:, -1], options)
+
+    def _options_after(self, cache, c: int, last: torch.Tensor, options: list[torch.Tensor]) -> torch.Tensor:
+        """The options' mean losses after a context of `c` positions: its keys and values in `cache`
+        (consumed), `last` [1, d] the hidden state of its last position."""
+        first = F.log_softmax(self.head(last), -1)[0]
+        n = len(options)
         loss_sum = torch.stack([-first[o[0]] for o in options])
-        lengths = torch.tensor([o.shape[0] for o in options], device=ctx.device)
+        lengths = torch.tensor([o.shape[0] for o in options], device=last.device)
         if int(lengths.max()) > 1:
             ids, mask = _pad_ids(options, self.pad_token_id)
             cache.batch_repeat_interleave(n)
@@ -193,7 +258,8 @@ class Seq2SeqLM(FrozenLM):
         logits = self.head(hidden[rows, cols])
         return TargetLogits(logits, y_ids[rows, cols], torch.ones_like(rows, dtype=torch.bool), rows)
 
-    def option_losses(self, prefix, x, options):
+    def option_losses(self, prefix, x, options, cached=None):
+        # No prefix_cache: the encoder reads prefix + x bidirectionally, so the prefix's states depend on x.
         enc, enc_mask = self._encode([torch.cat([self.with_bos(prefix), self.embed(x)])])
         n = len(options)
         y_ids, y_mask = _pad_ids(options, self.pad_token_id)
