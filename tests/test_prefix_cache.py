@@ -1,10 +1,14 @@
 """A query set's prefix runs once (FrozenLM.prefix_cache) and every query on top of its cache: the same
-option losses as running prefix + query each time, and a left cut where positions run out."""
+option losses as running prefix + query each time, a left cut where positions run out, and latency
+that still carries the prefix."""
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
+from mendctl import scoring
 from mendctl.lm import CausalLM
+from mendctl.render import Query
+from mendctl.scoring import DemoSet, QuerySet, score
 
 D = 32
 
@@ -99,3 +103,45 @@ def test_a_query_past_the_last_position_is_cut_as_before():
         # A prefix that alone fills the positions is cut for every query: nothing to cache.
         assert llm.prefix_cache(torch.randn(16, D, generator=gen)) is None
         assert llm.prefix_cache(torch.randn(15, D, generator=gen)) is not None
+
+
+def _query_set(n: int) -> QuerySet:
+    gen = torch.Generator().manual_seed(0)
+    queries = [Query(torch.randint(3, 100, (5,), generator=gen).tolist(), [[7, 8], [9]]) for _ in range(n)]
+    return QuerySet(DemoSet("t", 0, [], ""), queries, queries, [["a", "b"]] * n, ["a"] * n, ["f:1"] * n)
+
+
+def test_score_with_and_without_reuse_agree():
+    llm = _llama(1)
+    qs = _query_set(5)
+    prefix = torch.randn(30, D, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = score(llm, prefix, qs, gated_mlp=True, reuse_prefix=False)
+        after = score(llm, prefix, qs, gated_mlp=True)
+    torch.testing.assert_close(torch.tensor(after.losses), torch.tensor(before.losses), atol=1e-4, rtol=0)
+    assert after.predictions == before.predictions
+    assert after.flops == before.flops  # the prefix still counts in full per query
+    assert before.prefix_seconds == 0 and after.prefix_seconds > 0
+
+
+def test_latency_per_query_carries_an_even_share_of_the_prefix(monkeypatch):
+    """A fake clock: the prefix takes 10 s, each query 1 s; 5 queries then take 3 s each."""
+    llm = _llama(1)
+    now = [0.0]
+    monkeypatch.setattr(scoring.time, "perf_counter", lambda: now[0])
+    prefix_cache, option_losses = llm.prefix_cache, llm.option_losses
+
+    def slow_prefix(*args):
+        now[0] += 10
+        return prefix_cache(*args)
+
+    def slow_query(*args):
+        now[0] += 1
+        return option_losses(*args)
+
+    monkeypatch.setattr(llm, "prefix_cache", slow_prefix)
+    monkeypatch.setattr(llm, "option_losses", slow_query)
+    with torch.no_grad():
+        run = score(llm, torch.randn(30, D), _query_set(5), gated_mlp=True)
+    assert run.prefix_seconds == 10
+    assert run.seconds == [3.0] * 5
