@@ -217,21 +217,27 @@ class CausalLM(FrozenLM):
         """The options' mean losses after a context of `c` positions: its keys and values in `cache`
         (consumed), `last` [1, d] the hidden state of its last position."""
         first = F.log_softmax(self.head(last), -1)[0]
-        n = len(options)
         loss_sum = torch.stack([-first[o[0]] for o in options])
         lengths = torch.tensor([o.shape[0] for o in options], device=last.device)
-        if int(lengths.max()) > 1:
-            ids, mask = _pad_ids(options, self.pad_token_id)
-            cache.batch_repeat_interleave(n)
+        # An option's last token predicts nothing, so a one-token option needs no pass at all and a
+        # longer one only its others: single-token labels (most classification tasks) skip the
+        # option pass, and with it copying the context's keys and values once per option.
+        longer = [i for i, o in enumerate(options) if o.shape[0] > 1]
+        if longer:
+            ids, mask = _pad_ids([options[i][:-1] for i in longer], self.pad_token_id)
+            nexts, _ = _pad_ids([options[i][1:] for i in longer], self.pad_token_id)
+            n = len(longer)
+            if n > 1:
+                cache.batch_repeat_interleave(n)
             full_mask = torch.cat([mask.new_ones(n, c), mask], dim=1)
             pos = (c + torch.arange(ids.shape[1], device=ids.device)).unsqueeze(0).expand(n, -1)
             hidden = self._base()(inputs_embeds=self.embed(ids), attention_mask=full_mask, position_ids=pos,
                                   cache=cache).last_hidden_state
-            # Token j >= 1 of option o is predicted from hidden[o, j-1]; only those rows reach the head.
-            rows, cols = torch.nonzero(mask[:, 1:], as_tuple=True)
+            # Token j + 1 of an option is predicted from its hidden[j]; only those rows reach the head.
+            rows, cols = torch.nonzero(mask, as_tuple=True)
             logp = F.log_softmax(self.head(hidden[rows, cols]), -1)
-            tok_loss = -logp.gather(1, ids[rows, cols + 1].unsqueeze(1)).squeeze(1)
-            loss_sum = loss_sum.index_add(0, rows, tok_loss)
+            tok_loss = -logp.gather(1, nexts[rows, cols].unsqueeze(1)).squeeze(1)
+            loss_sum = loss_sum.index_add(0, torch.tensor(longer, device=rows.device)[rows], tok_loss)
         return loss_sum / lengths
 
 

@@ -79,8 +79,11 @@ def test_the_prefix_is_not_run_again_per_query():
         assert reads.positions == 1 + 40
         for x, options in queries:
             llm.option_losses(prefix, x, options, cached)
-    option_pass = 4 * 5  # four options padded to the longest, 5 tokens
+    option_pass = 3 * 4  # the options of 4, 2 and 5 tokens but their last, padded to 4
     assert reads.positions == 1 + 40 + sum(x.shape[0] + option_pass for x, _ in queries)
+    with torch.no_grad():
+        llm.option_losses(prefix, queries[0][0], [torch.tensor([5]), torch.tensor([6])], cached)
+    assert reads.positions == 1 + 40 + sum(x.shape[0] + option_pass for x, _ in queries) + queries[0][0].shape[0]
 
 
 def test_a_query_past_the_last_position_is_cut_as_before():
@@ -94,7 +97,7 @@ def test_a_query_past_the_last_position_is_cut_as_before():
         cached = llm.prefix_cache(prefix)
         reads = _Reads(llm)
         reused = llm.option_losses(prefix, *fits, cached)
-        assert reads.positions == 3 + 2 * 3  # the query, then the options (padded to 3) on the cache
+        assert reads.positions == 3 + 2  # the query, then the 3-token option but its last on the cache
         torch.testing.assert_close(reused, llm.option_losses(prefix, *fits))
         # Past 16 positions the query reads the newest 16 - 3 - 5 = 8 prefix rows, not the cached 10.
         torch.testing.assert_close(llm.option_losses(prefix, *over, cached), llm.option_losses(prefix[-8:], *over))
