@@ -8,8 +8,10 @@ callers never add it (`with_bos` is the one place). The LM head runs only at the
 or a score uses, never over every demonstration token.
 
 Scoring many queries after the same prefix (a query set after its demonstrations) can run BOS +
-prefix once (`prefix_cache`) and each query on top of it: the decoder-only LLM attends causally, so
-the prefix's keys and values do not depend on what follows them.
+prefix once (`prefix_cache`) and the queries on top of it (`cached_option_losses`): the decoder-only
+LLM attends causally, so the prefix's keys and values do not depend on what follows them. Several
+queries and all their options then run packed into one sequence whose attention mask lets each
+token see only the prefix and its own query (and option), as if each ran alone.
 """
 from __future__ import annotations
 
@@ -33,11 +35,11 @@ class TargetLogits:
 class PrefixCache:
     """BOS + one prefix run once through a decoder-only LLM, for every query that follows that prefix."""
 
-    rows: int             # prefix rows, BOS not counted: what the left cut weighs against max_positions
-    positions: int        # positions the cache holds: BOS + prefix
-    cache: object         # the transformers Cache after those positions; never written into (see _fork)
-    last: torch.Tensor    # [1, d] hidden state at the last position: it predicts a query's first option
-                          # token when the query input is empty
+    rows: int                  # prefix rows, BOS not counted: what the left cut weighs against max_positions
+    positions: int             # positions the cache holds: BOS + prefix (0: nothing, the cache is empty)
+    cache: object              # the transformers Cache after those positions; never written into (see _fork)
+    last: torch.Tensor | None  # [d] hidden state at the last position: it predicts a query's first option
+                               # token when the query input is empty
 
 
 def _fork(cache):
@@ -145,6 +147,15 @@ class FrozenLM(nn.Module):
         """BOS + `prefix` computed once for the queries that follow it, or None when nothing can be reused."""
         return None
 
+    def fits(self, cached: PrefixCache, x: torch.Tensor, options: list[torch.Tensor]) -> bool:
+        """Whether `cached_option_losses` can score this query after `cached` (else `option_losses` does)."""
+        return False
+
+    def cached_option_losses(self, cached: PrefixCache, queries: list[tuple[torch.Tensor, list[torch.Tensor]]],
+                             ) -> list[torch.Tensor]:
+        """`option_losses` of each query (x, options) after the cached prefix; each query must fit."""
+        raise NotImplementedError
+
     def option_losses(self, prefix: torch.Tensor, x: torch.Tensor, options: list[torch.Tensor],
                       cached: PrefixCache | None = None) -> torch.Tensor:
         """Mean per-token loss of each option given prefix + x; prefix + x is computed once for all options.
@@ -179,31 +190,90 @@ class CausalLM(FrozenLM):
         selected = hidden[example_t, torch.cat(positions)]
         return TargetLogits(self.head(selected), torch.cat(targets), torch.cat(is_y), example_t)
 
+    def _packs(self) -> bool:
+        """Whether packed queries score as if alone: the attention takes a custom 4D mask as given
+        (sdpa, eager) and no sliding window would have masked what the custom mask lets through."""
+        config = self.model.config
+        layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
+        return (getattr(config, "_attn_implementation", None) in ("sdpa", "eager")
+                and not getattr(config, "sliding_window", None) and layer_types == {"full_attention"})
+
     def prefix_cache(self, prefix):
-        ctx = self.with_bos(prefix)
-        if ctx.shape[0] == 0:
-            return None  # no BOS, no prefix (GPT-2 zero-shot): nothing precedes the query
+        if not self._packs():
+            return None
         if self.max_positions is not None and prefix.shape[0] >= self.max_positions:
             return None  # every query would cut the prefix from the left: each reads its own cut
-        out = self._base()(inputs_embeds=ctx.unsqueeze(0), use_cache=True)
-        return PrefixCache(prefix.shape[0], ctx.shape[0], out.cache, out.last_hidden_state[:, -1])
+        from transformers import DynamicCache
 
-    def _fits(self, context_rows: int, options: list[torch.Tensor]) -> bool:
-        """Whether prefix + x + every option fit the positions uncut, so the cached prefix is what they read."""
+        ctx = self.with_bos(prefix)
+        if ctx.shape[0] == 0:  # no BOS, no prefix (GPT-2 zero-shot): the queries still pack together
+            return PrefixCache(0, 0, DynamicCache(), None)
+        out = self._base()(inputs_embeds=ctx.unsqueeze(0), use_cache=True)
+        return PrefixCache(prefix.shape[0], ctx.shape[0], out.cache, out.last_hidden_state[0, -1])
+
+    def fits(self, cached, x, options):
+        if cached.positions + x.shape[0] == 0:
+            return False  # nothing to predict the first option token from
         if self.max_positions is None:
             return True
+        # Exactly when option_losses would cut nothing: then the cached prefix is what the query reads.
         longest = max(o.shape[0] for o in options)
-        return longest < self.max_positions and context_rows + longest <= self.max_positions
+        return longest < self.max_positions and cached.rows + x.shape[0] + longest <= self.max_positions
+
+    def _packed(self, cache, shared: int, seen: torch.Tensor, new: torch.Tensor, embeds: torch.Tensor,
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Runs `new` packed tokens on `cache`, which holds `shared` positions and then the `seen` tokens.
+
+        A packed token is a row (query, option, position), option -1 for the query input. It sees the
+        shared positions, its query's input and its own option up to its position: what it would see
+        were its query and option run alone. Returns the new tokens' hidden states and all tokens seen.
+        """
+        keys = torch.cat([seen, new])
+        q, o, p = (new[:, i, None] for i in range(3))
+        see = (keys[:, 0] == q) & (keys[:, 2] <= p) & ((keys[:, 1] == -1) | (keys[:, 1] == o))
+        see = torch.cat([see.new_ones(new.shape[0], shared), see], dim=1)
+        # Additive, not boolean: eager attention adds the mask to its scores, sdpa takes either.
+        mask = torch.zeros(see.shape, dtype=self.dtype, device=see.device).masked_fill(~see, torch.finfo(self.dtype).min)
+        hidden = self._base()(inputs_embeds=embeds.unsqueeze(0), attention_mask=mask[None, None],
+                              position_ids=new[:, 2].unsqueeze(0), cache=cache, use_cache=True).last_hidden_state[0]
+        return hidden, keys
+
+    def cached_option_losses(self, cached, queries):
+        device, shared = self.device, cached.positions
+        cache = _fork(cached.cache)
+        xs = [x for x, _ in queries]
+        seen, hidden = torch.zeros(0, 3, dtype=torch.long, device=device), None
+        if sum(x.shape[0] for x in xs):
+            new = torch.cat([torch.stack([torch.full_like(x, q), torch.full_like(x, -1),
+                                          shared + torch.arange(x.shape[0], device=device)], dim=1)
+                             for q, x in enumerate(xs)])
+            hidden, seen = self._packed(cache, shared, seen, new, self.embed(torch.cat(xs)))
+        ends = torch.tensor([x.shape[0] for x in xs]).cumsum(0) - 1
+        last = torch.stack([hidden[int(ends[q])] if x.shape[0] else cached.last for q, x in enumerate(xs)])
+        first = F.log_softmax(self.head(last), -1)
+        # Options numbered across all queries: `option_query` says whose each is.
+        options = [o for _, opts in queries for o in opts]
+        option_query = torch.tensor([q for q, (_, opts) in enumerate(queries) for _ in opts], device=device)
+        loss_sum = -first[option_query, torch.stack([o[0] for o in options])]
+        # An option's last token predicts nothing, so a one-token option needs no pass at all and a
+        # longer one only its others.
+        longer = [(k, o) for k, o in enumerate(options) if o.shape[0] > 1]
+        if longer:
+            new = torch.cat([torch.stack([torch.full_like(o[1:], int(option_query[k])), torch.full_like(o[1:], k),
+                                          shared + xs[int(option_query[k])].shape[0]
+                                          + torch.arange(o.shape[0] - 1, device=device)], dim=1)
+                             for k, o in longer])
+            hidden, _ = self._packed(cache, shared, seen, new, self.embed(torch.cat([o[:-1] for _, o in longer])))
+            logp = F.log_softmax(self.head(hidden), -1)
+            targets = torch.cat([o[1:] for _, o in longer])
+            tok_loss = -logp.gather(1, targets.unsqueeze(1)).squeeze(1)
+            loss_sum = loss_sum.index_add(0, new[:, 1], tok_loss)
+        losses = loss_sum / torch.tensor([o.shape[0] for o in options], device=device)
+        return list(losses.split([len(opts) for _, opts in queries]))
 
     def option_losses(self, prefix, x, options, cached=None):
-        if cached is not None and self._fits(cached.rows + x.shape[0], options):
-            cache = _fork(cached.cache)
-            last = cached.last
-            if x.shape[0]:
-                pos = cached.positions + torch.arange(x.shape[0], device=x.device)
-                last = self._base()(inputs_embeds=self.embed(x).unsqueeze(0), position_ids=pos.unsqueeze(0),
-                                    cache=cache, use_cache=True).last_hidden_state[:, -1]
-            return self._options_after(cache, cached.positions + x.shape[0], last, options)
+        if cached is not None and self.fits(cached, x, options):
+            return self.cached_option_losses(cached, [(x, options)])[0]
         if self.max_positions is not None:
             # Room for the longest option (cut to leave one context position), then the newest context.
             options = [o[: self.max_positions - 1] for o in options]

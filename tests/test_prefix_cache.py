@@ -51,21 +51,27 @@ class _Reads:
         self.positions += kwargs["inputs_embeds"].shape[0] * kwargs["inputs_embeds"].shape[1]
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
 @pytest.mark.parametrize("prefix_len", [0, 7, 40])
 @pytest.mark.parametrize("name", MODELS)
-def test_cached_prefix_gives_the_losses_of_a_full_forward(name, prefix_len):
+def test_cached_prefix_gives_the_losses_of_a_full_forward(name, prefix_len, attention):
     llm = MODELS[name]()
+    llm.model.config._attn_implementation = attention
     gen = torch.Generator().manual_seed(prefix_len)
     prefix = torch.randn(prefix_len, D, generator=gen) * 0.5
     queries = [q for q in _queries(gen) if prefix_len + llm.bos_len + q[0].shape[0] > 0]
     with torch.no_grad():
         full = [llm.option_losses(prefix, x, options) for x, options in queries]
         cached = llm.prefix_cache(prefix)
-        assert (cached is None) == (prefix_len + llm.bos_len == 0)  # nothing to cache without BOS or prefix
-        # In sequence on one cache: a query that wrote into the shared prefix would spoil the next.
-        reused = [llm.option_losses(prefix, x, options, cached) for x, options in queries]
-    for a, b in zip(full, reused):
-        torch.testing.assert_close(b, a, atol=1e-4, rtol=0)
+        assert all(llm.fits(cached, x, options) for x, options in queries)
+        # One by one on one cache (a query that wrote into the shared prefix would spoil the next),
+        # then all packed together (a token that saw another query's would spoil its losses).
+        alone = [llm.option_losses(prefix, x, options, cached) for x, options in queries]
+        packed = llm.cached_option_losses(cached, queries)
+        packed_again = llm.cached_option_losses(cached, queries[::-1])[::-1]
+    for a, b, c, d in zip(full, alone, packed, packed_again):
+        for other in (b, c, d):
+            torch.testing.assert_close(other, a, atol=1e-4, rtol=0)
 
 
 def test_the_prefix_is_not_run_again_per_query():
@@ -77,13 +83,21 @@ def test_the_prefix_is_not_run_again_per_query():
     with torch.no_grad():
         cached = llm.prefix_cache(prefix)
         assert reads.positions == 1 + 40
-        for x, options in queries:
-            llm.option_losses(prefix, x, options, cached)
-    option_pass = 3 * 4  # the options of 4, 2 and 5 tokens but their last, padded to 4
-    assert reads.positions == 1 + 40 + sum(x.shape[0] + option_pass for x, _ in queries)
+        llm.cached_option_losses(cached, queries)
+    # The inputs, then the options of 4, 2 and 5 tokens but their last (one-token options need no pass).
+    assert reads.positions == 1 + 40 + sum(x.shape[0] for x, _ in queries) + 4 * (3 + 1 + 4)
     with torch.no_grad():
         llm.option_losses(prefix, queries[0][0], [torch.tensor([5]), torch.tensor([6])], cached)
-    assert reads.positions == 1 + 40 + sum(x.shape[0] + option_pass for x, _ in queries) + queries[0][0].shape[0]
+    assert reads.positions == 1 + 40 + sum(x.shape[0] for x, _ in queries) + 4 * 8 + queries[0][0].shape[0]
+
+
+def test_attention_that_cannot_take_a_packed_mask_scores_each_query_in_full():
+    llm = _llama(1)
+    llm.model.config._attn_implementation = "flash_attention_2"
+    assert llm.prefix_cache(torch.randn(5, D)) is None
+    llm = _llama(1)
+    llm.model.config.sliding_window = 4  # the packed mask would let through what the window hides
+    assert llm.prefix_cache(torch.randn(5, D)) is None
 
 
 def test_a_query_past_the_last_position_is_cut_as_before():
@@ -97,7 +111,7 @@ def test_a_query_past_the_last_position_is_cut_as_before():
         cached = llm.prefix_cache(prefix)
         reads = _Reads(llm)
         reused = llm.option_losses(prefix, *fits, cached)
-        assert reads.positions == 3 + 2  # the query, then the 3-token option but its last on the cache
+        assert reads.positions == 3 + 2  # the query, then the 3-token option but its last
         torch.testing.assert_close(reused, llm.option_losses(prefix, *fits))
         # Past 16 positions the query reads the newest 16 - 3 - 5 = 8 prefix rows, not the cached 10.
         torch.testing.assert_close(llm.option_losses(prefix, *over, cached), llm.option_losses(prefix[-8:], *over))
@@ -108,43 +122,64 @@ def test_a_query_past_the_last_position_is_cut_as_before():
         assert llm.prefix_cache(torch.randn(15, D, generator=gen)) is not None
 
 
-def _query_set(n: int) -> QuerySet:
-    gen = torch.Generator().manual_seed(0)
-    queries = [Query(torch.randint(3, 100, (5,), generator=gen).tolist(), [[7, 8], [9]]) for _ in range(n)]
+def _query_set(queries: list[Query]) -> QuerySet:
+    n = len(queries)
     return QuerySet(DemoSet("t", 0, [], ""), queries, queries, [["a", "b"]] * n, ["a"] * n, ["f:1"] * n)
 
 
-def test_score_with_and_without_reuse_agree():
+def _random_queries(n: int, x_len: int = 5) -> list[Query]:
+    gen = torch.Generator().manual_seed(0)
+    return [Query(torch.randint(3, 100, (x_len,), generator=gen).tolist(), [[7, 8], [9]]) for _ in range(n)]
+
+
+@pytest.mark.parametrize("pack", [1, 3, 8])
+def test_score_with_and_without_reuse_agree(pack):
     llm = _llama(1)
-    qs = _query_set(5)
+    qs = _query_set(_random_queries(7))
     prefix = torch.randn(30, D, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         before = score(llm, prefix, qs, gated_mlp=True, reuse_prefix=False)
-        after = score(llm, prefix, qs, gated_mlp=True)
+        after = score(llm, prefix, qs, gated_mlp=True, pack=pack)
     torch.testing.assert_close(torch.tensor(after.losses), torch.tensor(before.losses), atol=1e-4, rtol=0)
     assert after.predictions == before.predictions
     assert after.flops == before.flops  # the prefix still counts in full per query
     assert before.prefix_seconds == 0 and after.prefix_seconds > 0
 
 
-def test_latency_per_query_carries_an_even_share_of_the_prefix(monkeypatch):
-    """A fake clock: the prefix takes 10 s, each query 1 s; 5 queries then take 3 s each."""
+def test_a_query_that_needs_a_cut_is_scored_alone_in_order():
+    llm = _gpt2(positions=16)
+    gen = torch.Generator().manual_seed(0)
+    lengths = [2, 9, 3, 1, 10, 2]  # 9 and 10: past 16 positions after the 6-row prefix and a 2-token option
+    queries = [Query(torch.randint(3, 100, (n,), generator=gen).tolist(), [[7, 8], [9]]) for n in lengths]
+    prefix = torch.randn(6, D, generator=gen)
+    calls = []
+    original = llm.option_losses
+    llm.option_losses = lambda *args: calls.append(args[1].shape[0]) or original(*args)
+    with torch.no_grad():
+        run = score(llm, prefix, _query_set(queries), gated_mlp=False, pack=8)
+        assert calls == [9, 10]
+        expected = [original(prefix, torch.tensor(q.x), [torch.tensor(o) for o in q.options]) for q in queries]
+    torch.testing.assert_close(torch.tensor(run.losses), torch.stack(expected), atol=1e-4, rtol=0)
+
+
+def test_latency_per_query_is_its_packs_share_plus_the_prefixs(monkeypatch):
+    """A fake clock: the prefix takes 10 s and each pack 2 s; 5 queries packed 3 and 2."""
     llm = _llama(1)
     now = [0.0]
     monkeypatch.setattr(scoring.time, "perf_counter", lambda: now[0])
-    prefix_cache, option_losses = llm.prefix_cache, llm.option_losses
+    prefix_cache, cached_option_losses = llm.prefix_cache, llm.cached_option_losses
 
     def slow_prefix(*args):
         now[0] += 10
         return prefix_cache(*args)
 
-    def slow_query(*args):
-        now[0] += 1
-        return option_losses(*args)
+    def slow_pack(*args):
+        now[0] += 2
+        return cached_option_losses(*args)
 
     monkeypatch.setattr(llm, "prefix_cache", slow_prefix)
-    monkeypatch.setattr(llm, "option_losses", slow_query)
+    monkeypatch.setattr(llm, "cached_option_losses", slow_pack)
     with torch.no_grad():
-        run = score(llm, torch.randn(30, D), _query_set(5), gated_mlp=True)
+        run = score(llm, torch.randn(30, D), _query_set(_random_queries(5)), gated_mlp=True, pack=3)
     assert run.prefix_seconds == 10
-    assert run.seconds == [3.0] * 5
+    assert run.seconds == pytest.approx([2 / 3 + 2] * 3 + [1 + 2] * 2)
