@@ -233,7 +233,8 @@ class CausalLM(FrozenLM):
         see = (keys[:, 0] == q) & (keys[:, 2] <= p) & ((keys[:, 1] == -1) | (keys[:, 1] == o))
         see = torch.cat([see.new_ones(new.shape[0], shared), see], dim=1)
         # Additive, not boolean: eager attention adds the mask to its scores, sdpa takes either.
-        mask = torch.zeros(see.shape, dtype=self.dtype, device=see.device).masked_fill(~see, torch.finfo(self.dtype).min)
+        mask = torch.zeros(see.shape, dtype=self.dtype, device=see.device)
+        mask = mask.masked_fill(~see, torch.finfo(self.dtype).min)
         hidden = self._base()(inputs_embeds=embeds.unsqueeze(0), attention_mask=mask[None, None],
                               position_ids=new[:, 2].unsqueeze(0), cache=cache, use_cache=True).last_hidden_state[0]
         return hidden, keys
@@ -251,17 +252,17 @@ class CausalLM(FrozenLM):
         ends = torch.tensor([x.shape[0] for x in xs]).cumsum(0) - 1
         last = torch.stack([hidden[int(ends[q])] if x.shape[0] else cached.last for q, x in enumerate(xs)])
         first = F.log_softmax(self.head(last), -1)
-        # Options numbered across all queries: `option_query` says whose each is.
+        # Options numbered across all queries: `owner` says whose each is.
         options = [o for _, opts in queries for o in opts]
-        option_query = torch.tensor([q for q, (_, opts) in enumerate(queries) for _ in opts], device=device)
-        loss_sum = -first[option_query, torch.stack([o[0] for o in options])]
+        owner = [q for q, (_, opts) in enumerate(queries) for _ in opts]
+        loss_sum = -first[torch.tensor(owner, device=device), torch.stack([o[0] for o in options])]
         # An option's last token predicts nothing, so a one-token option needs no pass at all and a
         # longer one only its others.
         longer = [(k, o) for k, o in enumerate(options) if o.shape[0] > 1]
         if longer:
-            new = torch.cat([torch.stack([torch.full_like(o[1:], int(option_query[k])), torch.full_like(o[1:], k),
-                                          shared + xs[int(option_query[k])].shape[0]
-                                          + torch.arange(o.shape[0] - 1, device=device)], dim=1)
+            new = torch.cat([torch.stack([torch.full_like(o[1:], owner[k]), torch.full_like(o[1:], k),
+                                          shared + xs[owner[k]].shape[0] + torch.arange(o.shape[0] - 1, device=device)],
+                                         dim=1)
                              for k, o in longer])
             hidden, _ = self._packed(cache, shared, seen, new, self.embed(torch.cat([o[:-1] for _, o in longer])))
             logp = F.log_softmax(self.head(hidden), -1)
