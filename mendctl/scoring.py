@@ -23,8 +23,10 @@ from .config import TemplateSpec
 from .data.metaicl import DataError, load_split
 from .render import Query, render_context, render_query
 
-# Queries scored together on a prefix cache. On a 2-core CPU (SmolLM2-135M, a 360-token prefix) 8
-# scored a 20-query set 1.7x faster than one at a time; more gained little (bench/prefix_reuse.py).
+# Queries scored together on a prefix cache: each pass on the cache copies and attends to the whole
+# prefix, so packing shares that too. On a 2-core CPU (SmolLM2-135M, a 360-token ICL prefix, 20
+# queries) 8 at a time scored the set 1.8x faster than one at a time, 20 no faster
+# (bench/prefix_reuse.py); a pack's memory grows with it.
 PACK = 8
 
 
