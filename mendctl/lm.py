@@ -48,8 +48,8 @@ def _fork(cache):
 
     fork = copy.copy(cache)
     if all(type(layer) is DynamicLayer for layer in cache.layers):
-        # A DynamicLayer grows by torch.cat and reassigns (as batch_repeat_interleave does), never
-        # writing into its tensors: the fork can share the prefix's keys and values, no copy.
+        # A DynamicLayer grows by torch.cat and reassigns, never writing into its tensors: the fork
+        # can share the prefix's keys and values, no copy per pack.
         fork.layers = [copy.copy(layer) for layer in cache.layers]
         return fork
     return copy.deepcopy(cache)  # other layer kinds (static, sliding) may write in place
