@@ -25,6 +25,7 @@ from mendctl.config import load_recipe
 from mendctl.examples import TaskExamples
 from mendctl.losses import TargetCE
 from mendctl.partitions import load_partition
+from mendctl.prepare import prepare
 from mendctl.registry import get_backend
 from mendctl.distiller import distiller_inputs
 from mendctl.trainer import train
@@ -80,6 +81,7 @@ def main() -> None:
     common = [*a.overrides, f"tasks.partition={part}", "distiller.anchor=last", f"finetune.steps={a.steps}",
               f"finetune.save_every={a.steps}", "finetune.lr=1e-4", "finetune.batch_size=2"]
     recipe = load_recipe(a.recipe, common)
+    prepare(recipe, "finetune")
     models = get_backend(recipe.backend).build(recipe)
     llm, k = models.llm, recipe.num_vectors
     sets = {"as_is": episodes(recipe, models, 0.0, a.episodes), "remapped": episodes(recipe, models, 1.0, a.episodes)}
@@ -109,6 +111,7 @@ def main() -> None:
     for remap in [float(r) for r in a.remaps.split(",") if r]:
         r = load_recipe(a.recipe, [*common, f"finetune.remap_labels={remap}",
                                    f"output_dir={recipe.output_dir / f'remap{remap}'}"])
+        prepare(r, "finetune")
         tic = time.time()
         path = train(r, "finetune", restart=True, console=Console(quiet=True))
         trained = get_backend(r.backend).build(r)

@@ -15,6 +15,7 @@ from mendctl.anchors import set_anchors
 from mendctl.config import load_recipe
 from mendctl.curves import Validation
 from mendctl.distiller import distil
+from mendctl.prepare import prepare
 from mendctl.provenance import stamp
 from mendctl.registry import get_backend
 
@@ -24,6 +25,7 @@ def main() -> None:
     out, validation = {}, None
     for anchor in ("last", "labels"):
         recipe = load_recipe(path, [*overrides, f"distiller.anchor={anchor}"])
+        prepare(recipe, "finetune")  # the validation tasks
         backend = get_backend(recipe.backend)
         models = backend.build(recipe)
         template = backend.template(recipe)

@@ -39,6 +39,7 @@ def child(recipe_path: str, overrides: list[str], steps: int) -> dict:
     import mendctl.backend
     from mendctl.adapters import trainable_state
     from mendctl.config import load_recipe
+    from mendctl.prepare import prepare
     from mendctl.trainer import train
 
     seen = {}
@@ -52,6 +53,7 @@ def child(recipe_path: str, overrides: list[str], steps: int) -> dict:
     mendctl.backend.Backend.build = build
     recipe = load_recipe(recipe_path, [*overrides, f"finetune.steps={steps}", f"finetune.save_every={steps}"])
     shutil.rmtree(recipe.output_dir, ignore_errors=True)
+    prepare(recipe, "finetune")
     path = train(recipe, "finetune", console=Console(quiet=True))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / MB  # Linux: KiB
     elapsed = [json.loads(line)["elapsed_s"] for line in (path.parent / "metrics.jsonl").read_text().splitlines()]

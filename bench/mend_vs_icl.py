@@ -11,6 +11,7 @@ from pathlib import Path
 
 from mendctl.config import load_recipe
 from mendctl.evaluate import run_eval
+from mendctl.prepare import prepare
 
 
 def main() -> None:
@@ -20,6 +21,7 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results/mend_vs_icl.json")
     a = ap.parse_args()
     recipe = load_recipe(a.recipe, ["eval.methods=[zero-shot,icl,icl-truncated,mend]"])
+    prepare(recipe, "eval")
     results = run_eval(recipe, limit=a.limit)
     agg = results["aggregate"]
     ratio = {key: agg["mend"][key] / agg["icl"][key]

@@ -19,11 +19,12 @@ import torch
 from mendctl.config import load_recipe
 from mendctl.examples import example_source
 from mendctl.losses import ForwardKL, SparseKL
+from mendctl.prepare import prepare
 from mendctl.provenance import stamp
 from mendctl.registry import get_backend
 from mendctl.teacher_cache import CachedTeacher, TeacherCache, sparsify
 from mendctl.distiller import distiller_inputs
-from mendctl.trainer import step_loss
+from mendctl.trainer import Objective, step_loss
 
 
 def main() -> None:
@@ -36,6 +37,7 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results/teacher_cache.json")
     a = ap.parse_args()
     recipe = load_recipe(a.recipe, [*AS_MEASURED, *a.overrides])
+    prepare(recipe, "finetune")
     spec, backend = recipe.finetune, get_backend(recipe.backend)
     models = backend.build(recipe)
     llm, template = models.llm, backend.template(recipe)
@@ -83,7 +85,7 @@ def main() -> None:
                 use = cached if mode == "cache_hit" else None
                 kl = SparseKL(spec.temperature) if use else ForwardKL(spec.temperature)
                 tic = time.perf_counter()
-                stats = step_loss(models, distiller, batch, recipe, kl, 1.0, spec.kl_weight, "cpu", use,
+                stats = step_loss(models, distiller, batch, recipe, Objective(kl, 1.0, spec.kl_weight, use),
                                   list(range(i * bs, (i + 1) * bs)))
                 stats.loss.backward()
                 opt.step()

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from mendctl.config import load_recipe
 from mendctl.examples import TaskExamples
+from mendctl.prepare import prepare
 from mendctl.provenance import stamp
 from mendctl.registry import get_backend
 from mendctl.workspace import data_dir, partition_for
@@ -31,6 +32,7 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_args()
     recipe = load_recipe(a.recipe, [*AS_MEASURED, *a.overrides])
+    prepare(recipe, "finetune")
     backend = get_backend(recipe.backend)
     lm, tok, llm_id = backend.load_llm(recipe.llm, recipe.seed)
     template = backend.template(recipe)

@@ -28,7 +28,7 @@ from mendctl.losses import ForwardKL, SparseKL
 from mendctl.provenance import stamp
 from mendctl.registry import get_backend
 from mendctl.teacher_cache import CachedTeacher, TeacherCache
-from mendctl.trainer import step_loss
+from mendctl.trainer import Objective, step_loss
 
 # Each variant states every key it depends on, whatever the recipe sets: the demo as it trained before
 # the cache and LoRA existed (plain vectors, the whole distiller), then one change at a time.
@@ -60,7 +60,7 @@ def run(a) -> dict:
     times = []
     for i in range(a.steps + 1):
         tic = time.perf_counter()
-        stats = step_loss(models, distiller, batch, recipe, kl, 1.0, spec.kl_weight, "cpu", cached,
+        stats = step_loss(models, distiller, batch, recipe, Objective(kl, 1.0, spec.kl_weight, cached),
                           list(range(len(batch))) if cached else None)
         stats.loss.backward()
         opt.step()

@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .config import Recipe, RecipeError, load_recipe
+from .data.metaicl import DEFAULT_K
 
 console = Console()
 err_console = Console(stderr=True)
@@ -98,6 +99,19 @@ def _run(fn, *args, lock: Path | None = None, **kwargs):
         _fail(f"the run failed: {type(e).__name__}: {e}", 1, hint=" (rerun with --debug for the traceback)")
 
 
+def _run_command(recipe: Recipe, command: str, fn, *args, stage: str | None = None, lock: Path | None = None,
+                 **kwargs):
+    """`_run` for a command that reads a recipe's inputs: prepare makes them first, once, under the
+    same lock and with the same exit codes as the command's own body."""
+    from .prepare import prepare
+
+    def prepared():
+        prepare(recipe, command, stage, console=console)
+        return fn(*args, **kwargs)
+
+    return _run(prepared, lock=lock)
+
+
 recipe_arg = click.argument("recipe", type=click.Path(dir_okay=False))
 overrides_arg = click.argument("overrides", nargs=-1)
 
@@ -125,7 +139,7 @@ def _stage_command(stage: str, doc: str):
         if resume and restart:
             raise UserError("--resume and --restart exclude each other")
         r = _recipe(recipe, overrides)
-        _run(train, r, stage, resume=resume, restart=restart, console=console, lock=r.output_dir)
+        _run_command(r, stage, train, r, stage, resume=resume, restart=restart, console=console, lock=r.output_dir)
 
     return command
 
@@ -144,7 +158,8 @@ def teacher(recipe: str, stage: str, overrides: tuple[str, ...], processes: int)
     """Fill the teacher cache for every example position the stage's training reads (see teacher_cache)."""
     from .fill_teacher import fill_teacher
 
-    done = _run(fill_teacher, _recipe(recipe, overrides), stage, processes=processes, console=console)
+    r = _recipe(recipe, overrides)
+    done = _run_command(r, "teacher", fill_teacher, r, stage, processes=processes, console=console, stage=stage)
     console.print(f"[green]teacher cache[/]: {done['positions']} positions, {done['computed']} computed, "
                   f"in {done['folder']}")
 
@@ -158,7 +173,8 @@ def export(recipe: str, checkpoint: str, dest: str, overrides: tuple[str, ...]) 
     """Write a training checkpoint (a step_N folder) as a distiller file, e.g. the step the curves chose."""
     from .export import export_checkpoint
 
-    path = _run(export_checkpoint, _recipe(recipe, overrides), Path(checkpoint), Path(dest))
+    r = _recipe(recipe, overrides)
+    path = _run_command(r, "export", export_checkpoint, r, Path(checkpoint), Path(dest))
     console.print(f"[green]distiller[/]: {path} (load it with distill.checkpoint={path})")
 
 
@@ -171,7 +187,7 @@ def distill(recipe: str, overrides: tuple[str, ...], force: bool) -> None:
     from .distill import run_distill
 
     r = _recipe(recipe, overrides)
-    _run(run_distill, r, force=force, console=console, lock=r.output_dir)
+    _run_command(r, "distill", run_distill, r, force=force, console=console, lock=r.output_dir)
 
 
 @cli.command("eval")
@@ -184,7 +200,7 @@ def eval_(recipe: str, overrides: tuple[str, ...], limit: int | None) -> None:
     from .evaluate import run_eval
 
     r = _recipe(recipe, overrides)
-    _run(run_eval, r, limit=limit, console=console, lock=r.output_dir)
+    _run_command(r, "eval", run_eval, r, limit=limit, console=console, lock=r.output_dir)
 
 
 @cli.command()
@@ -266,7 +282,7 @@ def data() -> None:
 @click.argument("paths", nargs=-1, required=True, metavar="[SRC] OUT")
 @click.option("--tasks", help="Comma-separated task names (default: all).")
 @click.option("--fetch", is_flag=True, help="Download the bigbench==1.0.0 sdist with pip into the cache and use it as SRC.")
-@click.option("--k", default=16, show_default=True, help="Demonstrations per train/dev split.")
+@click.option("--k", default=DEFAULT_K, show_default=True, help="Demonstrations per train/dev split.")
 def data_bigbench(paths: tuple[str, ...], tasks: str | None, fetch: bool, k: int) -> None:
     """Convert BIG-bench task files (a folder, or the sdist tarball) into the MetaICL layout in OUT.
 

@@ -13,7 +13,8 @@ from typing import Annotated, Any, Literal, get_args
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-DEFAULT_SEEDS = [100, 13, 21, 42, 87]
+from .data.metaicl import DEFAULT_K, DEFAULT_SEEDS, META_TRAIN_FILE
+
 Method = Literal["zero-shot", "icl", "icl-truncated", "mend", "llmlingua"]
 METHODS = get_args(Method)
 
@@ -160,7 +161,7 @@ class TasksSpec(Strict):
     bigbench: Literal["fetch"] | ExistingPath | None = Field(
         None, description="convert BIG-bench into output_dir/data first: a task directory, the sdist, or 'fetch'")
     partition: str
-    k: int = Field(16, ge=1)
+    k: int = Field(DEFAULT_K, ge=1)
     seeds: list[int] = Field(default_factory=lambda: list(DEFAULT_SEEDS), min_length=1)
     validation: list[str] = Field(default_factory=list,
                                   description="meta-train tasks held out of stage 2 for the learning curves")
@@ -236,7 +237,7 @@ class PretrainSpec(TrainSpec):
 
 class FinetuneSpec(TrainSpec):
     lr: float = Field(1e-5, gt=0)
-    train_file: str = Field("{task}_16384_100_train.jsonl", description="meta-train file of each task, under data_dir/{task}/")
+    train_file: str = Field(META_TRAIN_FILE, description="meta-train file of each task, under data_dir/{task}/")
     kl_weight: float = Field(1.0, ge=0)
     ce_weight: float = Field(1.0, ge=0, description="weight of the student's target-token CE (0 = KL only)")
     init_from: ExistingPath | None = Field(None, description="stage-1 output; default output_dir/pretrain when present")

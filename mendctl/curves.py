@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from . import metrics
+from . import eval_cache, metrics
 from .anchors import set_anchors
 from .backend import Models
 from .config import Recipe, TemplateSpec
@@ -37,12 +37,24 @@ class Validation:
                      for task in recipe.tasks.validation]
         self.anchors = set_anchors(recipe, template, [qs.demos for qs in self.sets], tok)
         llm = models.llm
+        # The baselines are the ones `mendctl eval` caches (eval.cache): every run on the same
+        # validation queries, an ablation or a resumed run, scores them once.
+        use_cache = recipe.eval.cache
+
+        def baseline(method: str, ids, qs: QuerySet) -> MethodRun:
+            description = eval_cache.describe(models, template, root, k, qs, method, recipe.num_vectors, queries,
+                                              str(llm.device))
+            if use_cache and (hit := eval_cache.load(description)) is not None:
+                return hit[0]
+            prefix = llm.embed(torch.tensor(ids, dtype=torch.long, device=llm.device))
+            run = self._score(prefix, qs)
+            if use_cache:
+                eval_cache.save(description, run, prefix.shape[0])
+            return run
+
         with torch.no_grad():
-            self.icl = [self._score(llm.embed(torch.tensor(context_ids(template, qs.demos.context, tok),
-                                                           dtype=torch.long, device=llm.device)), qs)
-                        for qs in self.sets]
-            self.zero_shot = [self._score(llm.embed(torch.zeros(0, dtype=torch.long, device=llm.device)), qs)
-                              for qs in self.sets]
+            self.icl = [baseline("icl", context_ids(template, qs.demos.context, tok), qs) for qs in self.sets]
+            self.zero_shot = [baseline("zero-shot", [], qs) for qs in self.sets]
         self.baselines = {"val_icl_f1": statistics.fmean(map(_f1, self.icl, self.sets)),
                           "val_zero_shot_f1": statistics.fmean(map(_f1, self.zero_shot, self.sets))}
 

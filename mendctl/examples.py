@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import FinetuneSpec, PretrainSpec, TasksSpec, TemplateSpec
-from .data.metaicl import DataError, read_examples
+from .data.metaicl import DataError, read_examples, task_file
 from .data.text import iter_hf, iter_local, pieces
 from .anchors import label_ids
 from .render import context_ids, render_context, render_query
@@ -50,7 +50,7 @@ def meta_train_tasks(spec: FinetuneSpec, data_dir: Path, partition, k: int) -> l
     excluded = set(partition.test).union(*(load_partition(n).test for n in list_partitions()))
     names = []
     for folder in sorted(p for p in Path(data_dir).iterdir() if p.is_dir() and p.name not in excluded):
-        path = folder / spec.train_file.replace("{task}", folder.name)
+        path = task_file(data_dir, folder.name, spec.train_file)
         if not path.is_file():
             continue
         with path.open() as f:
@@ -125,7 +125,7 @@ class TaskExamples:
         self.tasks = {}
         # Validation tasks are held out: the learning curves score the distiller on tasks it never saw.
         for task in [t for t in train_tasks if t not in tasks.validation]:
-            rows = read_examples(data_dir / task / spec.train_file.replace("{task}", task))
+            rows = read_examples(task_file(data_dir, task, spec.train_file))
             if len(rows) < self.k + 1:
                 raise DataError(f"{rows[0]['_where'].rsplit(':', 1)[0]}: {len(rows)} examples, need at least k+1={self.k + 1}")
             self.tasks[task] = rows

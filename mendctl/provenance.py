@@ -1,4 +1,5 @@
-"""What every output is stamped with: package versions and the git commit it was made from."""
+"""What every output is stamped with: package versions and the git commit it was made from, and for
+results the models that made them."""
 from __future__ import annotations
 
 import hashlib
@@ -6,8 +7,12 @@ import platform
 import subprocess
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import __version__
+
+if TYPE_CHECKING:  # the models pull in torch, which stamping needs not
+    from .backend import Models
 
 PACKAGES = ("torch", "transformers", "accelerate", "safetensors", "pydantic")
 
@@ -38,6 +43,24 @@ def git_hash() -> str | None:
 
 def stamp() -> dict:
     return {"versions": versions(), "git": git_hash()}
+
+
+SPECIAL_TOKENS = ("bos", "eos", "pad", "unk")
+
+
+def models_stamp(models: Models, distiller_hash: str, backend: str) -> dict:
+    """Which LLM, distiller and LLM tokenizer made a result, as lm-evaluation-harness stamps its own:
+    two scores compare only when the same LLM read the same special tokens (a BOS more or less, or
+    another pad, moves every option loss)."""
+    tok = models.llm_tokenizer
+    named = tok.special_tokens_map  # only the tokens set: asking a tokenizer for an unset one logs an error
+    specials = {}
+    for name in SPECIAL_TOKENS:
+        token = named.get(f"{name}_token")
+        specials[name] = {"token": None, "id": None} if token is None else \
+            {"token": str(token), "id": tok.convert_tokens_to_ids(str(token))}
+    return {"backend": backend, "llm_id": models.llm_id, "llm_config_hash": models.llm_config_hash,
+            "distiller_hash": distiller_hash, "tokenizer": specials}
 
 
 def file_hash(path: Path) -> str:

@@ -137,17 +137,19 @@ class TeacherCache:
 
 class CachedTeacher:
     """The teacher as the trainer uses it: TopK rows for a batch, read from the cache or computed
-    and stored. `forwards` counts the LLM forward passes it ran (one per batch with a miss)."""
+    and stored. `forwards` counts the LLM forward passes it ran (one per batch with a miss);
+    `computed` lists the examples of the last batch that the LLM read (the trainer's tokens/s counts them)."""
 
     def __init__(self, llm, cache: TeacherCache, top_k: int, temperature: float):
         self.llm, self.cache, self.top_k, self.temperature = llm, cache, top_k, temperature
         self.forwards = 0
+        self.computed: list[int] = []
 
     @torch.no_grad()
     def __call__(self, batch: list, positions: list[int]) -> TopK:
         digests = [input_hash(e.ctx, e.x, e.y) for e in batch]
         found = [self.cache.get(p, d) for p, d in zip(positions, digests)]
-        missing = [i for i, f in enumerate(found) if f is None]
+        missing = self.computed = [i for i, f in enumerate(found) if f is None]
         if missing:
             self.forwards += 1
             llm = self.llm
@@ -198,6 +200,7 @@ def teacher_key(recipe, stage: str, models, template) -> dict:
             text = _files_hash(spec.text if spec.text else [passages_file(recipe)])
         key |= {"text": text, "max_length": spec.max_length, "demo_fraction": spec.demo_fraction}
     else:
+        from .data.metaicl import task_file
         from .provenance import file_hash
         from .workspace import data_dir, partition_for
 
@@ -206,7 +209,7 @@ def teacher_key(recipe, stage: str, models, template) -> dict:
         root = data_dir(recipe)
         tasks = [t for t in meta_train_tasks(spec, root, partition_for(recipe), recipe.tasks.k)
                  if t not in recipe.tasks.validation]
-        files = {t: file_hash(root / t / spec.train_file.replace("{task}", t)) for t in sorted(tasks)}
+        files = {t: file_hash(task_file(root, t, spec.train_file)) for t in sorted(tasks)}
         # The draw of an episode (which task, which labels) changes with these; the input hash would
         # catch it too, but runs that differ in them would then overwrite each other's shards.
         key |= {"template": template.model_dump(mode="json"), "k": recipe.tasks.k, "data": files,

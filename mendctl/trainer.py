@@ -14,28 +14,33 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.optimizer import AcceleratedOptimizer
+from accelerate.scheduler import AcceleratedScheduler
 from accelerate.utils import set_seed
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
 from transformers import get_linear_schedule_with_warmup
 
+from .anchors import anchor_embeddings, anchor_ids
 from .backend import Models
 from .checkpoint import (BEST, checkpoints, keep_trainable_in_checkpoints, load_distiller, read_state,
                          save_checkpoint, save_distiller, write_distiller)
-from .config import FinetuneSpec, PretrainSpec, Recipe
-from .anchors import anchor_embeddings, anchor_ids
+from .config import Recipe, TemplateSpec
 from .curves import Validation, plot
 from .distiller import distil, distiller_inputs
-from .examples import Example, example_source
+from .examples import Example, TaskExamples, TextExamples
 from .losses import ForwardKL, SparseKL, TargetCE
 from .registry import get_backend
 from .resume import trim_metrics, verify_checkpoint
+from .stage import Stage, build_stage
 from .teacher_cache import CachedTeacher, open_teacher
-from .workspace import stage_input
+
 
 class TrainingDiverged(RuntimeError):
     pass
@@ -50,15 +55,30 @@ class StepStats:
     tokens: int
 
 
-def step_loss(models: Models, distiller, batch: list[Example], recipe: Recipe, kl: ForwardKL | SparseKL,
-              ce_weight: float, kl_weight: float, device, cached: CachedTeacher | None = None,
+@dataclass
+class Objective:
+    """What a step's loss is made of: the teacher's side of the KL, and the weights of KL and CE."""
+    kl: ForwardKL | SparseKL
+    ce_weight: float
+    kl_weight: float
+    # The teacher's top-k from the cache instead of its forward pass; the KL must then be a SparseKL.
+    cached: CachedTeacher | None = None
+    measure_ce: bool = True  # False: ce and teacher_ce are logged as 0 (stage 1)
+
+    @classmethod
+    def for_stage(cls, stage: Stage, cached: CachedTeacher | None) -> Objective:
+        kl = SparseKL(stage.spec.temperature) if cached else ForwardKL(stage.spec.temperature)
+        return cls(kl, stage.ce_weight, stage.kl_weight, cached, stage.measures_ce)
+
+
+def step_loss(models: Models, distiller, batch: list[Example], recipe: Recipe, objective: Objective,
               positions: list[int] | None = None) -> StepStats:
-    """`cached` (with the batch's example positions) replaces the teacher's forward pass by its top-k."""
-    llm = models.llm
-    as_t = lambda ids: torch.tensor(ids, dtype=torch.long, device=device)  # noqa: E731
+    """`positions` (the batch's example positions) are the cached teacher's keys."""
+    llm, cached = models.llm, objective.cached
+    as_t = lambda ids: torch.tensor(ids, dtype=torch.long, device=llm.device)  # noqa: E731
     xs, ys = [as_t(e.x) for e in batch], [as_t(e.y) for e in batch]
     d_ids, d_mask = distiller_inputs([e.distiller_text for e in batch], models.distiller_tokenizer,
-                                     recipe.distiller.max_length, device)
+                                     recipe.distiller.max_length, llm.device)
     if cached is None:
         with torch.no_grad():
             teacher = llm.target_logits([llm.embed(as_t(e.ctx)) for e in batch], xs, ys)
@@ -70,71 +90,128 @@ def step_loss(models: Models, distiller, batch: list[Example], recipe: Recipe, k
     vectors = distiller(d_ids, d_mask, anchors)
     student = llm.target_logits(list(vectors), xs, ys)
     ce = TargetCE()
-    # The CEs are measured whenever there are target tokens, even at ce_weight 0 (a KL-only run's curve).
-    has_y = bool(student.is_y.any())
+    # Measured even at ce_weight 0: a KL-only run still shows how the student's CE follows ICL's.
+    has_y = objective.measure_ce and bool(student.is_y.any())
     if cached is None:
-        kl_loss = kl(teacher.logits, student.logits)
+        kl_loss = objective.kl(teacher.logits, student.logits)
         teacher_ce = ce(teacher.logits[teacher.is_y], teacher.targets[teacher.is_y]).item() if has_y else 0.0
     else:
-        kl_loss = kl(top.logp, top.ids, top.log_rest, student.logits)
+        kl_loss = objective.kl(top.logp, top.ids, top.log_rest, student.logits)
         teacher_ce = -top.target_logp[student.is_y].mean().item() if has_y else 0.0
     ce_loss = ce(student.logits[student.is_y], student.targets[student.is_y]) if has_y else kl_loss.new_zeros(())
-    loss = kl_weight * kl_loss + ce_weight * ce_loss
-    tokens = int(d_mask.sum()) + sum(len(e.ctx) + 2 * (llm.bos_len + len(e.x) + len(e.y)) for e in batch)
+    loss = objective.kl_weight * kl_loss + objective.ce_weight * ce_loss
+    # tokens/s counts what the models read: a teacher served from the cache read nothing.
+    query = lambda e: llm.bos_len + len(e.x) + len(e.y)  # noqa: E731
+    taught = batch if cached is None else [batch[i] for i in cached.computed]
+    tokens = int(d_mask.sum()) + sum(map(query, batch)) + sum(len(e.ctx) + query(e) for e in taught)
     return StepStats(loss, kl_loss.item(), ce_loss.item(), teacher_ce, tokens)
 
 
-def _progress(console: Console, enabled: bool) -> Progress:
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[stats]}"),
-                    TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=not enabled)
+@dataclass
+class Run:
+    """What every step of one stage's run reads, built once by _prepare."""
+    stage: Stage
+    accelerator: Accelerator
+    models: Models
+    distiller: torch.nn.Module  # as Accelerate prepared it: wrapped for gradient sync with several processes
+    optimizer: AcceleratedOptimizer
+    scheduler: AcceleratedScheduler
+    examples: TextExamples | TaskExamples
+    objective: Objective
+    template: TemplateSpec
+    tracking: bool
+    llm_before: dict[str, torch.Tensor]  # a few frozen LLM tensors, to prove at the end that none changed
+    last_good: Path | None = None  # the newest checkpoint, named when the loss diverges
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def per_step(self) -> int:
+        spec = self.stage.spec
+        return spec.batch_size * spec.grad_accum * self.accelerator.num_processes
+
+    @property
+    def info(self) -> dict:
+        """What run.json says of where the distiller came from."""
+        start = self.stage.start_from
+        return {"stage": self.stage.name, "initialised_from": None if start is None else str(start),
+                "llm_id": self.models.llm_id, "llm_config_hash": self.models.llm_config_hash}
 
 
-def _init_weights(stage: str, spec, recipe: Recipe, models: Models, console: Console) -> str | None:
-    if stage != "finetune":
-        return None
-    source = stage_input(recipe, "finetune")
-    if source is None:
-        console.print("[yellow]No stage-1 distiller in "
-                      f"{recipe.stage_dir('pretrain')}: finetuning starts from the initial distiller.[/]")
-        return None
-    load_distiller(models.distiller, source)
-    console.print(f"Starting from {source}")
-    return str(source)
-
-
-def _metrics_log(path: Path, resume_step: int, console: Console):
-    """metrics.jsonl opened for append; on resume, lines after the checkpoint are dropped."""
-    note = trim_metrics(path, resume_step)
-    if note:
-        console.print(f"[yellow]note[/]: {note}")
-    return path.open("a")
-
-
-def train(recipe: Recipe, stage: str, resume: bool = False, restart: bool = False, console: Console | None = None
-          ) -> Path:
+def train(recipe: Recipe, stage_name: str, resume: bool = False, restart: bool = False,
+          console: Console | None = None) -> Path:
     """Runs one stage; `resume` continues from the newest checkpoint, `restart` discards earlier ones."""
-    spec: PretrainSpec | FinetuneSpec | None = getattr(recipe, stage)
-    if spec is None:
-        raise ValueError(f"the recipe has no `{stage}` section")
-    if spec.mixed_precision == "fp16" and not torch.cuda.is_available():
-        raise ValueError(f"{stage}.mixed_precision: fp16 needs a GPU and none is available; use no (or bf16)")
-    out = recipe.stage_dir(stage)
-    ckpt_root = out / "checkpoints"
-    console = console or Console()
-    if not resume and checkpoints(ckpt_root):
+    stage = build_stage(recipe, stage_name)
+    spec, console = stage.spec, console or Console()
+    _clear_the_way(stage, resume, restart)
+    run = _prepare(stage, _available_trackers(spec.trackers, console), console)
+    step = _resume(run, console) if resume else 0
+    if run.tracking:
+        run.accelerator.init_trackers(f"mendctl-{stage.name}", config=recipe.model_dump(mode="json"))
+    stage.out.mkdir(parents=True, exist_ok=True)
+    # A fresh run (step 0) keeps nothing of an earlier one, not even its step-0 validation line.
+    log = _metrics_log(stage.out / "metrics.jsonl", step, console) if run.main else None
+    progress = _progress(console, run.main)
+    report = _Report(stage, log, progress, progress.add_task(stage.name, total=spec.steps, completed=step, stats=""),
+                     console)
+    curve = _curve(run)
+    if curve and step == 0:  # the untrained distiller: where the curve starts
+        first = curve.point(run, 0)
+        log.write(json.dumps(first) + "\n")
+        if run.tracking:
+            run.accelerator.log(first, step=0)
+    t0 = time.perf_counter()
+    rng = _rng_state()
+    try:
+        with progress:
+            while step < spec.steps:
+                tic = time.perf_counter()
+                sums = _optimizer_step(run, step)
+                step += 1
+                rng = _rng_state()
+                record = {"step": step, **_means(run, sums, tic), "elapsed_s": time.perf_counter() - t0}
+                if curve and (step % spec.eval_every == 0 or step == spec.steps):
+                    record |= curve.point(run, step)
+                if run.main:
+                    report(record)
+                if run.tracking:
+                    run.accelerator.log(record, step=step)
+                if step % spec.save_every == 0 or step == spec.steps:
+                    run.last_good = _checkpoint(run, step)
+    except KeyboardInterrupt:
+        _save_interrupted(run, step, rng, console)
+        raise
+    if log:
+        log.close()
+        plot(stage.out / "metrics.jsonl", stage.out / "curves.png", stage.name)
+    return _finish(run, step, console)
+
+
+def _clear_the_way(stage: Stage, resume: bool, restart: bool) -> None:
+    """Refuses what cannot run before anything slow is loaded; --restart deletes the earlier checkpoints."""
+    if stage.spec.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise ValueError(f"{stage.name}.mixed_precision: fp16 needs a GPU and none is available; use no (or bf16)")
+    if not resume and checkpoints(stage.checkpoints):
         if not restart:
-            raise FileExistsError(f"{ckpt_root} holds checkpoints of an earlier run: continue it with --resume, "
-                                  "or start over with --restart (which deletes them)")
-        shutil.rmtree(ckpt_root)
-    trackers = _available_trackers(spec.trackers, console)
-    accelerator = Accelerator(mixed_precision=spec.mixed_precision, log_with=trackers or None, project_dir=str(out))
+            raise FileExistsError(f"{stage.checkpoints} holds checkpoints of an earlier run: continue it with "
+                                  "--resume, or start over with --restart (which deletes them)")
+        shutil.rmtree(stage.checkpoints)
+
+
+def _prepare(stage: Stage, trackers: list[str], console: Console) -> Run:
+    """The models, optimiser and data of the run, in the order that fixes its random draws."""
+    recipe, spec = stage.recipe, stage.spec
+    accelerator = Accelerator(mixed_precision=spec.mixed_precision, log_with=trackers or None,
+                              project_dir=str(stage.out))
     main = accelerator.is_main_process
     set_seed(recipe.seed)
     backend = get_backend(recipe.backend)
     if main:
-        console.print(f"{stage}: loading the {recipe.backend} LLM and distiller")
+        console.print(f"{stage.name}: loading the {recipe.backend} LLM and distiller")
     models = backend.build(recipe)
-    start_from = _init_weights(stage, spec, recipe, models, console if main else Console(quiet=True))
+    _init_weights(stage, models, console if main else Console(quiet=True))
     models.llm.to(accelerator.device)
     llm_before = {k: v.clone() for k, v in list(models.llm.model.state_dict().items())[:2]}
 
@@ -145,138 +222,153 @@ def train(recipe: Recipe, stage: str, resume: bool = False, restart: bool = Fals
     scheduler = get_linear_schedule_with_warmup(optimizer, spec.warmup_steps, spec.steps)
     distiller, optimizer, scheduler = accelerator.prepare(distiller, optimizer, scheduler)
     keep_trainable_in_checkpoints(accelerator)
-    examples = example_source(stage, recipe, models.llm_tokenizer, models.llm.is_encoder_decoder,
-                              backend.template(recipe))
-    cached = open_teacher(recipe, stage, models, backend.template(recipe)) if spec.teacher_cache else None
+    template = backend.template(recipe)
+    examples = stage.examples(models, template)
+    cached = open_teacher(recipe, stage.name, models, template) if spec.teacher_cache else None
+    return Run(stage, accelerator, models, distiller, optimizer, scheduler, examples,
+               Objective.for_stage(stage, cached), template, bool(trackers), llm_before)
 
-    step = 0
-    if resume:
-        done = checkpoints(ckpt_root)
-        if not done:
-            raise FileNotFoundError(f"--resume: no checkpoint in {ckpt_root}")
-        verify_checkpoint(done[-1], accelerator.num_processes)
-        step = read_state(done[-1])["step"]
-        if step > spec.steps:
-            raise ValueError(f"--resume: {done[-1]} is at step {step}, beyond {stage}.steps={spec.steps}; "
-                             f"set {stage}.steps to at least {step}")
-        accelerator.load_state(str(done[-1]))
-        if main:
-            console.print(f"Resuming from {done[-1]} (step {step}/{spec.steps})")
-    if trackers:
-        accelerator.init_trackers(f"mendctl-{stage}", config=recipe.model_dump(mode="json"))
 
-    kl = SparseKL(spec.temperature) if cached else ForwardKL(spec.temperature)
-    ce_weight = spec.ce_weight if stage == "finetune" else 0.0
-    kl_weight = spec.kl_weight if stage == "finetune" else 1.0
-    per_step = spec.batch_size * spec.grad_accum * accelerator.num_processes
-    out.mkdir(parents=True, exist_ok=True)
-    # A fresh run (step 0) keeps nothing of an earlier one, not even its step-0 validation line.
-    log = _metrics_log(out / "metrics.jsonl", step, console) if main else None
-    progress = _progress(console, main)
-    bar = progress.add_task(stage, total=spec.steps, completed=step, stats="")
-    last_good = checkpoints(ckpt_root)[-1] if resume else None
-    # Learning curves on the main process only: the others wait for it at the next gradient all-reduce.
-    validation = (Validation(recipe, models, backend.template(recipe), spec.eval_queries)
-                  if spec.eval_every and main else None)
+def _init_weights(stage: Stage, models: Models, console: Console) -> None:
+    if stage.start_from is not None:
+        load_distiller(models.distiller, stage.start_from)
+        console.print(f"Starting from {stage.start_from}")
+    elif stage.follows is not None:
+        console.print("[yellow]No stage-1 distiller in "
+                      f"{stage.recipe.stage_dir(stage.follows)}: finetuning starts from the initial distiller.[/]")
 
-    info = {"stage": stage, "initialised_from": start_from, "llm_id": models.llm_id,
-            "llm_config_hash": models.llm_config_hash}
-    best_kl = _best_val_kl(out / "metrics.jsonl") if spec.keep_best and main else None
 
-    def validate(at: int) -> dict:
-        nonlocal best_kl
-        vectors = distil(models, validation.contexts, recipe.distiller.max_length, spec.batch_size, validation.anchors)
-        scores = {"step": at, **validation.score(vectors)}
-        if spec.keep_best and (best_kl is None or scores["val_kl"] < best_kl):
-            best_kl = scores["val_kl"]
-            write_distiller(out / BEST, accelerator.unwrap_model(distiller), recipe, {**info, "steps": at, **scores})
+def _resume(run: Run, console: Console) -> int:
+    """Loads the newest checkpoint (weights, optimiser, scheduler, RNG); returns its step."""
+    stage, accelerator = run.stage, run.accelerator
+    done = checkpoints(stage.checkpoints)
+    if not done:
+        raise FileNotFoundError(f"--resume: no checkpoint in {stage.checkpoints}")
+    verify_checkpoint(done[-1], accelerator.num_processes)
+    step = read_state(done[-1])["step"]
+    if step > stage.spec.steps:
+        raise ValueError(f"--resume: {done[-1]} is at step {step}, beyond {stage.name}.steps={stage.spec.steps}; "
+                         f"set {stage.name}.steps to at least {step}")
+    accelerator.load_state(str(done[-1]))
+    if run.main:
+        console.print(f"Resuming from {done[-1]} (step {step}/{stage.spec.steps})")
+    run.last_good = done[-1]
+    return step
+
+
+def _metrics_log(path: Path, resume_step: int, console: Console):
+    """metrics.jsonl opened for append; on resume, lines after the checkpoint are dropped."""
+    note = trim_metrics(path, resume_step)
+    if note:
+        console.print(f"[yellow]note[/]: {note}")
+    return path.open("a")
+
+
+def _progress(console: Console, enabled: bool) -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[stats]}"),
+                    TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=not enabled)
+
+
+@dataclass
+class _Curve:
+    """Validation points; with keep_best, best.safetensors follows the lowest val_kl so far."""
+    validation: Validation
+    best_kl: float | None
+
+    def point(self, run: Run, at: int) -> dict:
+        recipe, spec = run.stage.recipe, run.stage.spec
+        vectors = distil(run.models, self.validation.contexts, recipe.distiller.max_length, spec.batch_size,
+                         self.validation.anchors)
+        scores = {"step": at, **self.validation.score(vectors)}
+        if spec.keep_best and (self.best_kl is None or scores["val_kl"] < self.best_kl):
+            self.best_kl = scores["val_kl"]
+            write_distiller(run.stage.out / BEST, run.accelerator.unwrap_model(run.distiller), recipe,
+                            {**run.info, "steps": at, **scores})
         return scores
 
-    if validation and step == 0:  # the untrained distiller: where the curve starts
-        first = validate(0)
-        log.write(json.dumps(first) + "\n")
-        if trackers:
-            accelerator.log(first, step=0)
-    t0 = time.perf_counter()
-    def checkpoint(at: int) -> Path:
-        if cached:
-            cached.cache.flush()
-        return save_checkpoint(accelerator, ckpt_root, at, {"step": at, "position": at * per_step}, spec.keep_last)
 
-    rng = _rng_state()
-    try:
-        with progress:
-            while step < spec.steps:
-                tic = time.perf_counter()
-                sums = _optimizer_step(models, distiller, optimizer, scheduler, examples, accelerator, recipe, spec,
-                                       kl, ce_weight, kl_weight, step, per_step, last_good, stage, cached)
-                step += 1
-                rng = _rng_state()
-                # Logged values are averaged over processes (tokens summed), not rank 0's alone.
-                loss_m, kl_m, ce_m, teacher_ce_m, tokens = (accelerator.reduce(sums, "sum") / torch.tensor(
-                    [accelerator.num_processes * spec.grad_accum] * 4 + [1], dtype=torch.float64,
-                    device=accelerator.device)).tolist()
-                record = {"step": step, "loss": loss_m, "kl": kl_m, "ce": ce_m, "teacher_ce": teacher_ce_m,
-                          "lr": scheduler.get_last_lr()[0], "tokens_per_s": tokens / (time.perf_counter() - tic),
-                          "elapsed_s": time.perf_counter() - t0}
-                if validation and (step % spec.eval_every == 0 or step == spec.steps):
-                    record |= validate(step)
-                if main:
-                    _report(record, log, progress, bar, console, spec.steps, stage, show_ce=stage == "finetune")
-                if trackers:
-                    accelerator.log(record, step=step)
-                if step % spec.save_every == 0 or step == spec.steps:
-                    last_good = checkpoint(step)
-    except KeyboardInterrupt:
-        # Keep the finished steps: checkpoint the last completed one, with the RNG as it was then, so
-        # that --resume continues exactly as if nothing had happened. A multi-process run cannot
-        # rely on every process being interrupted at once, so it keeps its last regular checkpoint.
-        if accelerator.num_processes == 1 and step > 0 and (last_good is None or read_state(last_good)["step"] != step):
-            _set_rng_state(rng)
-            saved = checkpoint(step)
-            console.print(f"[yellow]interrupted[/]: step {step} saved to {saved}")
-        raise
-    if log:
-        log.close()
-        plot(out / "metrics.jsonl", out / "curves.png", stage)
-    if cached:
-        cached.cache.flush()
-    accelerator.wait_for_everyone()
-    _check_frozen(models, llm_before)
-    path = out / "distiller.safetensors"
-    if main:
-        path = save_distiller(out, accelerator.unwrap_model(distiller), recipe, {**info, "steps": step})
-        console.print(f"[green]{stage} done[/]: {path}")
-    if trackers:
-        accelerator.end_training()
-    return path
+def _curve(run: Run) -> _Curve | None:
+    spec = run.stage.spec
+    # Learning curves on the main process only: the others wait for it at the next gradient all-reduce.
+    if not (spec.eval_every and run.main):
+        return None
+    validation = Validation(run.stage.recipe, run.models, run.template, spec.eval_queries)
+    return _Curve(validation, _best_val_kl(run.stage.out / "metrics.jsonl") if spec.keep_best else None)
 
 
-def _optimizer_step(models, distiller, optimizer, scheduler, examples, accelerator, recipe, spec, kl, ce_weight,
-                    kl_weight, step, per_step, last_good, stage, cached=None) -> torch.Tensor:
+def _optimizer_step(run: Run, step: int) -> torch.Tensor:
     """One optimiser step over grad_accum micro-batches; returns [loss, kl, ce, teacher_ce, tokens] summed."""
+    accelerator, spec, distiller = run.accelerator, run.stage.spec, run.distiller
     sums = torch.zeros(5, dtype=torch.float64, device=accelerator.device)
     for micro in range(spec.grad_accum):
-        base = step * per_step + (micro * accelerator.num_processes + accelerator.process_index) * spec.batch_size
+        # Each process reads its own positions: example p is the same whatever the number of processes.
+        base = step * run.per_step + (micro * accelerator.num_processes + accelerator.process_index) * spec.batch_size
         positions = list(range(base, base + spec.batch_size))
-        batch = [examples.get(p) for p in positions]
+        batch = [run.examples.get(p) for p in positions]
         sync = micro == spec.grad_accum - 1
         with accelerator.autocast(), (accelerator.no_sync(distiller) if not sync else nullcontext()):
-            stats = step_loss(models, distiller, batch, recipe, kl, ce_weight, kl_weight, accelerator.device,
-                              cached, positions)
+            stats = step_loss(run.models, distiller, batch, run.stage.recipe, run.objective, positions)
             if not torch.isfinite(stats.loss):
-                where = f"; the last good checkpoint is {last_good}" if last_good else "; no checkpoint was written yet"
-                raise TrainingDiverged(f"{stage}: the loss became {stats.loss.item()} at step {step + 1}{where}. "
-                                       "Lower the learning rate or use mixed_precision: no.")
+                raise _diverged(run, stats.loss.item(), step + 1)
             accelerator.backward(stats.loss / spec.grad_accum)
         sums += torch.tensor([stats.loss.item(), stats.kl, stats.ce, stats.teacher_ce, stats.tokens], dtype=torch.float64,
                              device=accelerator.device)
     if spec.max_grad_norm:
         accelerator.clip_grad_norm_(distiller.parameters(), spec.max_grad_norm)
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
     return sums
+
+
+def _diverged(run: Run, loss: float, step: int) -> TrainingDiverged:
+    where = f"; the last good checkpoint is {run.last_good}" if run.last_good else "; no checkpoint was written yet"
+    return TrainingDiverged(f"{run.stage.name}: the loss became {loss} at step {step}{where}. "
+                            "Lower the learning rate or use mixed_precision: no.")
+
+
+def _means(run: Run, sums: torch.Tensor, tic: float) -> dict:
+    """The step's logged values, averaged over processes (tokens summed), not rank 0's alone."""
+    accelerator, grad_accum = run.accelerator, run.stage.spec.grad_accum
+    loss, kl, ce, teacher_ce, tokens = (accelerator.reduce(sums, "sum") / torch.tensor(
+        [accelerator.num_processes * grad_accum] * 4 + [1], dtype=torch.float64, device=accelerator.device)).tolist()
+    return {"loss": loss, "kl": kl, "ce": ce, "teacher_ce": teacher_ce, "lr": run.scheduler.get_last_lr()[0],
+            "tokens_per_s": tokens / (time.perf_counter() - tic)}
+
+
+def _checkpoint(run: Run, at: int) -> Path:
+    # The cache first: a resumed run must find every teacher row the checkpointed steps computed.
+    if run.objective.cached:
+        run.objective.cached.cache.flush()
+    return save_checkpoint(run.accelerator, run.stage.checkpoints, at, {"step": at, "position": at * run.per_step},
+                           run.stage.spec.keep_last)
+
+
+def _save_interrupted(run: Run, step: int, rng: dict, console: Console) -> None:
+    """Keeps the finished steps on Ctrl-C: checkpoints the last completed one, with the RNG as it was
+    then, so that --resume continues exactly as if nothing had happened. A multi-process run cannot
+    rely on every process being interrupted at once, so it keeps its last regular checkpoint."""
+    last = run.last_good
+    if run.accelerator.num_processes == 1 and step > 0 and (last is None or read_state(last)["step"] != step):
+        _set_rng_state(rng)
+        saved = _checkpoint(run, step)
+        console.print(f"[yellow]interrupted[/]: step {step} saved to {saved}")
+
+
+def _finish(run: Run, step: int, console: Console) -> Path:
+    """Checks that the LLM stayed frozen and writes the final distiller (main process)."""
+    if run.objective.cached:
+        run.objective.cached.cache.flush()
+    run.accelerator.wait_for_everyone()
+    _check_frozen(run.models, run.llm_before)
+    path = run.stage.out / "distiller.safetensors"
+    if run.main:
+        path = save_distiller(run.stage.out, run.accelerator.unwrap_model(run.distiller), run.stage.recipe,
+                              {**run.info, "steps": step})
+        console.print(f"[green]{run.stage.name} done[/]: {path}")
+    if run.tracking:
+        run.accelerator.end_training()
+    return path
 
 
 def _best_val_kl(metrics_path: Path) -> float | None:
@@ -287,20 +379,31 @@ def _best_val_kl(metrics_path: Path) -> float | None:
     return min((k for k in kls if k is not None), default=None)
 
 
-def _report(record: dict, log, progress: Progress, bar, console: Console, total: int, stage: str, show_ce: bool) -> None:
-    log.write(json.dumps(record) + "\n")
-    log.flush()
-    text = (f"loss {record['loss']:.4f}  kl {record['kl']:.4f}"
-            + (f"  ce {record['ce']:.4f} (icl {record['teacher_ce']:.4f})" if show_ce else "")
-            + f"  {record['tokens_per_s']:.0f} tok/s")
-    progress.update(bar, completed=record["step"], stats=text)
-    if "val_mend_f1" in record:
-        console.print(f"{stage} step {record['step']} validation: mend macro-F1 {100 * record['val_mend_f1']:.1f} "
-                      f"(icl {100 * record['val_icl_f1']:.1f}, zero-shot {100 * record['val_zero_shot_f1']:.1f}), "
-                      f"agreement {100 * record['val_agreement']:.1f}%, KL {record['val_kl']:.4f}")
-    # Without a terminal the bar is invisible: a plain line every 5% keeps logs informative.
-    if not console.is_terminal and (record["step"] % max(1, total // 20) == 0 or record["step"] == total):
-        console.print(f"{stage} step {record['step']}/{total}  {text}")
+@dataclass
+class _Report:
+    """Where a step's record goes on the main process: metrics.jsonl, the progress bar, the console."""
+    stage: Stage
+    log: TextIO
+    progress: Progress
+    bar: TaskID
+    console: Console
+
+    def __call__(self, record: dict) -> None:
+        self.log.write(json.dumps(record) + "\n")
+        self.log.flush()
+        name, total = self.stage.name, self.stage.spec.steps
+        text = (f"loss {record['loss']:.4f}  kl {record['kl']:.4f}"
+                + (f"  ce {record['ce']:.4f} (icl {record['teacher_ce']:.4f})" if self.stage.measures_ce else "")
+                + f"  {record['tokens_per_s']:.0f} tok/s")
+        self.progress.update(self.bar, completed=record["step"], stats=text)
+        if "val_mend_f1" in record:
+            self.console.print(f"{name} step {record['step']} validation: mend macro-F1 "
+                               f"{100 * record['val_mend_f1']:.1f} (icl {100 * record['val_icl_f1']:.1f}, "
+                               f"zero-shot {100 * record['val_zero_shot_f1']:.1f}), agreement "
+                               f"{100 * record['val_agreement']:.1f}%, KL {record['val_kl']:.4f}")
+        # Without a terminal the bar is invisible: a plain line every 5% keeps logs informative.
+        if not self.console.is_terminal and (record["step"] % max(1, total // 20) == 0 or record["step"] == total):
+            self.console.print(f"{name} step {record['step']}/{total}  {text}")
 
 
 def _available_trackers(requested: list[str], console: Console) -> list[str]:

@@ -1,12 +1,16 @@
-"""Where a recipe's inputs are: its task data, its partition, and the output of earlier stages."""
+"""Where a recipe's inputs are: its task data, its partition, and the output of earlier stages.
+
+Looking a path up makes nothing: what a recipe asks to be made first (BIG-bench converted, stage-1
+passages) prepare.py makes, once, when a command starts."""
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 from .checkpoint import WEIGHTS
 from .config import Recipe
-from .data.metaicl import split_path
+from .data.metaicl import DataError, split_path, task_file
 from .partitions import Partition, check_task_name, load_partition
 
 
@@ -20,76 +24,65 @@ def partition_for(recipe: Recipe) -> Partition:
     return load_partition(_tasks(recipe).partition)
 
 
-def bigbench_source(recipe: Recipe) -> Path:
-    src = _tasks(recipe).bigbench
-    if src is None:
-        raise ValueError("tasks.bigbench is not set: BIG-bench passages need a BIG-bench source")
-    if src == "fetch":
-        from .data.bigbench import fetch_bigbench
-        from .model_sources import cache_dir
-
-        return fetch_bigbench(cache_dir() / "bigbench")
-    return Path(src)
+def converted_dir(recipe: Recipe) -> Path:
+    """Where prepare converts tasks.bigbench into the MetaICL layout."""
+    return recipe.output_dir / "data"
 
 
-def data_dir(recipe: Recipe) -> Path:
-    """The MetaICL-layout task folder; BIG-bench is converted into output_dir/data on first use."""
-    tasks = _tasks(recipe)
-    if tasks.data_dir is not None:
-        return Path(tasks.data_dir)
-    out = recipe.output_dir / "data"
-    partition = partition_for(recipe)
-    wanted = list(partition.train) + list(partition.test)
-    # Every file a command may read, so that a recipe asking for another k or more seeds than the
-    # first conversion wrote converts again (deterministically: existing files come out the same).
+# finetune.train_tasks: all trains on every task the conversion finds, so all of BIG-bench is
+# converted; this marker says it was (the files alone cannot tell which tasks exist).
+ALL_TASKS_MARKER = ".all-tasks-converted"
+
+
+def converts_every_task(recipe: Recipe) -> bool:
+    return recipe.finetune is not None and recipe.finetune.train_tasks == "all"
+
+
+def missing_task_files(recipe: Recipe) -> list[Path]:
+    """What of the BIG-bench conversion a command may read is not there yet: a recipe asking for
+    another k or more seeds than the first conversion wrote misses files and is converted again."""
+    tasks, out, partition = _tasks(recipe), converted_dir(recipe), partition_for(recipe)
     needed = [split_path(out, t, tasks.k, seed, split) for t in partition.test for seed in tasks.seeds
               for split in ("train", "test")]
     needed += [split_path(out, t, tasks.k, tasks.seeds[0], split) for t in tasks.validation for split in ("train", "test")]
     if recipe.finetune is not None:
-        needed += [out / t / recipe.finetune.train_file.replace("{task}", t) for t in partition.train]
-    # finetune.train_tasks: all trains on every task the conversion finds, so all of BIG-bench is
-    # converted; the marker says it was (the files alone cannot tell which tasks exist).
-    everything = recipe.finetune is not None and recipe.finetune.train_tasks == "all"
-    marker = out / ".all-tasks-converted"
-    if not all(p.is_file() for p in needed) or (everything and not marker.is_file()):
-        from .data.bigbench import convert_bigbench
+        needed += [task_file(out, t, recipe.finetune.train_file) for t in partition.train]
+    if converts_every_task(recipe):
+        needed.append(out / ALL_TASKS_MARKER)
+    return [p for p in needed if not p.is_file()]
 
-        report = convert_bigbench(bigbench_source(recipe), out, tasks=None if everything else wanted, k=tasks.k,
-                                  seeds=tuple(tasks.seeds), progress=True)
-        print(report.summary())
-        if everything:
-            marker.touch()
-    return out
+
+def data_dir(recipe: Recipe) -> Path:
+    """The MetaICL-layout task folder: tasks.data_dir, else output_dir/data, where prepare converts BIG-bench."""
+    tasks = _tasks(recipe)
+    if tasks.data_dir is not None:
+        return Path(tasks.data_dir)
+    if missing := missing_task_files(recipe):
+        raise DataError(f"{missing[0]}: BIG-bench is not converted for this recipe yet ({len(missing)} file(s) "
+                        "missing); mendctl.prepare.prepare(recipe, command) converts it, and every command calls "
+                        "it when it starts")
+    return converted_dir(recipe)
 
 
 def passages_file(recipe: Recipe) -> Path:
-    """BIG-bench passages for stage 1, extracted once into output_dir/data/passages-N-<tasks left out>.jsonl.
+    """BIG-bench passages for stage 1: output_dir/data/passages-N-<tasks left out>.jsonl, which prepare extracts.
 
     The test tasks and the validation tasks give none: the curves and the final table score the
     distiller on tasks whose text it never read."""
-    import hashlib
-
-    limit = recipe.pretrain.bigbench_passages
-    exclude = set(partition_for(recipe).test) | set(_tasks(recipe).validation)
-    tag = hashlib.sha256(json.dumps(sorted(exclude)).encode()).hexdigest()[:8]
-    path = recipe.output_dir / "data" / f"passages-{limit}-{tag}.jsonl"
-    if path.is_file():
-        return path
-    from rich.console import Console
-
-    from .data.bigbench import iter_passages
-    from .fileio import atomic_path
-
-    src = bigbench_source(recipe)
-    console = Console(stderr=True)
-    console.print(f"extracting up to {limit} stage-1 passages from {src} into {path} (once)")
-    with console.status("extracting passages") as status, \
-            atomic_path(path) as tmp, tmp.open("w") as f:
-        for n, text in enumerate(iter_passages(src, exclude, limit=limit), 1):
-            f.write(json.dumps({"text": text}) + "\n")
-            if n % 1000 == 0:
-                status.update(f"extracting passages: {n}")
+    path = passages_path(recipe)
+    if not path.is_file():
+        raise DataError(f"{path}: the stage-1 passages are not extracted yet; mendctl.prepare.prepare(recipe, "
+                        "command) extracts them, and pretrain and teacher call it when they start")
     return path
+
+
+def passages_left_out(recipe: Recipe) -> set[str]:
+    return set(partition_for(recipe).test) | set(_tasks(recipe).validation)
+
+
+def passages_path(recipe: Recipe) -> Path:
+    tag = hashlib.sha256(json.dumps(sorted(passages_left_out(recipe))).encode()).hexdigest()[:8]
+    return converted_dir(recipe) / f"passages-{recipe.pretrain.bigbench_passages}-{tag}.jsonl"
 
 
 def stage_input(recipe: Recipe, stage: str) -> Path | None:

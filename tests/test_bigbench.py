@@ -287,57 +287,115 @@ def test_iter_passages_limit_spreads_over_tasks(src):
     assert len(list(iter_passages(src, exclude_tasks={"group-sub"}, limit=100))) == len(everything)
 
 
-def test_a_recipe_converts_bigbench_on_first_use_and_again_for_new_seeds(src, tmp_path):
+def _recipe(tmp_path: Path, src: Path, *overrides: str, train=("alpha",)):
     from mendctl.config import load_recipe
-    from mendctl.workspace import data_dir
 
     partition = tmp_path / "p.json"
-    partition.write_text(json.dumps({"train": ["alpha"], "test": ["group-sub"]}))
+    partition.write_text(json.dumps({"train": list(train), "test": ["group-sub"]}))
     root = Path(__file__).resolve().parents[1]
-    overrides = [f"output_dir={tmp_path / 'run'}", "tasks.data_dir=null", f"tasks.bigbench={src}",
-                 f"tasks.partition={partition}", f"tasks.k={K}", "tasks.seeds=[100]"]
-    recipe = load_recipe(root / "recipes" / "tiny" / "gpt2.yaml", overrides)
+    return load_recipe(root / "recipes" / "tiny" / "gpt2.yaml", [
+        f"output_dir={tmp_path / 'run'}", "tasks.data_dir=null", f"tasks.bigbench={src}",
+        f"tasks.partition={partition}", f"tasks.k={K}", *overrides])
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(file=io.StringIO(), width=200)
+
+
+def test_prepare_converts_bigbench_once_and_again_for_new_seeds(src, tmp_path):
+    from mendctl.prepare import prepare
+    from mendctl.workspace import data_dir
+
+    recipe = _recipe(tmp_path, src, "tasks.seeds=[100]")
+    console = _console()
+    prepare(recipe, "eval", console=console)
+    assert f"converting BIG-bench from {src}" in console.file.getvalue()
     out = data_dir(recipe)
     assert (out / "group-sub" / f"group-sub_{K}_100_test.jsonl").is_file()
     assert (out / "alpha" / "alpha_16384_100_train.jsonl").is_file()
     assert not (out / "group-sub" / f"group-sub_{K}_13_train.jsonl").exists()
-    more = load_recipe(root / "recipes" / "tiny" / "gpt2.yaml", [*overrides, "tasks.seeds=[100,13]"])
+    again = _console()
+    prepare(recipe, "eval", console=again)
+    assert again.file.getvalue() == ""  # made once: nothing to do, nothing said
+    more = _recipe(tmp_path, src, "tasks.seeds=[100,13]")
+    prepare(more, "distill", console=_console())
     assert data_dir(more) == out
     assert (out / "group-sub" / f"group-sub_{K}_13_train.jsonl").is_file()
 
 
 def test_a_recipe_training_on_all_tasks_converts_every_task_once(src, tmp_path, monkeypatch):
     import mendctl.data.bigbench as bigbench
-    from mendctl.config import load_recipe
+    from mendctl.prepare import prepare
     from mendctl.workspace import data_dir
 
     asked, real = [], bigbench.convert_bigbench
     monkeypatch.setattr(bigbench, "convert_bigbench", lambda *a, **kw: asked.append(kw["tasks"]) or real(*a, **kw))
-    partition = tmp_path / "p.json"
-    partition.write_text(json.dumps({"train": ["alpha"], "test": ["group-sub"]}))
-    root = Path(__file__).resolve().parents[1]
-    base = [f"output_dir={tmp_path / 'run'}", "tasks.data_dir=null", f"tasks.bigbench={src}",
-            f"tasks.partition={partition}", f"tasks.k={K}", "tasks.seeds=[100]"]
-    data_dir(load_recipe(root / "recipes" / "tiny" / "gpt2.yaml", base))
+    prepare(_recipe(tmp_path, src, "tasks.seeds=[100]"), "finetune", console=_console())
     assert asked == [["alpha", "group-sub"]]  # the partition's tasks only
-    everything = load_recipe(root / "recipes" / "tiny" / "gpt2.yaml", [*base, "finetune.train_tasks=all"])
+    everything = _recipe(tmp_path, src, "tasks.seeds=[100]", "finetune.train_tasks=all")
+    prepare(everything, "finetune", console=_console())
     out = data_dir(everything)
     assert asked[1:] == [None] and (out / ".all-tasks-converted").is_file()  # every task, once
-    data_dir(everything)
+    prepare(everything, "finetune", console=_console())
     assert len(asked) == 2
 
 
 def test_stage1_passages_leave_out_the_validation_tasks_too(src, tmp_path):
-    from mendctl.config import load_recipe
+    from mendctl.prepare import prepare
     from mendctl.workspace import passages_file
 
-    partition = tmp_path / "p.json"
-    partition.write_text(json.dumps({"train": ["alpha", "tiny"], "test": ["group-sub"]}))
-    root = Path(__file__).resolve().parents[1]
-    base = [f"output_dir={tmp_path / 'run'}", "tasks.data_dir=null", f"tasks.bigbench={src}",
-            f"tasks.partition={partition}", f"tasks.k={K}", "pretrain.text=null", "pretrain.bigbench_passages=50"]
-    plain = passages_file(load_recipe(root / "recipes" / "tiny" / "gpt2.yaml", base))
-    held = passages_file(load_recipe(root / "recipes" / "tiny" / "gpt2.yaml", [*base, "tasks.validation=[alpha]"]))
-    assert plain != held  # one file per set of tasks left out, not one per count
-    assert any(json.loads(line)["text"].startswith("alpha") for line in plain.read_text().splitlines())
-    assert not any(json.loads(line)["text"].startswith("alpha") for line in held.read_text().splitlines())
+    base = ["pretrain.text=null", "pretrain.bigbench_passages=50"]
+    plain, held = (_recipe(tmp_path, src, *base, *more, train=("alpha", "tiny"))
+                   for more in ([], ["tasks.validation=[alpha]"]))
+    console = _console()
+    for recipe in (plain, held):
+        prepare(recipe, "pretrain", console=console)
+    assert console.file.getvalue().count("stage-1 passages") == 2
+    assert passages_file(plain) != passages_file(held)  # one file per set of tasks left out, not one per count
+    assert any(json.loads(line)["text"].startswith("alpha") for line in passages_file(plain).read_text().splitlines())
+    assert not any(json.loads(line)["text"].startswith("alpha") for line in passages_file(held).read_text().splitlines())
+
+
+def test_looking_up_a_path_makes_nothing_and_says_what_is_missing(src, tmp_path, monkeypatch):
+    import mendctl.data.bigbench as bigbench
+    from mendctl.data.metaicl import DataError
+    from mendctl.workspace import data_dir, passages_file
+
+    monkeypatch.setattr(bigbench, "convert_bigbench", lambda *a, **kw: pytest.fail("a lookup converted"))
+    monkeypatch.setattr(bigbench, "iter_passages", lambda *a, **kw: pytest.fail("a lookup extracted"))
+    monkeypatch.setattr(bigbench, "fetch_bigbench", lambda *a, **kw: pytest.fail("a lookup fetched"))
+    recipe = _recipe(tmp_path, src, "pretrain.text=null", "pretrain.bigbench_passages=50")
+    with pytest.raises(DataError, match="BIG-bench is not converted for this recipe yet.*prepare"):
+        data_dir(recipe)
+    with pytest.raises(DataError, match="passages are not extracted yet.*prepare"):
+        passages_file(recipe)
+    fetching = _recipe(tmp_path, src, "tasks.bigbench=fetch")
+    with pytest.raises(DataError, match="not converted"):
+        data_dir(fetching)
+    assert not (tmp_path / "run").exists()
+
+
+def test_prepare_makes_only_what_the_command_reads(src, tmp_path):
+    from mendctl.prepare import reads
+
+    recipe = _recipe(tmp_path, src, "pretrain.text=null", "pretrain.bigbench_passages=50")
+    assert reads(recipe, "pretrain") == {"passages"}
+    assert reads(recipe, "teacher", "pretrain") == {"passages"}
+    assert reads(recipe, "finetune") == reads(recipe, "teacher", "finetune") == {"tasks"}
+    assert reads(recipe, "distill") == reads(recipe, "eval") == {"tasks"}
+    assert reads(recipe, "export") == set()
+    curves = _recipe(tmp_path, src, "pretrain.eval_every=5", "tasks.validation=[alpha]", train=("alpha", "tiny"))
+    assert reads(curves, "pretrain") == {"tasks"}  # the curves score the validation tasks
+    assert reads(curves, "teacher", "pretrain") == set()
+
+
+def test_a_task_the_conversion_skips_is_named_with_the_reason(src, tmp_path):
+    from mendctl.data.metaicl import DataError
+    from mendctl.prepare import prepare
+
+    recipe = _recipe(tmp_path, src, "tasks.seeds=[100]", train=("alpha", "empty"))
+    with pytest.raises(DataError, match=r"empty_16384_100_train.jsonl: the BIG-bench conversion wrote no such "
+                                        r"file.*empty: "):
+        prepare(recipe, "finetune", console=_console())

@@ -105,6 +105,27 @@ def test_keep_best_writes_the_distiller_of_the_lowest_validation_kl(tiny):
     assert validation.score(vectors)["val_kl"] == pytest.approx(best["val_kl"], abs=1e-5)
 
 
+def test_validation_baselines_are_scored_once_across_runs(tiny, monkeypatch):
+    import mendctl.curves as curves
+
+    recipe = tiny("gpt2", *CURVES)
+    backend = get_backend("gpt2")
+    models, template = backend.build(recipe), backend.template(recipe)
+    calls = []
+    real = curves.score
+    monkeypatch.setattr(curves, "score", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    first = curves.Validation(recipe, models, template, 4)
+    assert len(calls) == 4  # icl and zero-shot on two tasks
+    again = curves.Validation(recipe, models, template, 4)
+    assert len(calls) == 4 and again.baselines == first.baselines
+    assert [r.losses for r in again.icl] == [r.losses for r in first.icl]
+    curves.Validation(recipe, models, template, 3)  # other queries: scored
+    assert len(calls) == 8
+    uncached = tiny("gpt2", *CURVES, "eval.cache=false")
+    curves.Validation(uncached, models, template, 4)
+    assert len(calls) == 12
+
+
 def test_keep_best_needs_a_curve(tiny):
     with pytest.raises(RecipeError, match="finetune.keep_best chooses on the validation curve"):
         tiny("gpt2", "finetune.keep_best=true")

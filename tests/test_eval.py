@@ -16,12 +16,13 @@ from mendctl.compress import compress
 from mendctl.config import METHODS, load_recipe
 from mendctl.data.metaicl import DataError, load_split
 from mendctl.distill import run_distill
-from mendctl.scoring import demo_sets
-from mendctl.trained import load_trained
-from mendctl.evaluate import _prefix, _query_set, run_eval
+from mendctl.scoring import demo_sets, query_set
+from mendctl.trained import UNTRAINED, load_trained
+from mendctl.evaluate import _prefix, run_eval
 from mendctl.metrics import accuracy, macro_f1
 from mendctl.registry import get_backend
 from mendctl.render import context_ids
+from mendctl.workspace import data_dir
 
 TINY = Path(__file__).resolve().parent.parent / "recipes" / "tiny"
 DATA = Path(__file__).resolve().parent.parent / "data" / "tiny" / "tasks"
@@ -101,6 +102,30 @@ def test_every_method_runs(backend, tmp_path):
         assert method in printed
     assert "distilled on the fly" in printed and str(tmp_path / "vectors") in printed
     assert (tmp_path / "eval" / "quality_vs_cost.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("backend", ["gpt2", "llama"])
+def test_results_are_stamped_with_the_llm_the_distiller_and_the_special_tokens(backend, tmp_path):
+    recipe = _recipe(backend, tmp_path, "eval.methods=[zero-shot, mend]")
+    _with_distiller(recipe)
+    models, distiller_hash = load_trained(recipe)
+    run_eval(recipe, limit=1, console=_quiet())
+
+    stamp = json.loads((tmp_path / "eval" / "results.json").read_text())["models"]
+    tok = models.llm_tokenizer
+    assert stamp == {"backend": backend, "llm_id": models.llm_id, "llm_config_hash": models.llm_config_hash,
+                     "distiller_hash": distiller_hash,
+                     # The tiny recipes' byte tokenizer: three specials, no unk.
+                     "tokenizer": {"bos": {"token": "<s>", "id": tok.bos_token_id},
+                                   "eos": {"token": "</s>", "id": tok.eos_token_id},
+                                   "pad": {"token": "<pad>", "id": tok.pad_token_id},
+                                   "unk": {"token": None, "id": None}}}
+    assert distiller_hash != UNTRAINED and None not in (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
+    markdown = (tmp_path / "eval" / "results.md").read_text()
+    assert f"LLM: `{models.llm_id}` ({backend}, config {models.llm_config_hash}); distiller: {distiller_hash}" \
+        in markdown
+    assert f"bos `<s>` = {tok.bos_token_id}, eos `</s>` = {tok.eos_token_id}, pad `<pad>` = {tok.pad_token_id}, " \
+        "unk none" in markdown
 
 
 def test_mend_without_vectors_needs_a_trained_distiller(tmp_path):
@@ -211,7 +236,7 @@ def test_prefixes(tmp_path):
     models, _ = load_trained(recipe, require=False)
     template = get_backend(recipe.backend).template(recipe)
     ds = demo_sets(recipe, template, models.llm_tokenizer)[0]
-    qs = _query_set(recipe, ds, template, models.llm_tokenizer, 1)
+    qs = query_set(data_dir(recipe), ds, recipe.tasks.k, template, models.llm_tokenizer, 1)
     ids = torch.tensor(context_ids(template, ds.context, models.llm_tokenizer))
     embed = models.llm.embed
     assert _prefix("zero-shot", qs, models, template, 4, {}).shape == (0, models.llm.hidden_size)

@@ -96,6 +96,36 @@ def test_a_second_run_with_other_lr_and_k_reads_the_cache_without_a_teacher_forw
     assert [m["ce"] for m in metrics(second)] != [m["ce"] for m in metrics(first)]
 
 
+def test_tokens_count_the_teacher_only_for_the_examples_it_read(tiny, tmp_path):
+    """tokens/s: an example served from the cache costs no teacher tokens; a miss costs what no cache costs."""
+    from mendctl.registry import get_backend
+    from mendctl.stage import build_stage
+    from mendctl.teacher_cache import CachedTeacher
+    from mendctl.trainer import Objective, step_loss
+
+    recipe = tiny("gpt2")
+    spec, backend = recipe.finetune, get_backend("gpt2")
+    models = backend.build(recipe)
+    examples = build_stage(recipe, "finetune").examples(models, backend.template(recipe))
+    cached = CachedTeacher(models.llm, TeacherCache(tmp_path / "teacher"), spec.teacher_top_k, spec.temperature)
+
+    def tokens(positions, teacher) -> int:
+        batch = [examples.get(p) for p in positions]
+        kl = SparseKL(spec.temperature) if teacher else ForwardKL(spec.temperature)
+        return step_loss(models, models.distiller, batch, recipe, Objective(kl, 1.0, 1.0, teacher), positions).tokens
+
+    def teacher_reads(positions) -> int:
+        return sum(models.llm.bos_len + len(e.ctx) + len(e.x) + len(e.y) for e in map(examples.get, positions))
+
+    first, overlapping = [0, 1, 2, 3], [2, 3, 4, 5]
+    uncached, missed, hit = tokens(first, None), tokens(first, cached), tokens(first, cached)
+    assert cached.forwards == 1 and cached.cache.hits == 4
+    assert uncached == missed == hit + teacher_reads(first) and teacher_reads(first) > 0
+    # Half the batch cached: only the other half's teacher tokens count.
+    assert tokens(overlapping, cached) == tokens(overlapping, None) - teacher_reads([2, 3])
+    assert cached.computed == [2, 3]  # the batch's indices of positions 4 and 5
+
+
 def _other_data(tmp_path: Path) -> Path:
     data = tmp_path / "tasks"
     shutil.copytree("data/tiny/tasks", data)

@@ -1,11 +1,13 @@
 """Writes the tiny synthetic tasks the tiny recipes and the tests use (MetaICL layout).
 
-Run from the repository root: python data/tiny/make_tiny_data.py
+Run from the repository root, with mendctl installed (it names the files): python data/tiny/make_tiny_data.py
 The output is committed; this script is how it was made and how to remake it.
 """
 import json
 import random
 from pathlib import Path
+
+from mendctl.data.metaicl import META_TRAIN_FILE, split_name
 
 OUT = Path(__file__).parent
 K, SEEDS, TEST = 4, (100, 13), 12
@@ -62,11 +64,11 @@ def main():
         r = random.Random(task)
         rows = [dict(zip(("input", "output", "options"), make(r)), task=task) for _ in range(40 + TEST + 2 * K)]
         test, pool = rows[:TEST], rows[TEST:]
-        write(OUT / "tasks" / task / f"{task}_16384_100_train.jsonl", pool)
+        write(OUT / "tasks" / task / META_TRAIN_FILE.replace("{task}", task), pool)
         for seed in SEEDS:
             picked = random.Random(seed).sample(pool, 2 * K)
             for split, part in (("train", picked[:K]), ("dev", picked[K:]), ("test", test)):
-                write(OUT / "tasks" / task / f"{task}_{K}_{seed}_{split}.jsonl", part)
+                write(OUT / "tasks" / task / split_name(task, K, seed, split), part)
     partition = {"train": TRAIN, "test": TEST_TASKS, "task_types": {t: "classification" for t in TASKS}}
     (OUT / "partition.json").write_text(json.dumps(partition, indent=1) + "\n")
 

@@ -40,14 +40,12 @@ from typing import Any
 from rich.progress import track
 
 from ..suggest import did_you_mean
+from .metaicl import DEFAULT_K, DEFAULT_SEEDS, META_TRAIN_FILE, META_TRAIN_SEED, META_TRAIN_SIZE, split_name, \
+    task_file
 
-SEEDS: tuple[int, ...] = (100, 13, 21, 42, 87)
-DEFAULT_K = 16
 # 200 test examples keep a 5-seed x 7-task evaluation affordable while macro-F1 stays
 # meaningful; pass a larger test_size for final numbers.
 DEFAULT_TEST_SIZE = 200
-META_TRAIN_SIZE = 16384
-META_TRAIN_SEED = 100
 # The test split must not depend on the demonstration seeds, so it has its own fixed seed.
 TEST_SPLIT_SEED = 0
 
@@ -253,14 +251,13 @@ def _write_task(out: Path, task: str, found: _TaskExamples, splits: _Splits, k: 
     opts, exs = found.options, found.examples
     test_lines = _records(task, opts, exs, splits.test)
     for seed, (train, dev) in splits.per_seed.items():
-        prefix = task_dir / f"{task}_{k}_{seed}"
-        _write_lines_atomic(Path(f"{prefix}_train.jsonl"), _records(task, opts, exs, train))
-        _write_lines_atomic(Path(f"{prefix}_dev.jsonl"), _records(task, opts, exs, dev))
-        _write_lines_atomic(Path(f"{prefix}_test.jsonl"), test_lines)
+        _write_lines_atomic(task_dir / split_name(task, k, seed, "train"), _records(task, opts, exs, train))
+        _write_lines_atomic(task_dir / split_name(task, k, seed, "dev"), _records(task, opts, exs, dev))
+        _write_lines_atomic(task_dir / split_name(task, k, seed, "test"), test_lines)
     meta_train = list(splits.pool)
     random.Random(META_TRAIN_SEED).shuffle(meta_train)
     _write_lines_atomic(
-        task_dir / f"{task}_{META_TRAIN_SIZE}_{META_TRAIN_SEED}_train.jsonl",
+        task_file(out, task, META_TRAIN_FILE),
         _records(task, opts, exs, meta_train[:META_TRAIN_SIZE]),
     )
 
@@ -330,7 +327,7 @@ def convert_bigbench(
     out: Path,
     tasks: list[str] | None = None,
     k: int = DEFAULT_K,
-    seeds: Sequence[int] = SEEDS,
+    seeds: Sequence[int] = DEFAULT_SEEDS,
     test_size: int = DEFAULT_TEST_SIZE,
     progress: bool = False,
 ) -> ConversionReport:

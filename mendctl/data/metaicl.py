@@ -6,6 +6,15 @@ import json
 from pathlib import Path
 
 
+# MetaICL's settings, which the schema's defaults, the BIG-bench converter and the file names share:
+# k demonstrations per set, drawn with each of the seeds; a meta-train task's file holds up to
+# META_TRAIN_SIZE examples shuffled with META_TRAIN_SEED, and those two numbers are in its name.
+DEFAULT_K = 16
+DEFAULT_SEEDS: tuple[int, ...] = (100, 13, 21, 42, 87)
+META_TRAIN_SIZE = 16384
+META_TRAIN_SEED = 100
+
+
 class DataError(ValueError):
     pass
 
@@ -53,12 +62,27 @@ def read_examples(path: Path) -> list[dict]:
     return rows
 
 
+def split_name(task: str, k: int, seed: int, split: str) -> str:
+    return f"{task}_{k}_{seed}_{split}.jsonl"
+
+
+# finetune.train_file's default: a pattern, "{task}" standing for each task's name.
+META_TRAIN_FILE = split_name("{task}", META_TRAIN_SIZE, META_TRAIN_SEED, "train")
+
+
 def split_path(data_dir: Path, task: str, k: int, seed: int, split: str) -> Path:
     from ..partitions import check_task_name
 
     # Partitions check their names already; this keeps every caller inside data_dir too.
     check_task_name(task)
-    return Path(data_dir) / task / f"{task}_{k}_{seed}_{split}.jsonl"
+    return Path(data_dir) / task / split_name(task, k, seed, split)
+
+
+def task_file(data_dir: Path, task: str, pattern: str) -> Path:
+    """A task's file named by a pattern such as finetune.train_file ("{task}" is the task's name).
+
+    No name check: the callers pass partition tasks, already checked, or folders found in data_dir."""
+    return Path(data_dir) / task / pattern.replace("{task}", task)
 
 
 def load_split(data_dir: Path, task: str, k: int, seed: int, split: str) -> list[dict]:

@@ -1,0 +1,106 @@
+"""Stage-2 ablations on the validation tasks: one recipe key changed at a time, learning curves compared.
+
+    .venv/bin/python bench/ablate.py RECIPE --stop-at 100 [--only NAME ...] [--base METRICS] [key=value ...]
+
+Each ablation is `mendctl finetune RECIPE key=value ... <its keys>` into runs/ablations/NAME,
+with the recipe's own schedule (its `finetune.steps`: the learning rate at step N is the long run's),
+stopped once its validation point at `--stop-at` is logged. The base is the recipe unchanged: the
+long run's own curve (`--base` its metrics.jsonl) or, without `--base`, a run like the others.
+Writes bench/results/ablations.json (the curves and the keys of each run) and prints a markdown table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from mendctl.config import load_recipe
+from mendctl.provenance import stamp
+
+# name -> the recipe keys that differ from the base (each a documented recipe key)
+ABLATIONS = {
+    "plain": ["distiller.anchor=none", "distiller.scale_to_embeddings=true"],
+    "no-remap": ["finetune.remap_labels=0"],
+    "partition-tasks": ["finetune.train_tasks=partition"],
+    "kl-only": ["finetune.ce_weight=0"],
+    "proportional": ["finetune.task_sampling=proportional"],
+    "k32": ["num_vectors=32"],
+    "depth3": ["distiller.init_from_llm_layers=3"],
+}
+RESULTS = Path("bench/results/ablations.json")
+
+
+def _curve(metrics: Path) -> list[dict]:
+    if not metrics.is_file():
+        return []
+    lines = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    return [{k: v for k, v in r.items() if k == "step" or k.startswith("val_") or k in ("ce", "teacher_ce", "kl")}
+            for r in lines if "val_kl" in r]
+
+
+def _run(recipe_path: str, keys: list[str], out: Path, stop_at: int) -> list[dict]:
+    """Trains until the validation point at `stop_at` is logged, then stops the run (its rest is not needed)."""
+    metrics = out / "finetune" / "metrics.jsonl"
+    cmd = [str(Path(sys.executable).parent / "mendctl"), "finetune", recipe_path, *keys, f"output_dir={out}", "--restart"]
+    print(" ".join(cmd), flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / "ablate.log").open("w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        while proc.poll() is None and not any(r["step"] >= stop_at for r in _curve(metrics)):
+            time.sleep(5)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait()
+        elif proc.returncode:
+            raise SystemExit(f"{cmd} failed ({proc.returncode}): see {out / 'ablate.log'}")
+    return [r for r in _curve(metrics) if r["step"] <= stop_at]
+
+
+def table(results: dict) -> str:
+    rows = ["| run | keys | " + " | ".join(f"step {s}: F1 / agree / KL" for s in results["steps"]) + " |",
+            "|---|---|" + "---|" * len(results["steps"])]
+    for name, run in results["runs"].items():
+        by_step = {r["step"]: r for r in run["curve"]}
+        cells = [f"{100 * by_step[s]['val_mend_f1']:.1f} / {by_step[s]['val_agreement']:.2f} / {by_step[s]['val_kl']:.3f}"
+                 if s in by_step else "-" for s in results["steps"]]
+        rows.append(f"| {name} | {' '.join(run['keys']) or '(the recipe)'} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("recipe")
+    ap.add_argument("overrides", nargs="*", help="key=value for every run (e.g. the data folder)")
+    ap.add_argument("--stop-at", type=int, required=True, help="last step compared (a multiple of eval_every)")
+    ap.add_argument("--only", nargs="*", choices=sorted(ABLATIONS),
+                    help="run only these; with no names, only refresh the base and print the table")
+    ap.add_argument("--base", type=Path, help="the unchanged recipe's metrics.jsonl (the long run) instead of a run")
+    args = ap.parse_args()
+    recipe = load_recipe(args.recipe, args.overrides)
+    if not recipe.finetune.eval_every or args.stop_at % recipe.finetune.eval_every:
+        raise SystemExit("--stop-at must be a multiple of finetune.eval_every")
+    results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {"runs": {}}
+    results.update(recipe=args.recipe, overrides=args.overrides, stop_at=args.stop_at,
+                   steps=list(range(0, args.stop_at + 1, recipe.finetune.eval_every)),
+                   validation_tasks=recipe.tasks.validation, queries_per_task=recipe.finetune.eval_queries, **stamp())
+    runs = results["runs"]
+    for name in ["base", *(args.only if args.only is not None else ABLATIONS)]:
+        if name == "base":
+            curve = (_curve(args.base) if args.base else
+                     _run(args.recipe, args.overrides, Path("runs/ablations/base"), args.stop_at))
+            curve = [r for r in curve if r["step"] <= args.stop_at]
+        else:
+            curve = _run(args.recipe, [*args.overrides, *ABLATIONS[name]], Path("runs/ablations") / name, args.stop_at)
+        runs[name] = {"keys": ABLATIONS.get(name, []), "curve": curve}
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()
