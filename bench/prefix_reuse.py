@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from mendctl.config import load_recipe
 from mendctl.lm import _cut_left, _pad_ids
+from mendctl.prepare import prepare
 from mendctl.provenance import stamp
 from mendctl.registry import get_backend
 from mendctl.render import context_ids
@@ -77,6 +78,7 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     recipe = load_recipe(a.recipe, a.overrides)
+    prepare(recipe, "eval")
     backend = get_backend(recipe.backend)
     models = backend.build(recipe)
     llm, template, tok = models.llm, backend.template(recipe), models.llm_tokenizer
