@@ -22,7 +22,7 @@ from .provenance import file_hash, text_hash
 from .scoring import MethodRun, QuerySet
 
 CACHED_METHODS = ("zero-shot", "icl", "icl-truncated", "llmlingua")
-VERSION = 1  # bumped when the scoring itself (FrozenLM.option_losses, compress.py) changes: every older entry turns stale
+VERSION = 2  # bumped when the scoring itself (FrozenLM.option_losses, compress.py) changes: every older entry turns stale
 
 
 def describe(models: Models, template: TemplateSpec, root: Path, k: int, qs: QuerySet, method: str,
