@@ -1,6 +1,12 @@
 # `make test` and `make demo` build what they need: a virtualenv in .venv with the CPU wheel of torch
 # (a bare `torch` requirement would pull a multi-GB CUDA build), then mendctl installed editable.
 PYTHON ?= python3
+TORCH := 2.13.0
+# PyPI's Linux torch wheel is the CUDA build (~3 GB of nvidia-* packages); the CPU build lives on
+# PyTorch's own index. Pip's configured sources are tried first for the exact CPU build (a local
+# wheelhouse or mirror that holds it needs no network), then PyTorch's CPU index (macOS gets its
+# plain wheel there).
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -11,7 +17,8 @@ venv: $(STAMP)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet 'torch==$(TORCH)+cpu' 2>/dev/null \
+	  || $(PY) -m pip install --quiet 'torch==$(TORCH)' --index-url $(TORCH_INDEX)
 	$(PY) -m pip install --quiet -e '.[test,gguf]'
 	touch $(STAMP)
 
