@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from mendctl.config import load_recipe
-from mendctl.lm import _cut_left, _pad_ids
+from mendctl.lm import _cut_left
+from mendctl.padding import pad
 from mendctl.prepare import prepare
 from mendctl.provenance import stamp
 from mendctl.registry import get_backend
@@ -52,7 +53,7 @@ def before_option_losses(self, prefix, x, options):
     loss_sum = torch.stack([-first[o[0]] for o in options])
     lengths = torch.tensor([o.shape[0] for o in options], device=ctx.device)
     if int(lengths.max()) > 1:
-        ids, mask = _pad_ids(options, self.pad_token_id)
+        ids, mask = pad(options, self.pad_token_id)
         cache.batch_repeat_interleave(n)
         full_mask = torch.cat([mask.new_ones(n, c), mask], dim=1)
         pos = (c + torch.arange(ids.shape[1], device=ids.device)).unsqueeze(0).expand(n, -1)

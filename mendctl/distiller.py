@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from .anchors import anchor_embeddings
+from .padding import pad
 
 ANCHORS = ("none", "last", "labels")
 
@@ -103,21 +104,11 @@ class Distiller(nn.Module):
         return anchors.to(hidden.dtype) + self.correction(hidden)
 
 
-def left_pad(rows: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    length = max(len(r) for r in rows)
-    ids = torch.full((len(rows), length), pad, dtype=torch.long)
-    mask = torch.zeros(len(rows), length, dtype=torch.long)
-    for i, r in enumerate(rows):
-        if r:
-            ids[i, length - len(r):] = torch.tensor(r)
-            mask[i, length - len(r):] = 1
-    return ids.to(device), mask.to(device)
-
-
 def distiller_inputs(texts: list[str], tokenizer, max_length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Demonstrations as the distiller reads them, left-padded; the oldest tokens go first if too long."""
     rows = [tokenizer(t, add_special_tokens=False).input_ids[-max_length:] for t in texts]
-    return left_pad(rows, tokenizer.pad_token_id, device)
+    ids, mask = pad([torch.tensor(r, dtype=torch.long) for r in rows], tokenizer.pad_token_id, left=True)
+    return ids.to(device), mask.to(device)
 
 
 @torch.no_grad()

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .padding import pad
+
 
 @dataclass
 class TargetLogits:
@@ -55,17 +57,6 @@ def _fork(cache):
     return copy.deepcopy(cache)  # other layer kinds (static, sliding) may write in place
 
 
-def _pad_stack(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad [L_i, d] rows into [B, L, d] plus a [B, L] mask."""
-    length = max(r.shape[0] for r in rows)
-    out = rows[0].new_zeros(len(rows), length, rows[0].shape[1])
-    mask = torch.zeros(len(rows), length, dtype=torch.long, device=rows[0].device)
-    for i, r in enumerate(rows):
-        out[i, : r.shape[0]] = r
-        mask[i, : r.shape[0]] = 1
-    return out, mask
-
-
 def _cut_left(limit: int | None, *parts: torch.Tensor) -> list[torch.Tensor]:
     """`parts` (read in order) cut from the left to `limit` rows in all, the oldest first, as MetaICL does."""
     over = sum(p.shape[0] for p in parts) - limit if limit is not None else 0
@@ -75,16 +66,6 @@ def _cut_left(limit: int | None, *parts: torch.Tensor) -> list[torch.Tensor]:
         out.append(p[drop:])
         over -= drop
     return out
-
-
-def _pad_ids(rows: list[torch.Tensor], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    length = max(r.shape[0] for r in rows)
-    out = torch.full((len(rows), length), pad, dtype=torch.long, device=rows[0].device)
-    mask = torch.zeros(len(rows), length, dtype=torch.long, device=rows[0].device)
-    for i, r in enumerate(rows):
-        out[i, : r.shape[0]] = r
-        mask[i, : r.shape[0]] = 1
-    return out, mask
 
 
 class FrozenLM(nn.Module):
@@ -184,7 +165,7 @@ class CausalLM(FrozenLM):
             targets.append(tokens[keep])
             is_y.append((torch.arange(tokens.shape[0], device=tokens.device) >= x.shape[0])[keep])
             example.append(torch.full((int(keep.sum()),), b, device=tokens.device))
-        embeds, mask = _pad_stack(rows)
+        embeds, mask = pad(rows)
         hidden = self._base()(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
         example_t = torch.cat(example)
         selected = hidden[example_t, torch.cat(positions)]
@@ -295,8 +276,8 @@ class CausalLM(FrozenLM):
         # option pass, and with it copying the context's keys and values once per option.
         longer = [i for i, o in enumerate(options) if o.shape[0] > 1]
         if longer:
-            ids, mask = _pad_ids([options[i][:-1] for i in longer], self.pad_token_id)
-            nexts, _ = _pad_ids([options[i][1:] for i in longer], self.pad_token_id)
+            ids, mask = pad([options[i][:-1] for i in longer], self.pad_token_id)
+            nexts, _ = pad([options[i][1:] for i in longer], self.pad_token_id)
             n = len(longer)
             if n > 1:
                 cache.batch_repeat_interleave(n)
@@ -324,12 +305,12 @@ class Seq2SeqLM(FrozenLM):
                                         encoder_attention_mask=enc_mask).last_hidden_state
 
     def _encode(self, rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        embeds, mask = _pad_stack(rows)
+        embeds, mask = pad(rows)
         return self.model.get_encoder()(inputs_embeds=embeds, attention_mask=mask).last_hidden_state, mask
 
     def target_logits(self, prefixes, xs, ys) -> TargetLogits:
         enc, enc_mask = self._encode([torch.cat([self.with_bos(p), self.embed(x)]) for p, x in zip(prefixes, xs)])
-        y_ids, y_mask = _pad_ids(ys, self.pad_token_id)
+        y_ids, y_mask = pad(ys, self.pad_token_id)
         hidden = self._decode(enc, enc_mask, y_ids, y_mask)
         rows, cols = torch.nonzero(y_mask, as_tuple=True)
         logits = self.head(hidden[rows, cols])
@@ -339,7 +320,7 @@ class Seq2SeqLM(FrozenLM):
         # No prefix_cache: the encoder reads prefix + x bidirectionally, so the prefix's states depend on x.
         enc, enc_mask = self._encode([torch.cat([self.with_bos(prefix), self.embed(x)])])
         n = len(options)
-        y_ids, y_mask = _pad_ids(options, self.pad_token_id)
+        y_ids, y_mask = pad(options, self.pad_token_id)
         hidden = self._decode(enc.expand(n, -1, -1), enc_mask.expand(n, -1), y_ids, y_mask)
         rows, cols = torch.nonzero(y_mask, as_tuple=True)
         logp = F.log_softmax(self.head(hidden[rows, cols]), -1)

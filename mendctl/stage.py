@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .config import FinetuneSpec, PretrainSpec, Recipe
 from .examples import example_source
-from .workspace import stage_input
+from .workspace import finetune_start
 
 STAGES = ("pretrain", "finetune")
 
@@ -51,4 +51,4 @@ def build_stage(recipe: Recipe, name: str) -> Stage:
         return Stage(name, spec, recipe, recipe.stage_dir(name), ce_weight=0.0, kl_weight=1.0, start_from=None,
                      follows=None, measures_ce=False)
     return Stage(name, spec, recipe, recipe.stage_dir(name), ce_weight=spec.ce_weight, kl_weight=spec.kl_weight,
-                 start_from=stage_input(recipe, name), follows="pretrain", measures_ce=True)
+                 start_from=finetune_start(recipe), follows="pretrain", measures_ce=True)

@@ -7,7 +7,7 @@ from .backend import Models
 from .checkpoint import load_distiller
 from .config import Recipe
 from .registry import get_backend
-from .workspace import stage_input
+from .workspace import trained_distiller
 
 UNTRAINED = "untrained"  # the distiller hash load_trained reports when no trained weights exist
 
@@ -18,7 +18,7 @@ def load_trained(recipe: Recipe, require: bool = True) -> tuple[Models, str]:
     Returns them and the distiller weights' hash ("untrained" when `require` is off and none exists).
     """
     models = get_backend(recipe.backend).build(recipe)
-    source = stage_input(recipe, "distill")
+    source = trained_distiller(recipe)
     if source is None and require:
         raise FileNotFoundError(f"no trained distiller under {recipe.output_dir}: run `mendctl pretrain` and/or "
                                 "`mendctl finetune` first, or set distill.checkpoint")

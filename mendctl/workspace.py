@@ -85,21 +85,26 @@ def passages_path(recipe: Recipe) -> Path:
     return converted_dir(recipe) / f"passages-{recipe.pretrain.bigbench_passages}-{tag}.jsonl"
 
 
-def stage_input(recipe: Recipe, stage: str) -> Path | None:
-    """The distiller a stage starts from: the recipe's explicit choice, else the latest earlier stage."""
-    if stage == "finetune":
-        explicit, fallbacks = recipe.finetune.init_from, ["pretrain"]
-    else:
-        explicit, fallbacks = recipe.distill.checkpoint, ["finetune", "pretrain"]
+def _first_weights(explicit, recipe: Recipe, stages: list[str]) -> Path | None:
     if explicit is not None:
         path = Path(explicit)
         if not (path / WEIGHTS if path.is_dir() else path).is_file():
             raise FileNotFoundError(f"no distiller weights at {path}")
         return path
-    for name in fallbacks:
+    for name in stages:
         if (recipe.stage_dir(name) / WEIGHTS).is_file():
             return recipe.stage_dir(name)
     return None
+
+
+def finetune_start(recipe: Recipe) -> Path | None:
+    """The distiller stage 2 starts from: finetune.init_from, else stage 1's output when there is one."""
+    return _first_weights(recipe.finetune.init_from, recipe, ["pretrain"])
+
+
+def trained_distiller(recipe: Recipe) -> Path | None:
+    """The distiller distill and eval use: distill.checkpoint, else the latest stage's output."""
+    return _first_weights(recipe.distill.checkpoint, recipe, ["finetune", "pretrain"])
 
 
 def vectors_path(recipe: Recipe, task: str, seed: int) -> Path:
