@@ -55,8 +55,10 @@ class Validation:
         with torch.no_grad():
             self.icl = [baseline("icl", context_ids(template, qs.demos.context, tok), qs) for qs in self.sets]
             self.zero_shot = [baseline("zero-shot", [], qs) for qs in self.sets]
+        # Zero-shot's distance to ICL is the bar: vectors that carry the demonstrations sit closer.
         self.baselines = {"val_icl_f1": statistics.fmean(map(_f1, self.icl, self.sets)),
-                          "val_zero_shot_f1": statistics.fmean(map(_f1, self.zero_shot, self.sets))}
+                          "val_zero_shot_f1": statistics.fmean(map(_f1, self.zero_shot, self.sets)),
+                          **self._against_icl(self.zero_shot, "val_zero_shot_")}
 
     def _score(self, prefix: torch.Tensor, qs: QuerySet) -> MethodRun:
         return score(self.models.llm, prefix, qs, self.models.gated_mlp)
@@ -69,11 +71,13 @@ class Validation:
     def score(self, vectors: list[torch.Tensor]) -> dict:
         """MEND's macro-F1, agreement with ICL and KL(ICL || MEND), each a mean over the validation tasks."""
         mend = [self._score(v, qs) for v, qs in zip(vectors, self.sets)]
-        mean = statistics.fmean
-        return {"val_mend_f1": mean(map(_f1, mend, self.sets)),
-                "val_agreement": mean(metrics.agreement(i.predictions, m.predictions) for i, m in zip(self.icl, mend)),
-                "val_kl": mean(metrics.mean_kl(i.losses, m.losses) for i, m in zip(self.icl, mend)),
+        return {"val_mend_f1": statistics.fmean(map(_f1, mend, self.sets)), **self._against_icl(mend, "val_"),
                 **self.baselines}
+
+    def _against_icl(self, runs: list[MethodRun], prefix: str) -> dict:
+        mean = statistics.fmean
+        return {f"{prefix}agreement": mean(metrics.agreement(i.predictions, r.predictions) for i, r in zip(self.icl, runs)),
+                f"{prefix}kl": mean(metrics.mean_kl(i.losses, r.losses) for i, r in zip(self.icl, runs))}
 
 
 def plot(metrics_path: Path, png: Path, title: str) -> None:
@@ -101,9 +105,11 @@ def plot(metrics_path: Path, png: Path, title: str) -> None:
         ax.axhline(100 * val[-1]["val_zero_shot_f1"], color="tab:gray", linestyle=":", label="zero-shot")
         ax.set(xlabel="step", ylabel="macro-F1 (%)", title="validation macro-F1")
         ax.legend()
-        for ax, key, label in ((axes[0][2], "val_agreement", "agreement with icl"),
-                               (axes[0][3], "val_kl", "KL(icl || mend)")):
-            ax.plot(steps, [r[key] for r in val], marker="o")
+        for ax, key, label in ((axes[0][2], "agreement", "agreement with icl"), (axes[0][3], "kl", "KL(icl || mend)")):
+            ax.plot(steps, [r[f"val_{key}"] for r in val], marker="o", label="mend")
+            if f"val_zero_shot_{key}" in val[-1]:
+                ax.axhline(val[-1][f"val_zero_shot_{key}"], color="tab:gray", linestyle=":", label="zero-shot")
+                ax.legend()
             ax.set(xlabel="step", title=f"validation {label}")
     fig.tight_layout()
     with atomic_path(png) as tmp:

@@ -12,7 +12,8 @@ from mendctl.trainer import train
 from mendctl.workspace import data_dir, partition_for
 
 QUIET = Console(quiet=True)
-VAL_KEYS = {"val_mend_f1", "val_agreement", "val_kl", "val_icl_f1", "val_zero_shot_f1"}
+VAL_KEYS = {"val_mend_f1", "val_agreement", "val_kl", "val_icl_f1", "val_zero_shot_f1", "val_zero_shot_agreement",
+            "val_zero_shot_kl"}
 
 
 
@@ -41,6 +42,7 @@ def test_curves_are_logged_every_eval_every_steps_and_plotted(tiny):
         assert 0 <= r["val_mend_f1"] <= 1 and 0 <= r["val_agreement"] <= 1 and r["val_kl"] >= 0
         # ICL and zero-shot are scored once: the same reference in every record.
         assert (r["val_icl_f1"], r["val_zero_shot_f1"]) == (curve[0]["val_icl_f1"], curve[0]["val_zero_shot_f1"])
+        assert all(r[k] == curve[0][k] for k in ("val_zero_shot_agreement", "val_zero_shot_kl"))
     # The distiller changed between the first and the last point, and the curve shows it.
     assert curve[0]["val_kl"] != curve[-1]["val_kl"]
     png = recipe.output_dir / "finetune" / "curves.png"
@@ -124,6 +126,22 @@ def test_validation_baselines_are_scored_once_across_runs(tiny, monkeypatch):
     uncached = tiny("gpt2", *CURVES, "eval.cache=false")
     curves.Validation(uncached, models, template, 4)
     assert len(calls) == 12
+
+
+def test_the_zero_shot_bar_is_what_empty_vectors_score(tiny):
+    import torch
+
+    from mendctl.curves import Validation
+
+    recipe = tiny("gpt2", *CURVES)
+    backend = get_backend("gpt2")
+    models = backend.build(recipe)
+    validation = Validation(recipe, models, backend.template(recipe), 4)
+    empty = [torch.zeros(0, models.llm.hidden_size) for _ in validation.sets]
+    scores = validation.score(empty)
+    assert scores["val_kl"] == pytest.approx(scores["val_zero_shot_kl"])
+    assert scores["val_agreement"] == scores["val_zero_shot_agreement"]
+    assert scores["val_zero_shot_kl"] > 0  # the tiny ICL differs from zero-shot: the bar is not trivially 0
 
 
 def test_keep_best_needs_a_curve(tiny):
