@@ -1,6 +1,6 @@
 """Stage-2 ablations on the validation tasks: one recipe key changed at a time, learning curves compared.
 
-    .venv/bin/python bench/ablate.py RECIPE --stop-at 100 [--only NAME ...] [--base METRICS] [key=value ...]
+    .venv/bin/python bench/ablate.py RECIPE --stop-at 100 [--only NAME ...] [--base METRICS] [--plot PNG] [key=value ...]
 
 Each ablation is `mendctl finetune RECIPE key=value ... <its keys>` into runs/ablations/NAME,
 with the recipe's own schedule (its `finetune.steps`: the learning rate at step N is the long run's),
@@ -72,6 +72,30 @@ def table(results: dict) -> str:
     return "\n".join(rows)
 
 
+def plot(results: dict, png: Path) -> None:
+    """Validation KL and agreement per step, one line per run: the ablation table's curves."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    for name, run in results["runs"].items():
+        steps = [r["step"] for r in run["curve"]]
+        for ax, key in zip(axes, ("val_kl", "val_agreement")):
+            ax.plot(steps, [r[key] for r in run["curve"]], marker="o", label=name, linewidth=2.5 if name == "base" else 1)
+    bar = next((r for run in results["runs"].values() for r in run["curve"] if "val_zero_shot_kl" in r), None)
+    for ax, key, title in zip(axes, ("kl", "agreement"), ("KL(icl || mend)", "agreement with icl")):
+        if bar:
+            ax.axhline(bar[f"val_zero_shot_{key}"], color="gray", linestyle=":", label="zero-shot")
+        ax.set(xlabel="step", title=f"validation {title}")
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("recipe")
@@ -80,6 +104,7 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", choices=sorted(ABLATIONS),
                     help="run only these; with no names, only refresh the base and print the table")
     ap.add_argument("--base", type=Path, help="the unchanged recipe's metrics.jsonl (the long run) instead of a run")
+    ap.add_argument("--plot", type=Path, help="also draw the curves into this PNG")
     args = ap.parse_args()
     recipe = load_recipe(args.recipe, args.overrides)
     if not recipe.finetune.eval_every or args.stop_at % recipe.finetune.eval_every:
@@ -100,6 +125,8 @@ def main() -> None:
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         RESULTS.write_text(json.dumps(results, indent=2) + "\n")
     print(table(results))
+    if args.plot:
+        plot(results, args.plot)
 
 
 if __name__ == "__main__":

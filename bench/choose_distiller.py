@@ -1,0 +1,50 @@
+"""Distiller files scored on the recipe's validation tasks, to choose the one to ship (never on test tasks).
+
+    .venv/bin/python bench/choose_distiller.py RECIPE DISTILLER.safetensors ... [--set key=value ...]
+
+Each file is loaded into the recipe's models (as `distill.checkpoint=` would) and scored on
+`tasks.validation` with `finetune.eval_queries` queries a task, as the learning curves score it:
+macro-F1, agreement with ICL and KL(ICL || MEND), beside zero-shot's. The lowest KL is chosen.
+Writes bench/results/choose_distiller.json.
+"""
+import argparse
+import json
+from pathlib import Path
+
+from mendctl.checkpoint import load_distiller
+from mendctl.config import load_recipe
+from mendctl.curves import Validation
+from mendctl.distiller import distil
+from mendctl.prepare import prepare
+from mendctl.provenance import file_hash, stamp
+from mendctl.registry import get_backend
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("recipe")
+    ap.add_argument("distillers", nargs="+", type=Path)
+    ap.add_argument("--set", action="append", default=[], help="key=value recipe override (repeatable)")
+    args = ap.parse_args()
+    recipe = load_recipe(args.recipe, args.set)
+    prepare(recipe, "finetune", "finetune")
+    backend = get_backend(recipe.backend)
+    models, template = backend.build(recipe), backend.template(recipe)
+    validation = Validation(recipe, models, template, recipe.finetune.eval_queries)
+    scores = {}
+    for path in args.distillers:
+        load_distiller(models.distiller, path)
+        models.distiller.eval()
+        vectors = distil(models, validation.contexts, recipe.distiller.max_length, 4, validation.anchors)
+        scores[str(path)] = {"sha256_16": file_hash(path), **validation.score(vectors)}
+        print(path, json.dumps(scores[str(path)]), flush=True)
+    chosen = min(scores, key=lambda p: scores[p]["val_kl"])
+    print("chosen (lowest val_kl):", chosen)
+    result = {"recipe": args.recipe, "overrides": args.set, "validation_tasks": recipe.tasks.validation,
+              "queries_per_task": recipe.finetune.eval_queries, "scores": scores, "chosen": chosen, **stamp()}
+    Path("bench/results").mkdir(parents=True, exist_ok=True)
+    Path("bench/results/choose_distiller.json").write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
