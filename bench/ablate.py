@@ -87,7 +87,7 @@ def plot(results: dict, png: Path) -> None:
     bar = next((r for run in results["runs"].values() for r in run["curve"] if "val_zero_shot_kl" in r), None)
     for ax, key, title in zip(axes, ("kl", "agreement"), ("KL(icl || mend)", "agreement with icl")):
         if bar:
-            ax.axhline(bar[f"val_zero_shot_{key}"], color="gray", linestyle=":", label="zero-shot")
+            ax.axhline(bar[f"val_zero_shot_{key}"], color="black", linestyle=":", label="zero-shot")
         ax.set(xlabel="step", title=f"validation {title}")
     axes[1].legend(fontsize=7)
     fig.tight_layout()
