@@ -14,7 +14,7 @@ from pathlib import Path
 from mendctl.anchors import set_anchors
 from mendctl.config import load_recipe
 from mendctl.curves import Validation
-from mendctl.distiller import distil
+from mendctl.distiller import distill
 from mendctl.prepare import prepare
 from mendctl.provenance import stamp
 from mendctl.registry import get_backend
@@ -34,7 +34,7 @@ def main() -> None:
             validation = Validation(recipe, models, template, recipe.finetune.eval_queries)
         validation.models = models
         anchors = set_anchors(recipe, template, [qs.demos for qs in validation.sets], models.llm_tokenizer)
-        vectors = distil(models, validation.contexts, recipe.distiller.max_length, 4, anchors)
+        vectors = distill(models, validation.contexts, recipe.distiller.max_length, 4, anchors)
         out[anchor] = {**validation.score(vectors), "seconds": time.perf_counter() - tic}
         print(anchor, json.dumps(out[anchor]), flush=True)
     result = {"recipe": path, "overrides": overrides, "validation_tasks": recipe.tasks.validation,

@@ -14,7 +14,7 @@ from pathlib import Path
 from mendctl.checkpoint import load_distiller
 from mendctl.config import load_recipe
 from mendctl.curves import Validation
-from mendctl.distiller import distil
+from mendctl.distiller import distill
 from mendctl.prepare import prepare
 from mendctl.provenance import file_hash, stamp
 from mendctl.registry import get_backend
@@ -35,7 +35,7 @@ def main() -> None:
     for path in args.distillers:
         load_distiller(models.distiller, path)
         models.distiller.eval()
-        vectors = distil(models, validation.contexts, recipe.distiller.max_length, 4, validation.anchors)
+        vectors = distill(models, validation.contexts, recipe.distiller.max_length, 4, validation.anchors)
         scores[str(path)] = {"sha256_16": file_hash(path), **validation.score(vectors)}
         print(path, json.dumps(scores[str(path)]), flush=True)
     chosen = min(scores, key=lambda p: scores[p]["val_kl"])

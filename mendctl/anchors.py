@@ -1,6 +1,6 @@
 """Which of the LLM's own token embeddings an anchored distiller starts from (distiller.anchor).
 
-Training (trainer.step_loss) and inference (distill.distil) both go through `anchor_ids`, from the
+Training (trainer.step_loss) and inference (distill.distill) both go through `anchor_ids`, from the
 teacher-side ids of the rendered demonstrations and the ids of their outputs, so a distiller always
 meets at inference the anchors it was trained on.
 """

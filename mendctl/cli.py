@@ -120,7 +120,7 @@ overrides_arg = click.argument("overrides", nargs=-1)
 @click.version_option(package_name="mendctl")
 @click.option("--debug", is_flag=True, help="Show the traceback of an error.")
 def cli(debug: bool) -> None:
-    """MEND: distil few-shot demonstrations into K vectors a frozen LLM reads instead.
+    """MEND: distill few-shot demonstrations into K vectors a frozen LLM reads instead.
 
     Every command takes a recipe (YAML) and optional key=value overrides, e.g.
     `mendctl finetune recipes/tiny/gpt2.yaml finetune.steps=10 output_dir=/tmp/x`.

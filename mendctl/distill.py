@@ -9,7 +9,7 @@ from rich.progress import Progress
 from .anchors import set_anchors
 from .backend import Models
 from .config import Recipe, TemplateSpec
-from .distiller import distil
+from .distiller import distill
 from .provenance import text_hash
 from .registry import get_backend
 from .scoring import DemoSet, demo_sets
@@ -31,7 +31,7 @@ def _up_to_date(path: Path, meta: dict) -> bool:
         return False
     try:
         have = read_metadata(path)
-    except VectorsMismatch:  # damaged (say, by a copy cut short): distil it again
+    except VectorsMismatch:  # damaged (say, by a copy cut short): distill it again
         return False
     return all(have.get(k) == v for k, v in as_metadata(meta).items())
 
@@ -51,7 +51,7 @@ def run_distill(recipe: Recipe, force: bool = False, console: Console | None = N
         for start in range(0, len(todo), batch):
             chunk = todo[start:start + batch]
             anchors = set_anchors(recipe, template, [sets[i] for i in chunk], models.llm_tokenizer)
-            vectors = distil(models, [sets[i].context for i in chunk], recipe.distiller.max_length, batch, anchors)
+            vectors = distill(models, [sets[i].context for i in chunk], recipe.distiller.max_length, batch, anchors)
             for i, v in zip(chunk, vectors):
                 save_vectors(vectors_path(recipe, sets[i].task, sets[i].seed), v, metas[i])
             progress.advance(bar, len(chunk))

@@ -112,7 +112,7 @@ def distiller_inputs(texts: list[str], tokenizer, max_length: int, device) -> tu
 
 
 @torch.no_grad()
-def distil(models, contexts: list[str], max_length: int, batch_size: int,
+def distill(models, contexts: list[str], max_length: int, batch_size: int,
            anchors: list[list[int]] | None = None) -> list[torch.Tensor]:
     """[K, d_llm] vectors per context, in the LLM's dtype; batching does not change them (left padding).
 

@@ -34,7 +34,7 @@ from .backend import Models
 from .bootstrap import Paired, paired_bootstrap
 from .config import Recipe, TemplateSpec, resolved_dict
 from .anchors import set_anchors
-from .distiller import distil
+from .distiller import distill
 from .partitions import Partition
 from .provenance import models_stamp, stamp, text_hash
 from .registry import get_backend
@@ -89,7 +89,7 @@ def _saved_vectors(run: EvalRun, ds: DemoSet) -> tuple[torch.Tensor | None, dict
     try:
         vf = load_vectors(path)
         check_compatible(vf, run.models.llm_config_hash, run.models.llm.hidden_size, str(path))
-    except VectorsMismatch as e:  # unreadable, or made for another LLM: distil this set now instead
+    except VectorsMismatch as e:  # unreadable, or made for another LLM: distill this set now instead
         return None, {"source": "distilled", "reason": str(e)}
     if vf.metadata["demos_hash"] != text_hash(ds.context):
         return None, {"source": "distilled", "reason": f"{path} was made from other demonstrations"}
@@ -116,7 +116,7 @@ def _mend_vectors(run: EvalRun, sets: list[DemoSet], console: Console) -> dict[s
     if stale and distiller_hash != UNTRAINED:
         console.print(f"[yellow]warning[/]: some vectors files were made by another distiller than {distiller_hash}: "
                       "run `mendctl distill --force` to remake them")
-    made = _distil_now(run, todo)
+    made = _distill_now(run, todo)
     out = {}
     for ds in sets:
         key = f"{ds.task}/{ds.seed}"
@@ -130,12 +130,12 @@ def _mend_vectors(run: EvalRun, sets: list[DemoSet], console: Console) -> dict[s
     return out
 
 
-def _distil_now(run: EvalRun, todo: list[DemoSet]) -> dict[str, torch.Tensor]:
+def _distill_now(run: EvalRun, todo: list[DemoSet]) -> dict[str, torch.Tensor]:
     if not todo:
         return {}
     recipe = run.recipe
     anchors = set_anchors(recipe, run.template, todo, run.models.llm_tokenizer)
-    vectors = distil(run.models, [ds.context for ds in todo], recipe.distiller.max_length, recipe.eval.batch_size,
+    vectors = distill(run.models, [ds.context for ds in todo], recipe.distiller.max_length, recipe.eval.batch_size,
                      anchors)
     return {f"{ds.task}/{ds.seed}": v for ds, v in zip(todo, vectors)}
 

@@ -13,7 +13,7 @@ from rich.table import Table
 from .fileio import atomic_path, write_json
 
 HEADER = ("method", "quality (%)", "FLOPs/query", "ratio to icl", "latency ms/query", "ratio", "memory",
-          "distil FLOPs/task")
+          "distill FLOPs/task")
 
 
 def _si(x: float | None) -> str:
@@ -86,7 +86,7 @@ def markdown(results: dict) -> str:
     if "mend_vs_icl" in results:
         lines += ["", mend_vs_icl_line(results)]
     if "llmlingua" in results:
-        lines += ["", f"llmlingua: {results['llmlingua']['implementation']}; its distil FLOPs column is the "
+        lines += ["", f"llmlingua: {results['llmlingua']['implementation']}; its distill FLOPs column is the "
                       "compression's scoring cost"]
     lines += [""] + bootstrap_lines(results) if "bootstrap" in results else []
     if any(a["from_cache"] for a in results["aggregate"].values()):

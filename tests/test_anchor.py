@@ -15,7 +15,7 @@ from mendctl.config import RecipeError
 from mendctl.distill import run_distill
 from mendctl.scoring import demo_sets
 from mendctl.trained import load_trained
-from mendctl.distiller import distil
+from mendctl.distiller import distill
 from mendctl.evaluate import run_eval
 from mendctl.examples import REMAP_WORDS, TaskExamples, meta_train_tasks
 from mendctl.registry import get_backend
@@ -36,7 +36,7 @@ def test_an_untrained_anchored_distiller_gives_exactly_the_last_k_context_embedd
     recipe = tiny(backend, "distiller.anchor=last")
     models = get_backend(backend).build(recipe)
     template, sets = _sets(recipe, models)
-    vectors = distil(models, [s.context for s in sets], recipe.distiller.max_length, 3,
+    vectors = distill(models, [s.context for s in sets], recipe.distiller.max_length, 3,
                      set_anchors(recipe, template, sets, models.llm_tokenizer))
     for s, v in zip(sets, vectors):
         last = context_ids(template, s.context, models.llm_tokenizer)[-recipe.num_vectors:]
@@ -83,7 +83,7 @@ def test_anchored_training_moves_the_correction_and_saves_no_anchor(tiny):
     models, _ = load_trained(recipe)
     template, sets = _sets(recipe, models)
     anchors = set_anchors(recipe, template, sets[:1], models.llm_tokenizer)
-    v = distil(models, [sets[0].context], recipe.distiller.max_length, 1, anchors)[0]
+    v = distill(models, [sets[0].context], recipe.distiller.max_length, 1, anchors)[0]
     assert not torch.equal(v, anchor_embeddings(models.llm, anchors, recipe.num_vectors)[0])
     plain = get_backend("llama").build(tiny("llama"))
     with pytest.raises(ValueError, match="does not fit"):
@@ -94,7 +94,7 @@ def test_scale_to_embeddings_puts_plain_vectors_at_the_embeddings_scale(tiny):
     recipe = tiny("llama", "distiller.scale_to_embeddings=true")
     models = get_backend("llama").build(recipe)
     template, sets = _sets(recipe, models)
-    v = torch.stack(distil(models, [s.context for s in sets], recipe.distiller.max_length, 4))
+    v = torch.stack(distill(models, [s.context for s in sets], recipe.distiller.max_length, 4))
     table = models.llm.model.get_input_embeddings().weight
     ratio = v.norm(dim=-1).mean() / table.norm(dim=-1).mean()
     assert 0.7 < ratio < 1.4, ratio

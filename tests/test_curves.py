@@ -97,13 +97,13 @@ def test_keep_best_writes_the_distiller_of_the_lowest_validation_kl(tiny):
     assert provenance["steps"] == best["step"] and provenance["val_kl"] == pytest.approx(best["val_kl"])
     # Loaded and scored again, it gives the curve's value at that step.
     from mendctl.curves import Validation
-    from mendctl.distiller import distil
+    from mendctl.distiller import distill
 
     backend = get_backend("gpt2")
     models = backend.build(recipe)
     load_distiller(models.distiller, path)
     validation = Validation(recipe, models, backend.template(recipe), 4)
-    vectors = distil(models, validation.contexts, recipe.distiller.max_length, 2, validation.anchors)
+    vectors = distill(models, validation.contexts, recipe.distiller.max_length, 2, validation.anchors)
     assert validation.score(vectors)["val_kl"] == pytest.approx(best["val_kl"], abs=1e-5)
 
 

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 import mendctl.backend
 from mendctl.checkpoint import load_distiller
 from mendctl.config import RecipeError, load_recipe
-from mendctl.distiller import distil
+from mendctl.distiller import distill
 from mendctl.registry import get_backend
 from mendctl.trainer import train
 
@@ -56,7 +56,7 @@ def test_lora_distiller_learns_while_the_llm_stays_bit_identical(backend, body, 
     changed = [n for n, p in trained.distiller.named_parameters() if not torch.equal(p, before[n])]
     assert changed and set(changed) <= names  # only trainable tensors moved, and some did
     assert any("lora_B" in n for n in changed)  # B starts at zero: the adapters now contribute
-    assert not torch.equal(distil(trained, CONTEXTS, 64, 2)[0], distil(fresh, CONTEXTS, 64, 2)[0])
+    assert not torch.equal(distill(trained, CONTEXTS, 64, 2)[0], distill(fresh, CONTEXTS, 64, 2)[0])
 
 
 @pytest.mark.parametrize("backend", ["llama", "gpt2", "t5"])
@@ -86,7 +86,7 @@ def test_saved_distiller_and_checkpoints_hold_only_trainable_tensors_and_reload_
     assert set(ckpt) == set(saved)
     reloaded = build(recipe)
     load_distiller(reloaded.distiller, recipe.stage_dir("pretrain"))
-    for a, b in zip(distil(trained, CONTEXTS, 64, 2), distil(reloaded, CONTEXTS, 64, 2)):
+    for a, b in zip(distill(trained, CONTEXTS, 64, 2), distill(reloaded, CONTEXTS, 64, 2)):
         assert torch.equal(a, b)
 
 
@@ -147,8 +147,8 @@ def test_export_writes_a_checkpoint_as_a_distiller_file_that_distils_like_it(tin
     # The exported step, not the last one: its vectors are step 2's, which differ from step 4's.
     ckpt = build(recipe)
     ckpt.distiller.load_state_dict(load_file(step2 / "model.safetensors"), strict=False)
-    assert torch.equal(distil(at2, CONTEXTS, 64, 2)[0], distil(ckpt, CONTEXTS, 64, 2)[0])
-    assert not torch.equal(distil(at2, CONTEXTS, 64, 2)[0], distil(at4, CONTEXTS, 64, 2)[0])
+    assert torch.equal(distill(at2, CONTEXTS, 64, 2)[0], distill(ckpt, CONTEXTS, 64, 2)[0])
+    assert not torch.equal(distill(at2, CONTEXTS, 64, 2)[0], distill(at4, CONTEXTS, 64, 2)[0])
     other = CliRunner().invoke(cli, ["export", "recipes/tiny/llama.yaml", str(step2), str(tmp_path / "x.safetensors"),
                                      f"output_dir={recipe.output_dir}"])  # without LoRA: another distiller
     assert other.exit_code == 2 and "does not fit this recipe's distiller" in other.output
