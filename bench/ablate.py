@@ -31,6 +31,9 @@ ABLATIONS = {
     "proportional": ["finetune.task_sampling=proportional"],
     "k32": ["num_vectors=32"],
     "depth3": ["distiller.init_from_llm_layers=3"],
+    # Stage 2 from a stage-1 distiller, which `mendctl pretrain` must have written there first
+    # (docs/benchmarks.md has the command): this script runs stage 2 only.
+    "stage1": ["finetune.init_from=runs/ablations/stage1/pretrain"],
 }
 RESULTS = Path("bench/results/ablations.json")
 
