@@ -14,7 +14,6 @@ from pathlib import Path
 from mendctl.checkpoint import load_distiller
 from mendctl.config import load_recipe
 from mendctl.curves import Validation
-from mendctl.distiller import distill
 from mendctl.prepare import prepare
 from mendctl.provenance import file_hash, stamp
 from mendctl.registry import get_backend
@@ -35,8 +34,7 @@ def main() -> None:
     for path in args.distillers:
         load_distiller(models.distiller, path)
         models.distiller.eval()
-        vectors = distill(models, validation.contexts, recipe.distiller.max_length, 4, validation.anchors)
-        scores[str(path)] = {"sha256_16": file_hash(path), **validation.score(vectors)}
+        scores[str(path)] = {"sha256_16": file_hash(path), **validation.score_distiller(recipe.distiller.max_length, 4)}
         print(path, json.dumps(scores[str(path)]), flush=True)
     chosen = min(scores, key=lambda p: scores[p]["val_kl"])
     print("chosen (lowest val_kl):", chosen)

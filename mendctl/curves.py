@@ -17,6 +17,7 @@ from . import eval_cache, metrics
 from .anchors import set_anchors
 from .backend import Models
 from .config import Recipe, TemplateSpec
+from .distiller import distill
 from .fileio import atomic_path
 from .render import context_ids
 from .scoring import MethodRun, QuerySet, demo_set, predicted, query_set, score
@@ -39,18 +40,11 @@ class Validation:
         llm = models.llm
         # The baselines are the ones `mendctl eval` caches (eval.cache): every run on the same
         # validation queries, an ablation or a resumed run, scores them once.
-        use_cache = recipe.eval.cache
-
         def baseline(method: str, ids, qs: QuerySet) -> MethodRun:
-            description = eval_cache.describe(models, template, root, k, qs, method, recipe.num_vectors, queries,
-                                              str(llm.device))
-            if use_cache and (hit := eval_cache.load(description)) is not None:
-                return hit[0]
+            description = (eval_cache.describe(models, template, root, k, qs, method, recipe.num_vectors, queries,
+                                               str(llm.device)) if recipe.eval.cache else None)
             prefix = llm.embed(torch.tensor(ids, dtype=torch.long, device=llm.device))
-            run = self._score(prefix, qs)
-            if use_cache:
-                eval_cache.save(description, run, prefix.shape[0])
-            return run
+            return eval_cache.load_or_score(description, lambda: (self._score(prefix, qs), prefix.shape[0]))[0]
 
         with torch.no_grad():
             self.icl = [baseline("icl", context_ids(template, qs.demos.context, tok), qs) for qs in self.sets]
@@ -66,6 +60,10 @@ class Validation:
     @property
     def contexts(self) -> list[str]:
         return [qs.demos.context for qs in self.sets]
+
+    def score_distiller(self, max_length: int, batch_size: int) -> dict:
+        """`score` of the vectors the models' distiller makes of the validation demonstrations now."""
+        return self.score(distill(self.models, self.contexts, max_length, batch_size, self.anchors))
 
     @torch.no_grad()
     def score(self, vectors: list[torch.Tensor]) -> dict:

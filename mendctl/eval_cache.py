@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -59,3 +60,14 @@ def load(description: dict) -> tuple[MethodRun, int] | None:
 
 def save(description: dict, run: MethodRun, prefix_tokens: int) -> None:
     write_json(_path(description), {"description": description, "prefix_tokens": prefix_tokens, "run": asdict(run)})
+
+
+def load_or_score(description: dict | None, compute: Callable[[], tuple[MethodRun, int]]) -> tuple[MethodRun, int, bool]:
+    """The cached run and prefix length for `description`, else `compute()`'s, saved for the next run;
+    and whether it came from the cache. `description` None: no caching, `compute()` every time."""
+    if description is not None and (hit := load(description)) is not None:
+        return *hit, True
+    run, prefix_tokens = compute()
+    if description is not None:
+        save(description, run, prefix_tokens)
+    return run, prefix_tokens, False

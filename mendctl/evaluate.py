@@ -174,18 +174,20 @@ def _run_method(run: EvalRun, method: str, qs: QuerySet, mend: dict[str, MendVec
     if recipe.eval.cache and method in eval_cache.CACHED_METHODS:
         description = eval_cache.describe(models, run.template, run.data, recipe.tasks.k, qs, method, k, run.limit,
                                           run.device)
-        if (hit := eval_cache.load(description)) is not None:
-            advance(len(qs.queries))
-            return *hit, True
-    # Compressed once per set, and only when not cached: the compression is llmlingua's dearest part.
-    lingua = _compressed(qs, models, run.template, k) if method == "llmlingua" else None
-    prefix = _prefix(method, qs, models, run.template, k, mend, lingua)
-    scored = score(models.llm, prefix, qs, models.gated_mlp, lambda: advance(1))
-    if lingua:
-        scored.prefix_flops = lingua[qs.key].flops
-    if description is not None:
-        eval_cache.save(description, scored, prefix.shape[0])
-    return scored, prefix.shape[0], False
+
+    def compute() -> tuple[MethodRun, int]:
+        # Compressed once per set, and only when not cached: the compression is llmlingua's dearest part.
+        lingua = _compressed(qs, models, run.template, k) if method == "llmlingua" else None
+        prefix = _prefix(method, qs, models, run.template, k, mend, lingua)
+        scored = score(models.llm, prefix, qs, models.gated_mlp, lambda: advance(1))
+        if lingua:
+            scored.prefix_flops = lingua[qs.key].flops
+        return scored, prefix.shape[0]
+
+    scored, prefix_tokens, cached = eval_cache.load_or_score(description, compute)
+    if cached:
+        advance(len(qs.queries))
+    return scored, prefix_tokens, cached
 
 
 def _evaluate_set(run: EvalRun, qs: QuerySet, mend: dict[str, MendVectors], progress: Progress, bar) -> SetResult:

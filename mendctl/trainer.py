@@ -33,7 +33,7 @@ from .checkpoint import (BEST, checkpoints, keep_trainable_in_checkpoints, load_
                          save_checkpoint, save_distiller, write_distiller)
 from .config import Recipe, TemplateSpec
 from .curves import Validation, plot
-from .distiller import distill, distiller_inputs
+from .distiller import distiller_inputs
 from .examples import Example, TaskExamples, TextExamples
 from .losses import ForwardKL, SparseKL, TargetCE
 from .registry import get_backend
@@ -277,9 +277,7 @@ class _Curve:
 
     def point(self, run: Run, at: int) -> dict:
         recipe, spec = run.stage.recipe, run.stage.spec
-        vectors = distill(run.models, self.validation.contexts, recipe.distiller.max_length, spec.batch_size,
-                         self.validation.anchors)
-        scores = {"step": at, **self.validation.score(vectors)}
+        scores = {"step": at, **self.validation.score_distiller(recipe.distiller.max_length, spec.batch_size)}
         if spec.keep_best and (self.best_kl is None or scores["val_kl"] < self.best_kl):
             self.best_kl = scores["val_kl"]
             write_distiller(run.stage.out / BEST, run.accelerator.unwrap_model(run.distiller), recipe,

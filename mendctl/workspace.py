@@ -8,7 +8,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from .checkpoint import WEIGHTS
+from .checkpoint import WEIGHTS, find_distiller
 from .config import Recipe
 from .data.metaicl import DataError, split_path, task_file
 from .partitions import Partition, check_task_name, load_partition
@@ -88,7 +88,7 @@ def passages_path(recipe: Recipe) -> Path:
 def _first_weights(explicit, recipe: Recipe, stages: list[str]) -> Path | None:
     if explicit is not None:
         path = Path(explicit)
-        if not (path / WEIGHTS if path.is_dir() else path).is_file():
+        if not find_distiller(path).is_file():
             raise FileNotFoundError(f"no distiller weights at {path}")
         return path
     for name in stages:
