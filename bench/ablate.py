@@ -1,12 +1,15 @@
 """Stage-2 ablations on the validation tasks: one recipe key changed at a time, learning curves compared.
 
-    .venv/bin/python bench/ablate.py RECIPE --stop-at 100 [--only NAME ...] [--base METRICS] [--plot PNG] [key=value ...]
+    .venv/bin/python bench/ablate.py RECIPE --stop-at 100 [--only NAME ...] [--base METRICS] [--plot PNG]
+                                     [--tag TAG] [key=value ...]
 
 Each ablation is `mendctl finetune RECIPE key=value ... <its keys>` into runs/ablations/NAME,
 with the recipe's own schedule (its `finetune.steps`: the learning rate at step N is the long run's),
 stopped once its validation point at `--stop-at` is logged. The base is the recipe unchanged: the
 long run's own curve (`--base` its metrics.jsonl) or, without `--base`, a run like the others.
 Writes bench/results/ablations.json (the curves and the keys of each run) and prints a markdown table.
+`--tag TAG` keeps a second series apart (another validation set, say): runs/ablations-TAG/NAME and
+bench/results/ablations-TAG.json.
 """
 from __future__ import annotations
 
@@ -34,8 +37,11 @@ ABLATIONS = {
     # Stage 2 from a stage-1 distiller, which `mendctl pretrain` must have written there first
     # (docs/benchmarks.md has the command): this script runs stage 2 only.
     "stage1": ["finetune.init_from=runs/ablations/stage1/pretrain"],
+    # The same with a six times longer stage 1 (600 steps: docs/benchmarks.md has the command).
+    "stage1-long": ["finetune.init_from=runs/smollm2-s1long/pretrain"],
+    "label-set": ["distiller.anchor=label_set"],
+    "all-tasks": ["finetune.train_tasks=all"],
 }
-RESULTS = Path("bench/results/ablations.json")
 
 
 def _curve(metrics: Path) -> list[dict]:
@@ -108,11 +114,14 @@ def main() -> None:
                     help="run only these; with no names, only refresh the base and print the table")
     ap.add_argument("--base", type=Path, help="the unchanged recipe's metrics.jsonl (the long run) instead of a run")
     ap.add_argument("--plot", type=Path, help="also draw the curves into this PNG")
+    ap.add_argument("--tag", help="a separate series: runs/ablations-TAG/ and bench/results/ablations-TAG.json")
     args = ap.parse_args()
+    suffix = f"-{args.tag}" if args.tag else ""
+    results_file, runs_dir = Path(f"bench/results/ablations{suffix}.json"), Path(f"runs/ablations{suffix}")
     recipe = load_recipe(args.recipe, args.overrides)
     if not recipe.finetune.eval_every or args.stop_at % recipe.finetune.eval_every:
         raise SystemExit("--stop-at must be a multiple of finetune.eval_every")
-    results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {"runs": {}}
+    results = json.loads(results_file.read_text()) if results_file.is_file() else {"runs": {}}
     results.update(recipe=args.recipe, overrides=args.overrides, stop_at=args.stop_at,
                    steps=list(range(0, args.stop_at + 1, recipe.finetune.eval_every)),
                    validation_tasks=recipe.tasks.validation, queries_per_task=recipe.finetune.eval_queries, **stamp())
@@ -120,13 +129,13 @@ def main() -> None:
     for name in ["base", *(args.only if args.only is not None else ABLATIONS)]:
         if name == "base":
             curve = (_curve(args.base) if args.base else
-                     _run(args.recipe, args.overrides, Path("runs/ablations/base"), args.stop_at))
+                     _run(args.recipe, args.overrides, runs_dir / "base", args.stop_at))
             curve = [r for r in curve if r["step"] <= args.stop_at]
         else:
-            curve = _run(args.recipe, [*args.overrides, *ABLATIONS[name]], Path("runs/ablations") / name, args.stop_at)
+            curve = _run(args.recipe, [*args.overrides, *ABLATIONS[name]], runs_dir / name, args.stop_at)
         runs[name] = {"keys": ABLATIONS.get(name, []), "curve": curve}
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+        results_file.parent.mkdir(parents=True, exist_ok=True)
+        results_file.write_text(json.dumps(results, indent=2) + "\n")
     print(table(results))
     if args.plot:
         plot(results, args.plot)

@@ -12,19 +12,29 @@ from .config import TemplateSpec
 from .render import context_ids, render_query
 
 
-def label_ids(template: TemplateSpec, demos: list[dict], tokenizer) -> list[int]:
-    """LLM ids of the demonstrations' outputs, in order, each tokenised as a query's option is."""
-    return [i for d in demos for i in render_query(template, "", [d["output"]], tokenizer, after_context=False).options[0]]
+def label_ids(template: TemplateSpec, demos: list[dict], tokenizer) -> list[list[int]]:
+    """LLM ids of each demonstration's output, in order, each tokenised as a query's option is."""
+    return [render_query(template, "", [d["output"]], tokenizer, after_context=False).options[0] for d in demos]
 
 
-def anchor_ids(anchor: str, ctx: list[int], labels: list[int], k: int) -> list[int]:
+def _label_set(labels: list[list[int]]) -> list[list[int]]:
+    """Each distinct output once, in the order of its last appearance."""
+    last = {tuple(ids): n for n, ids in enumerate(labels)}
+    return [list(ids) for ids in sorted(last, key=last.get)]
+
+
+def anchor_ids(anchor: str, ctx: list[int], labels: list[list[int]], k: int) -> list[int]:
     """At most k LLM ids: `last`, the last k tokens of the demonstrations as the LLM reads them
-    (what icl-truncated reads); `labels`, the last k tokens of the demonstrations' outputs, or of
-    the demonstrations when they have no outputs (stage-1 text)."""
-    if anchor == "last" or (anchor == "labels" and not labels):
+    (what icl-truncated reads); `labels`, the last k tokens of the demonstrations' outputs;
+    `label_set`, the last k tokens of the distinct outputs, each once (a long label space, seven
+    labels of four tokens, fits in K where `labels` repeats the last few). Both label anchors take
+    the demonstrations' last tokens when there are no outputs (stage-1 text)."""
+    if anchor == "last" or (anchor in ("labels", "label_set") and not labels):
         return ctx[-k:]
     if anchor == "labels":
-        return labels[-k:]
+        return [i for ids in labels for i in ids][-k:]
+    if anchor == "label_set":
+        return [i for ids in _label_set(labels) for i in ids][-k:]
     raise ValueError(f"no anchors for distiller.anchor={anchor!r}")
 
 

@@ -7,7 +7,7 @@ from torch import nn
 from .anchors import anchor_embeddings
 from .padding import pad
 
-ANCHORS = ("none", "last", "labels")
+ANCHORS = ("none", "last", "labels", "label_set")
 
 
 class Distiller(nn.Module):

@@ -23,7 +23,7 @@ class Example:
     ctx: list[int]       # the same demonstrations as the teacher reads them (LLM ids)
     x: list[int]         # query input (LLM ids)
     y: list[int]         # target (LLM ids)
-    labels: list[int] = field(default_factory=list)  # the demonstrations' outputs (LLM ids): `labels` anchors
+    labels: list[list[int]] = field(default_factory=list)  # each demonstration's output (LLM ids): label anchors
 
 
 # Stand-in label words for finetune.remap_labels: common words, mostly one token each. A few are some

@@ -52,11 +52,32 @@ def test_labels_anchors_are_the_demonstrations_outputs_and_short_rows_are_left_p
     ids = set_anchors(recipe, template, sets[:1], tok)[0]
     wanted = [i for d in sets[0].demos for i in tok(template.output.replace("{output}", d["output"]),
                                                   add_special_tokens=False).input_ids][-8:]
-    assert ids == wanted and ids == label_ids(template, sets[0].demos, tok)[-8:]
+    assert ids == wanted and ids == [i for d in label_ids(template, sets[0].demos, tok) for i in d][-8:]
     rows = anchor_embeddings(models.llm, [[5, 6, 7], []], 8)
     assert torch.equal(rows[0, 5:], models.llm.embed(torch.tensor([5, 6, 7])))
     assert not rows[0, :5].any() and not rows[1].any()
     assert anchor_ids("labels", [1, 2, 3], [], 2) == [2, 3]  # stage-1 text has no outputs: its last tokens
+
+
+def test_label_set_anchors_hold_each_distinct_output_once_in_order_of_last_appearance():
+    # outputs a, b, a, c (ids [7, 8], [9], [7, 8], [4]): b, then a, then c, each once
+    labels = [[7, 8], [9], [7, 8], [4]]
+    assert anchor_ids("label_set", [1, 2], labels, 8) == [9, 7, 8, 4]
+    assert anchor_ids("label_set", [1, 2], labels, 3) == [7, 8, 4]  # the last k of them
+    assert anchor_ids("labels", [1, 2], labels, 8) == [7, 8, 9, 7, 8, 4]
+    assert anchor_ids("label_set", [1, 2, 3], [], 2) == [2, 3]
+
+
+def test_label_set_anchors_in_distillation_are_the_distinct_outputs(tiny):
+    recipe = tiny("llama", "distiller.anchor=label_set", "num_vectors=8")
+    models = get_backend("llama").build(recipe)
+    template, sets = _sets(recipe, models)
+    tok = models.llm_tokenizer
+    outputs = [d["output"] for d in sets[0].demos]
+    order = sorted(set(outputs), key=lambda o: max(n for n, x in enumerate(outputs) if x == o))
+    wanted = [i for o in order for i in tok(template.output.replace("{output}", o), add_special_tokens=False).input_ids]
+    assert len(set(outputs)) < len(outputs)  # the fixture repeats labels: the set is shorter
+    assert set_anchors(recipe, template, sets[:1], tok)[0] == wanted[-8:]
 
 
 def test_untrained_anchored_mend_scores_as_icl_truncated_in_eval(tiny, tmp_path):
