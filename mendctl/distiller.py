@@ -104,9 +104,13 @@ class Distiller(nn.Module):
         return anchors.to(hidden.dtype) + self.correction(hidden)
 
 
+def _input_rows(texts: list[str], tokenizer, max_length: int) -> list[list[int]]:
+    return [tokenizer(t, add_special_tokens=False).input_ids[-max_length:] for t in texts]
+
+
 def distiller_inputs(texts: list[str], tokenizer, max_length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Demonstrations as the distiller reads them, left-padded; the oldest tokens go first if too long."""
-    rows = [tokenizer(t, add_special_tokens=False).input_ids[-max_length:] for t in texts]
+    rows = _input_rows(texts, tokenizer, max_length)
     ids, mask = pad([torch.tensor(r, dtype=torch.long) for r in rows], tokenizer.pad_token_id, left=True)
     return ids.to(device), mask.to(device)
 
@@ -127,3 +131,10 @@ def distill(models, contexts: list[str], max_length: int, batch_size: int,
         out += list(distiller(ids, mask, rows).to(models.llm.dtype))
     distiller.train(training)
     return out
+
+
+def tokens_read(models, context: str, max_length: int) -> int:
+    """How many tokens of `context` the distiller reads: what distiller_inputs keeps, then what its
+    body's position limit leaves beside the K placeholders (for FLOPs counting)."""
+    n = len(_input_rows([context], models.distiller_tokenizer, max_length)[0])
+    return min(n, models.distiller.max_input or n)

@@ -34,7 +34,7 @@ from .backend import Models
 from .bootstrap import Paired, paired_bootstrap
 from .config import Recipe, TemplateSpec, resolved_dict
 from .anchors import set_anchors
-from .distiller import distill
+from .distiller import distill, tokens_read
 from .partitions import Partition
 from .provenance import models_stamp, stamp, text_hash
 from .registry import get_backend
@@ -96,12 +96,6 @@ def _saved_vectors(run: EvalRun, ds: DemoSet) -> tuple[torch.Tensor | None, dict
     return vf.vectors, {"source": "file", "path": str(path), "distiller_hash": vf.metadata["distiller_hash"]}
 
 
-def _distill_input_len(models: Models, recipe: Recipe, context: str) -> int:
-    # As distiller_inputs cuts them: the oldest tokens beyond max_length are dropped.
-    ids = models.distiller_tokenizer(context, add_special_tokens=False).input_ids
-    return min(len(ids), recipe.distiller.max_length, models.distiller.max_input or len(ids))
-
-
 def _mend_vectors(run: EvalRun, sets: list[DemoSet], console: Console) -> dict[str, MendVectors]:
     recipe, models, distiller_hash = run.recipe, run.models, run.distiller_hash
     saved = {f"{ds.task}/{ds.seed}": _saved_vectors(run, ds) for ds in sets}
@@ -123,9 +117,9 @@ def _mend_vectors(run: EvalRun, sets: list[DemoSet], console: Console) -> dict[s
         vectors, source = saved[key]
         if vectors is None:
             vectors, source = made[key], source | {"distiller_hash": distiller_hash}
-        cost = flops.distill_flops(models.distiller.body.config, _distill_input_len(models, recipe, ds.context),
-                                   models.distiller.num_vectors, causal=models.distiller.causal,
-                                   gated_mlp=models.gated_mlp)
+        read = tokens_read(models, ds.context, recipe.distiller.max_length)
+        cost = flops.distill_flops(models.distiller.body.config, read, models.distiller.num_vectors,
+                                   causal=models.distiller.causal, gated_mlp=models.gated_mlp)
         out[key] = MendVectors(vectors.to(models.llm.device, models.llm.dtype), source, cost)
     return out
 

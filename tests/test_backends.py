@@ -4,7 +4,7 @@ import torch
 
 from mendctl import apply, load_vectors
 from mendctl.registry import get_backend
-from mendctl.distiller import distiller_inputs
+from mendctl.distiller import distiller_inputs, tokens_read
 from mendctl.vectors import VectorsMismatch, save_vectors
 
 BACKENDS = ("gpt2", "t5", "llama")
@@ -34,6 +34,17 @@ def test_vectors_do_not_depend_on_what_they_are_batched_with(tiny, backend):
     alone = vectors_for(models, ["the cat says meow"])
     batched = vectors_for(models, ["the cat says meow", "a much longer demonstration set that forces padding " * 3])
     torch.testing.assert_close(batched[0], alone[0], atol=1e-5, rtol=1e-5)
+
+
+def test_tokens_read_counts_what_distiller_inputs_keeps(tiny):
+    _, models = build(tiny, "llama")
+    text = "a much longer demonstration set " * 20
+    ids, mask = distiller_inputs([text], models.distiller_tokenizer, 16, "cpu")
+    assert tokens_read(models, text, 16) == int(mask.sum()) == 16
+    short = "the cat"
+    assert tokens_read(models, short, 16) == len(models.distiller_tokenizer(short, add_special_tokens=False).input_ids)
+    models.distiller.max_input = 5  # a body with few positions cuts again, beside its K placeholders
+    assert tokens_read(models, text, 16) == 5
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
