@@ -16,6 +16,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -64,7 +65,17 @@ def load_distiller(distiller: nn.Module, path: Path) -> str:
     if not path.is_file():
         raise FileNotFoundError(f"no distiller weights at {path}")
     load_trainable(distiller, path)
+    # Two anchor modes share every tensor: only the recipe saved with the weights tells them apart.
+    trained = _saved_recipe(path).get("distiller", {}).get("anchor", distiller.anchor)
+    if trained != distiller.anchor:
+        raise ValueError(f"{path} was trained with distiller.anchor={trained}; this recipe has "
+                         f"distiller.anchor={distiller.anchor}: its vectors would start from other anchors")
     return file_hash(path)
+
+
+def _saved_recipe(path: Path) -> dict:
+    with safe_open(str(path), "pt") as f:
+        return json.loads((f.metadata() or {}).get("recipe", "{}"))
 
 
 def load_trainable(model: nn.Module, path: Path) -> None:

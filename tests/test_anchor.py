@@ -111,6 +111,16 @@ def test_anchored_training_moves_the_correction_and_saves_no_anchor(tiny):
         load_distiller(plain.distiller, path)
 
 
+def test_weights_trained_on_one_anchor_mode_are_refused_by_another(tiny):
+    recipe = tiny("llama", "distiller.anchor=label_set")
+    models = get_backend("llama").build(recipe)
+    path = save_distiller(recipe.stage_dir("finetune"), models.distiller, recipe, {})
+    load_distiller(models.distiller, path)  # its own mode loads
+    labels = get_backend("llama").build(tiny("llama", "distiller.anchor=labels"))
+    with pytest.raises(ValueError, match="trained with distiller.anchor=label_set; this recipe has distiller.anchor=labels"):
+        load_distiller(labels.distiller, path)
+
+
 def test_scale_to_embeddings_puts_plain_vectors_at_the_embeddings_scale(tiny):
     recipe = tiny("llama", "distiller.scale_to_embeddings=true")
     models = get_backend("llama").build(recipe)
