@@ -41,6 +41,7 @@ ABLATIONS = {
     "stage1-long": ["finetune.init_from=runs/smollm2-s1long/pretrain"],
     "label-set": ["distiller.anchor=label_set"],
     "all-tasks": ["finetune.train_tasks=all"],
+    "ema": ["finetune.ema=0.95"],
 }
 
 

@@ -216,6 +216,8 @@ class TrainSpec(Strict):
     eval_queries: int = Field(20, ge=1, description="validation queries per task")
     keep_best: bool = Field(False, description="also write best.safetensors: the distiller at the validation step "
                             "with the lowest val_kl (needs eval_every)")
+    ema: float | None = Field(None, gt=0, lt=1, description="decay of a moving average of the trained weights: "
+                              "the curve scores it, best.safetensors and the final distiller hold it")
 
 
 class PretrainSpec(TrainSpec):

@@ -17,9 +17,12 @@ class DamagedCheckpoint(ValueError):
     pass
 
 
-def _expected(checkpoint: Path, num_processes: int) -> list[str]:
+def _expected(checkpoint: Path, num_processes: int, averaged: bool) -> list[str]:
     return (["model.safetensors", "optimizer.bin", "scheduler.bin", STATE]
-            + [f"random_states_{i}.pkl" for i in range(num_processes)])
+            + [f"random_states_{i}.pkl" for i in range(num_processes)] + [AVERAGE] * averaged)
+
+
+AVERAGE = "custom_checkpoint_0.pkl"  # the weight average (`ema`), the one object registered for checkpointing
 
 
 def _load(path: Path) -> None:
@@ -38,11 +41,14 @@ def _load(path: Path) -> None:
             raise ValueError("not a random state")
 
 
-def verify_checkpoint(checkpoint: Path, num_processes: int = 1) -> None:
+def verify_checkpoint(checkpoint: Path, num_processes: int = 1, averaged: bool = False) -> None:
     """Raises DamagedCheckpoint naming the first file of `checkpoint` that is missing or unreadable."""
     checkpoint = Path(checkpoint)
-    for name in _expected(checkpoint, num_processes):
+    for name in _expected(checkpoint, num_processes, averaged):
         path = checkpoint / name
+        if name == AVERAGE and not path.is_file():
+            raise DamagedCheckpoint(f"cannot resume with ema: {checkpoint} holds no weight average (it was written "
+                                    "without ema); resume with the ema it was written with, or start over with --restart")
         if not path.is_file():
             raise DamagedCheckpoint(f"cannot resume: {path} is missing; start over with --restart, or delete "
                                     f"{checkpoint} to resume from the checkpoint before it")

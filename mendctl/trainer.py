@@ -28,6 +28,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskID, Text
 from transformers import get_linear_schedule_with_warmup
 
 from .anchors import anchor_embeddings, anchor_ids
+from .averaging import WeightAverage
 from .backend import Models
 from .checkpoint import (BEST, checkpoints, keep_trainable_in_checkpoints, load_distiller, read_state,
                          save_checkpoint, save_distiller, write_distiller)
@@ -121,6 +122,7 @@ class Run:
     template: TemplateSpec
     tracking: bool
     llm_before: dict[str, torch.Tensor]  # a few frozen LLM tensors, to prove at the end that none changed
+    average: WeightAverage | None = None  # `ema`: what the curve scores and the saved distillers hold
     last_good: Path | None = None  # the newest checkpoint, named when the loss diverges
 
     @property
@@ -131,6 +133,10 @@ class Run:
     def per_step(self) -> int:
         spec = self.stage.spec
         return spec.batch_size * spec.grad_accum * self.accelerator.num_processes
+
+    def kept(self):
+        """The weights to score and save: the average with `ema`, else the weights as they are."""
+        return self.average.applied() if self.average else nullcontext()
 
     @property
     def info(self) -> dict:
@@ -225,8 +231,11 @@ def _prepare(stage: Stage, trackers: list[str], console: Console) -> Run:
     template = backend.template(recipe)
     examples = stage.examples(models, template)
     cached = open_teacher(recipe, stage.name, models, template) if spec.teacher_cache else None
+    average = WeightAverage(accelerator.unwrap_model(distiller), spec.ema) if spec.ema else None
+    if average:
+        accelerator.register_for_checkpointing(average)
     return Run(stage, accelerator, models, distiller, optimizer, scheduler, examples,
-               Objective.for_stage(stage, cached), template, bool(trackers), llm_before)
+               Objective.for_stage(stage, cached), template, bool(trackers), llm_before, average)
 
 
 def _init_weights(stage: Stage, models: Models, console: Console) -> None:
@@ -244,7 +253,7 @@ def _resume(run: Run, console: Console) -> int:
     done = checkpoints(stage.checkpoints)
     if not done:
         raise FileNotFoundError(f"--resume: no checkpoint in {stage.checkpoints}")
-    verify_checkpoint(done[-1], accelerator.num_processes)
+    verify_checkpoint(done[-1], accelerator.num_processes, averaged=run.average is not None)
     step = read_state(done[-1])["step"]
     if step > stage.spec.steps:
         raise ValueError(f"--resume: {done[-1]} is at step {step}, beyond {stage.name}.steps={stage.spec.steps}; "
@@ -277,11 +286,12 @@ class _Curve:
 
     def point(self, run: Run, at: int) -> dict:
         recipe, spec = run.stage.recipe, run.stage.spec
-        scores = {"step": at, **self.validation.score_distiller(recipe.distiller.max_length, spec.batch_size)}
-        if spec.keep_best and (self.best_kl is None or scores["val_kl"] < self.best_kl):
-            self.best_kl = scores["val_kl"]
-            write_distiller(run.stage.out / BEST, run.accelerator.unwrap_model(run.distiller), recipe,
-                            {**run.info, "steps": at, **scores})
+        with run.kept():
+            scores = {"step": at, **self.validation.score_distiller(recipe.distiller.max_length, spec.batch_size)}
+            if spec.keep_best and (self.best_kl is None or scores["val_kl"] < self.best_kl):
+                self.best_kl = scores["val_kl"]
+                write_distiller(run.stage.out / BEST, run.accelerator.unwrap_model(run.distiller), recipe,
+                                {**run.info, "steps": at, **scores})
         return scores
 
 
@@ -316,6 +326,8 @@ def _optimizer_step(run: Run, step: int) -> torch.Tensor:
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
+    if run.average:
+        run.average.update()
     return sums
 
 
@@ -361,8 +373,9 @@ def _finish(run: Run, step: int, console: Console) -> Path:
     _check_frozen(run.models, run.llm_before)
     path = run.stage.out / "distiller.safetensors"
     if run.main:
-        path = save_distiller(run.stage.out, run.accelerator.unwrap_model(run.distiller), run.stage.recipe,
-                              {**run.info, "steps": step})
+        with run.kept():
+            path = save_distiller(run.stage.out, run.accelerator.unwrap_model(run.distiller), run.stage.recipe,
+                                  {**run.info, "steps": step, "ema": run.stage.spec.ema})
         console.print(f"[green]{run.stage.name} done[/]: {path}")
     if run.tracking:
         run.accelerator.end_training()

@@ -11,7 +11,7 @@ FLOORS = {
     1: {"cli", "__main__"},
     2: COMMANDS,
     3: {"backend", "lm", "distiller", "adapters", "anchors", "tokenizer", "model_sources", "render",
-        "examples", "losses", "teacher_cache", "checkpoint", "resume", "curves", "stage", "padding",
+        "examples", "losses", "averaging", "teacher_cache", "checkpoint", "resume", "curves", "stage", "padding",
         "scoring", "metrics", "bootstrap", "flops", "compress", "eval_cache", "results", "report",
         "workspace", "prepare", "trained", "vectors", "provenance", "fileio", "lock"},
     4: {"__init__", "config", "positions", "partitions", "data", "registry", "shipped", "suggest"},

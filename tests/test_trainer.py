@@ -175,10 +175,11 @@ def test_streamed_dataset_is_read_in_order_and_skipped_on_resume(monkeypatch, ti
     assert opened == [("allenai/c4", "train")] * 2
 
 
-def test_ctrl_c_saves_the_last_finished_step_and_resume_matches(tiny, monkeypatch):
+@pytest.mark.parametrize("extra", [(), ("finetune.ema=0.9",)])  # with ema, the average resumes too
+def test_ctrl_c_saves_the_last_finished_step_and_resume_matches(tiny, monkeypatch, extra):
     import mendctl.trainer as trainer
 
-    overrides = ("finetune.steps=8", "finetune.save_every=3")
+    overrides = ("finetune.steps=8", "finetune.save_every=3", *extra)
     straight = tiny("gpt2", *overrides)
     train(straight, "finetune", console=QUIET)
     recipe = tiny("gpt2", *overrides, f"output_dir={straight.output_dir}-interrupted")
