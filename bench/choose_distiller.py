@@ -1,11 +1,11 @@
 """Distiller files scored on the recipe's validation tasks, to choose the one to ship (never on test tasks).
 
-    .venv/bin/python bench/choose_distiller.py RECIPE DISTILLER.safetensors ... [--set key=value ...]
+    .venv/bin/python bench/choose_distiller.py RECIPE DISTILLER.safetensors ... [--set key=value ...] [--out JSON]
 
 Each file is loaded into the recipe's models (as `distill.checkpoint=` would) and scored on
 `tasks.validation` with `finetune.eval_queries` queries a task, as the learning curves score it:
 macro-F1, agreement with ICL and KL(ICL || MEND), beside zero-shot's. The lowest KL is chosen.
-Writes bench/results/choose_distiller.json.
+Writes bench/results/choose_distiller.json, or --out.
 """
 import argparse
 import json
@@ -24,6 +24,7 @@ def main() -> None:
     ap.add_argument("recipe")
     ap.add_argument("distillers", nargs="+", type=Path)
     ap.add_argument("--set", action="append", default=[], help="key=value recipe override (repeatable)")
+    ap.add_argument("--out", type=Path, default=Path("bench/results/choose_distiller.json"))
     args = ap.parse_args()
     recipe = load_recipe(args.recipe, args.set)
     prepare(recipe, "finetune", "finetune")
@@ -40,8 +41,8 @@ def main() -> None:
     print("chosen (lowest val_kl):", chosen)
     result = {"recipe": args.recipe, "overrides": args.set, "validation_tasks": recipe.tasks.validation,
               "queries_per_task": recipe.finetune.eval_queries, "scores": scores, "chosen": chosen, **stamp()}
-    Path("bench/results").mkdir(parents=True, exist_ok=True)
-    Path("bench/results/choose_distiller.json").write_text(json.dumps(result, indent=2) + "\n")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":
