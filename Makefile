@@ -38,7 +38,7 @@ demo: $(STAMP)
 	$(VENV)/bin/mendctl finetune $(DEMO) --restart
 	$(VENV)/bin/mendctl distill $(DEMO)
 	$(VENV)/bin/mendctl eval $(DEMO) --limit 15
-	@echo "== the distiller shipped in data/distillers (trained by recipes/llama/smollm2-bench.yaml), same tasks =="
+	@echo "== the distiller shipped in data/distillers (how it was trained: recipes/llama/smollm2-shipped.yaml), same tasks =="
 	$(VENV)/bin/mendctl distill $(SHIPPED)
 	$(VENV)/bin/mendctl eval $(SHIPPED) --limit 15
 
