@@ -1,9 +1,9 @@
 """`ema`: an exponential moving average of the trained weights, for what a run scores and keeps.
 
-At batch 2 the weights after any one step carry that step's noise: on the bench recipe's validation
-tasks KL(ICL || MEND) moved between 0.34 and 0.50 from one validation point to the next of one run
-while the training loss fell. The average, not the last step, is what the curve scores, what
-best.safetensors and the final distiller hold; the optimiser goes on stepping the raw weights.
+At batch 2 the weights after any one step carry that step's noise, and a validation point scores
+whatever the last batches left. With `ema` the average, not the last step, is what the curve scores
+and what best.safetensors and the final distiller hold; the optimiser goes on stepping the raw
+weights. (On the bench recipe, 0.95 did not lower the validation KL: docs/benchmarks.md.)
 Checkpoints keep the average (Accelerate's register_for_checkpointing), so --resume continues it.
 """
 from __future__ import annotations

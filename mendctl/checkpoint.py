@@ -59,15 +59,18 @@ def find_distiller(path: Path) -> Path:
     return path / WEIGHTS if path.is_dir() else path
 
 
-def load_distiller(distiller: nn.Module, path: Path) -> str:
-    """Loads trained weights into `distiller`, built from the recipe; returns their hash (what vectors files record)."""
+def load_distiller(distiller: nn.Module, path: Path, same_anchor: bool = True) -> str:
+    """Loads trained weights into `distiller`, built from the recipe; returns their hash (what vectors files record).
+
+    `same_anchor`: refuse weights trained on another anchor mode (for vectors, where the anchors
+    matter; a training start may change them, as stage 1's text gives every mode the same anchors)."""
     path = find_distiller(path)
     if not path.is_file():
         raise FileNotFoundError(f"no distiller weights at {path}")
     load_trainable(distiller, path)
     # Two anchor modes share every tensor: only the recipe saved with the weights tells them apart.
     trained = _saved_recipe(path).get("distiller", {}).get("anchor", distiller.anchor)
-    if trained != distiller.anchor:
+    if same_anchor and trained != distiller.anchor:
         raise ValueError(f"{path} was trained with distiller.anchor={trained}; this recipe has "
                          f"distiller.anchor={distiller.anchor}: its vectors would start from other anchors")
     return file_hash(path)

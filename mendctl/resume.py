@@ -17,12 +17,12 @@ class DamagedCheckpoint(ValueError):
     pass
 
 
+AVERAGE = "custom_checkpoint_0.pkl"  # the weight average (`ema`), the one object registered for checkpointing
+
+
 def _expected(checkpoint: Path, num_processes: int, averaged: bool) -> list[str]:
     return (["model.safetensors", "optimizer.bin", "scheduler.bin", STATE]
             + [f"random_states_{i}.pkl" for i in range(num_processes)] + [AVERAGE] * averaged)
-
-
-AVERAGE = "custom_checkpoint_0.pkl"  # the weight average (`ema`), the one object registered for checkpointing
 
 
 def _load(path: Path) -> None:

@@ -119,6 +119,10 @@ def test_weights_trained_on_one_anchor_mode_are_refused_by_another(tiny):
     labels = get_backend("llama").build(tiny("llama", "distiller.anchor=labels"))
     with pytest.raises(ValueError, match="trained with distiller.anchor=label_set; this recipe has distiller.anchor=labels"):
         load_distiller(labels.distiller, path)
+    # a training start may change the mode (stage 1's text gives every label mode the same anchors)
+    start = tiny("llama", "distiller.anchor=labels", "finetune.steps=1", f"finetune.init_from={path}",
+                 "output_dir=" + str(recipe.output_dir) + "-labels")
+    assert train(start, "finetune", console=QUIET).is_file()
 
 
 def test_scale_to_embeddings_puts_plain_vectors_at_the_embeddings_scale(tiny):
