@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,37 @@ def test_shipped_recipe_is_valid_and_documents_its_command(path):
     assert any("mendctl" in line and str(path.relative_to(ROOT)) in line for line in first), \
         "a recipe's header comment gives the exact command to run it"
     assert recipe.num_vectors >= 1
+
+
+def _shipped_weights():
+    """(recipe, key, file) for each distiller file under data/distillers that a shipped recipe names."""
+    out = []
+    for path in SHIPPED:
+        recipe = load_recipe(path)
+        for key, value in (("distill.checkpoint", recipe.distill and recipe.distill.checkpoint),
+                           ("finetune.init_from", recipe.finetune and recipe.finetune.init_from)):
+            if value is not None and "data/distillers" in str(value):
+                out.append((path, key, Path(value)))
+    return out
+
+
+@pytest.mark.parametrize("path,key,weights", _shipped_weights(), ids=lambda v: str(v).rsplit("/", 1)[-1])
+def test_shipped_distillers_are_small_and_carry_the_recipe_that_loads_them(path, key, weights):
+    from safetensors import safe_open
+
+    assert weights.stat().st_size <= 25 * 2**20  # adapters, placeholders and correction only
+    with safe_open(str(weights), "pt") as f:
+        meta = f.metadata()
+    assert meta["format"] == "mendctl-distiller" and "versions" in json.loads(meta["provenance"])
+    trained = json.loads(meta["recipe"])
+    shipped = load_recipe(path).model_dump(mode="json")
+    # the distiller is built from the loading recipe: its section must be the one the weights were trained with
+    assert trained["distiller"] == shipped["distiller"], f"{path.name} {key}"
+    assert trained["llm"] == shipped["llm"] and trained["num_vectors"] == shipped["num_vectors"]
+
+
+def test_the_shipped_weights_are_found():
+    assert {w.name for _, _, w in _shipped_weights()} == {"smollm2-bench.safetensors", "smollm2-stage1.safetensors"}
 
 
 def write(tmp_path: Path, text: str) -> Path:
