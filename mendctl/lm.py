@@ -137,12 +137,8 @@ class FrozenLM(nn.Module):
         """`option_losses` of each query (x, options) after the cached prefix; each query must fit."""
         raise NotImplementedError
 
-    def option_losses(self, prefix: torch.Tensor, x: torch.Tensor, options: list[torch.Tensor],
-                      cached: PrefixCache | None = None) -> torch.Tensor:
-        """Mean per-token loss of each option given prefix + x; prefix + x is computed once for all options.
-
-        `cached` is `prefix_cache(prefix)` of this very prefix, shared by the queries that follow it.
-        """
+    def option_losses(self, prefix: torch.Tensor, x: torch.Tensor, options: list[torch.Tensor]) -> torch.Tensor:
+        """Mean per-token loss of each option given prefix + x; prefix + x is computed once for all options."""
         raise NotImplementedError
 
 
@@ -253,9 +249,7 @@ class CausalLM(FrozenLM):
         losses = loss_sum / torch.tensor([o.shape[0] for o in options], device=device)
         return list(losses.split([len(opts) for _, opts in queries]))
 
-    def option_losses(self, prefix, x, options, cached=None):
-        if cached is not None and self.fits(cached, x, options):
-            return self.cached_option_losses(cached, [(x, options)])[0]
+    def option_losses(self, prefix, x, options):
         if self.max_positions is not None:
             # Room for the longest option (cut to leave one context position), then the newest context.
             options = [o[: self.max_positions - 1] for o in options]
@@ -316,7 +310,7 @@ class Seq2SeqLM(FrozenLM):
         logits = self.head(hidden[rows, cols])
         return TargetLogits(logits, y_ids[rows, cols], torch.ones_like(rows, dtype=torch.bool), rows)
 
-    def option_losses(self, prefix, x, options, cached=None):
+    def option_losses(self, prefix, x, options):
         # No prefix_cache: the encoder reads prefix + x bidirectionally, so the prefix's states depend on x.
         enc, enc_mask = self._encode([torch.cat([self.with_bos(prefix), self.embed(x)])])
         n = len(options)

@@ -66,7 +66,7 @@ def test_cached_prefix_gives_the_losses_of_a_full_forward(name, prefix_len, atte
         assert all(llm.fits(cached, x, options) for x, options in queries)
         # One by one on one cache (a query that wrote into the shared prefix would spoil the next),
         # then all packed together (a token that saw another query's would spoil its losses).
-        alone = [llm.option_losses(prefix, x, options, cached) for x, options in queries]
+        alone = [llm.cached_option_losses(cached, [(x, options)])[0] for x, options in queries]
         packed = llm.cached_option_losses(cached, queries)
         packed_again = llm.cached_option_losses(cached, queries[::-1])[::-1]
     for a, b, c, d in zip(full, alone, packed, packed_again):
@@ -87,7 +87,7 @@ def test_the_prefix_is_not_run_again_per_query():
     # The inputs, then the options of 4, 2 and 5 tokens but their last (one-token options need no pass).
     assert reads.positions == 1 + 40 + sum(x.shape[0] for x, _ in queries) + 4 * (3 + 1 + 4)
     with torch.no_grad():
-        llm.option_losses(prefix, queries[0][0], [torch.tensor([5]), torch.tensor([6])], cached)
+        llm.cached_option_losses(cached, [(queries[0][0], [torch.tensor([5]), torch.tensor([6])])])
     assert reads.positions == 1 + 40 + sum(x.shape[0] for x, _ in queries) + 4 * 8 + queries[0][0].shape[0]
 
 
@@ -110,13 +110,14 @@ def test_a_query_past_the_last_position_is_cut_as_before():
     with torch.no_grad():
         cached = llm.prefix_cache(prefix)
         reads = _Reads(llm)
-        reused = llm.option_losses(prefix, *fits, cached)
+        assert llm.fits(cached, *fits)
+        reused = llm.cached_option_losses(cached, [fits])[0]
         assert reads.positions == 3 + 2  # the query, then the 3-token option but its last
         torch.testing.assert_close(reused, llm.option_losses(prefix, *fits))
-        # Past 16 positions the query reads the newest 16 - 3 - 5 = 8 prefix rows, not the cached 10.
-        torch.testing.assert_close(llm.option_losses(prefix, *over, cached), llm.option_losses(prefix[-8:], *over))
-        torch.testing.assert_close(llm.option_losses(prefix, *long_option, cached),
-                                   llm.option_losses(prefix, *long_option))
+        # Past 16 positions the query must read the newest 16 - 3 - 5 = 8 prefix rows, not the cached
+        # 10: it does not fit, so scoring runs it in full, cut as before.
+        assert not llm.fits(cached, *over) and not llm.fits(cached, *long_option)
+        torch.testing.assert_close(llm.option_losses(prefix, *over), llm.option_losses(prefix[-8:], *over))
         # A prefix that alone fills the positions is cut for every query: nothing to cache.
         assert llm.prefix_cache(torch.randn(16, D, generator=gen)) is None
         assert llm.prefix_cache(torch.randn(15, D, generator=gen)) is not None
