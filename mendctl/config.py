@@ -17,6 +17,9 @@ from .data.metaicl import DEFAULT_K, DEFAULT_SEEDS, META_TRAIN_FILE
 
 Method = Literal["zero-shot", "icl", "icl-truncated", "mend", "llmlingua"]
 METHODS = get_args(Method)
+# distiller.anchor: which K LLM token embeddings the vectors start from (mendctl/anchors.py)
+Anchor = Literal["none", "last", "labels", "label_set"]
+ANCHORS = get_args(Anchor)
 
 
 class Strict(BaseModel):
@@ -107,7 +110,7 @@ class DistillerSpec(ModelSpec):
     max_length: int = Field(1024, ge=8, description="distiller input tokens; demonstrations beyond are cut from the left")
     lora: LoraSpec | None = Field(None, description="train adapters instead of the body; shares the LLM's layers")
     freeze_embeddings: bool = Field(False, description="keep the body's token embeddings as loaded")
-    anchor: Literal["none", "last", "labels", "label_set"] = Field(
+    anchor: Anchor = Field(
         "none", description="vectors = these K frozen LLM token embeddings + a correction that starts at zero")
     scale_to_embeddings: bool = Field(
         False, description="plain distiller: a LayerNorm starting at the LLM embeddings' per-dimension mean and std")

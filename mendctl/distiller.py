@@ -5,9 +5,8 @@ import torch
 from torch import nn
 
 from .anchors import anchor_embeddings
+from .config import ANCHORS
 from .padding import pad
-
-ANCHORS = ("none", "last", "labels", "label_set")
 
 
 class Distiller(nn.Module):
