@@ -27,14 +27,18 @@ def anchor_ids(anchor: str, ctx: list[int], labels: list[list[int]], k: int) -> 
     """At most k LLM ids: `last`, the last k tokens of the demonstrations as the LLM reads them
     (what icl-truncated reads); `labels`, the last k tokens of the demonstrations' outputs;
     `label_set`, the last k tokens of the distinct outputs, each once (a long label space, seven
-    labels of four tokens, fits in K where `labels` repeats the last few). Both label anchors take
-    the demonstrations' last tokens when there are no outputs (stage-1 text)."""
-    if anchor == "last" or (anchor in ("labels", "label_set") and not labels):
+    labels of four tokens, fits in K where `labels` repeats the last few); `label_set_filled`, the
+    same with the slots it leaves free taken by the demonstrations' last tokens before it, so that
+    two one-token labels leave no zero vector in K. The label anchors take the demonstrations' last
+    tokens when there are no outputs (stage-1 text)."""
+    if anchor == "last" or (anchor in ("labels", "label_set", "label_set_filled") and not labels):
         return ctx[-k:]
     if anchor == "labels":
         return [i for ids in labels for i in ids][-k:]
-    if anchor == "label_set":
-        return [i for ids in _label_set(labels) for i in ids][-k:]
+    if anchor in ("label_set", "label_set_filled"):
+        ids = [i for ids in _label_set(labels) for i in ids][-k:]
+        free = k - len(ids) if anchor == "label_set_filled" else 0
+        return (ctx[-free:] if free else []) + ids
     raise ValueError(f"no anchors for distiller.anchor={anchor!r}")
 
 

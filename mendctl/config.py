@@ -18,7 +18,7 @@ from .data.metaicl import DEFAULT_K, DEFAULT_SEEDS, META_TRAIN_FILE
 Method = Literal["zero-shot", "icl", "icl-truncated", "mend", "llmlingua"]
 METHODS = get_args(Method)
 # distiller.anchor: which K LLM token embeddings the vectors start from (mendctl/anchors.py)
-Anchor = Literal["none", "last", "labels", "label_set"]
+Anchor = Literal["none", "last", "labels", "label_set", "label_set_filled"]
 ANCHORS = get_args(Anchor)
 
 
@@ -249,9 +249,11 @@ class FinetuneSpec(TrainSpec):
     remap_labels: float = Field(0.0, ge=0, le=1, description="probability that an episode's option strings are "
                                 "replaced by random words, in the demonstrations and the target alike")
     train_tasks: Literal["partition", "all"] = Field(
-        "partition", description="all: every classification task in data_dir with a train_file, except test tasks")
-    task_sampling: Literal["uniform", "proportional"] = Field(
-        "uniform", description="how an episode's task is drawn: uniformly, or in proportion to its examples")
+        "partition", description="all: every classification task in data_dir with a train_file, except test "
+        "tasks and their families")
+    task_sampling: Literal["uniform", "proportional", "family"] = Field(
+        "uniform", description="how an episode's task is drawn: uniformly, in proportion to its examples, or "
+        "uniformly over families (the name before '-'), then over the family's tasks")
 
     @field_validator("train_file")
     @classmethod

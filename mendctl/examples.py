@@ -39,15 +39,25 @@ REMAP_WORDS = (
 )
 
 
+def family(task: str) -> str:
+    """A task's family, the name before its first '-': multiemo-products_sentence_de and
+    multiemo-hotels_text_en are one task in other languages and domains, as BIG-bench subtasks are."""
+    return task.split("-", 1)[0]
+
+
 def meta_train_tasks(spec: FinetuneSpec, data_dir: Path, partition, k: int) -> list[str]:
     """finetune.train_tasks: the partition's meta-train tasks, or every classification task (its
     rows carry two or more options) in data_dir with a train_file and more than k examples,
-    except any shipped partition's test tasks and this partition's."""
+    except any shipped partition's test tasks and this partition's, and their families' other
+    tasks unless the partition trains on them (a test task in another language is no new task)."""
     if spec.train_tasks == "partition":
         return list(partition.train)
     from .partitions import list_partitions, load_partition
 
-    excluded = set(partition.test).union(*(load_partition(n).test for n in list_partitions()))
+    tests = set(partition.test).union(*(load_partition(n).test for n in list_partitions()))
+    unseen = {family(t) for t in tests}
+    excluded = tests | {p.name for p in Path(data_dir).iterdir()
+                        if family(p.name) in unseen and p.name not in partition.train}
     names = []
     for folder in sorted(p for p in Path(data_dir).iterdir() if p.is_dir() and p.name not in excluded):
         path = task_file(data_dir, folder.name, spec.train_file)
@@ -121,7 +131,7 @@ class TaskExamples:
     def __init__(self, spec: FinetuneSpec, tasks: TasksSpec, data_dir: Path, train_tasks: list[str],
                  template: TemplateSpec, tokenizer, seed: int):
         self.template, self.tokenizer, self.seed, self.k = template, tokenizer, seed, tasks.k
-        self.remap, self.proportional = spec.remap_labels, spec.task_sampling == "proportional"
+        self.remap, self.sampling = spec.remap_labels, spec.task_sampling
         self.tasks = {}
         # Validation tasks are held out: the learning curves score the distiller on tasks it never saw.
         for task in [t for t in train_tasks if t not in tasks.validation]:
@@ -133,10 +143,20 @@ class TaskExamples:
         if not self.names:
             raise DataError("the partition lists no meta-train task")
         self.sizes = [len(self.tasks[n]) for n in self.names]
+        self.families: dict[str, list[str]] = {}
+        for name in self.names:
+            self.families.setdefault(family(name), []).append(name)
+
+    def _task(self, rng: random.Random) -> str:
+        if self.sampling == "proportional":
+            return rng.choices(self.names, weights=self.sizes)[0]
+        if self.sampling == "family":
+            return rng.choice(self.families[rng.choice(sorted(self.families))])
+        return rng.choice(self.names)
 
     def get(self, position: int) -> Example:
         rng = random.Random(f"{self.seed}:{position}")
-        name = rng.choices(self.names, weights=self.sizes)[0] if self.proportional else rng.choice(self.names)
+        name = self._task(rng)
         rows = self.tasks[name]
         q = rng.randrange(len(rows))
         demos = [rows[i] for i in rng.sample([i for i in range(len(rows)) if i != q], self.k)]

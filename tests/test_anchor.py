@@ -17,7 +17,7 @@ from mendctl.scoring import demo_sets
 from mendctl.trained import load_trained
 from mendctl.distiller import distill
 from mendctl.evaluate import run_eval
-from mendctl.examples import REMAP_WORDS, TaskExamples, meta_train_tasks
+from mendctl.examples import REMAP_WORDS, TaskExamples, family, meta_train_tasks
 from mendctl.registry import get_backend
 from mendctl.render import context_ids, render_query
 from mendctl.trainer import train
@@ -66,6 +66,15 @@ def test_label_set_anchors_hold_each_distinct_output_once_in_order_of_last_appea
     assert anchor_ids("label_set", [1, 2], labels, 3) == [7, 8, 4]  # the last k of them
     assert anchor_ids("labels", [1, 2], labels, 8) == [7, 8, 9, 7, 8, 4]
     assert anchor_ids("label_set", [1, 2, 3], [], 2) == [2, 3]
+
+
+def test_label_set_filled_anchors_fill_free_slots_with_the_last_demonstration_tokens():
+    labels = [[7, 8], [9], [7, 8], [4]]
+    ctx = [1, 2, 3, 7, 8, 5, 4]
+    assert anchor_ids("label_set_filled", ctx, labels, 6) == [5, 4, 9, 7, 8, 4]  # 2 free slots: ctx's last 2
+    assert anchor_ids("label_set_filled", ctx, labels, 4) == anchor_ids("label_set", ctx, labels, 4) == [9, 7, 8, 4]
+    assert anchor_ids("label_set_filled", ctx, labels, 20) == ctx + [9, 7, 8, 4]  # a short context: fewer than k
+    assert anchor_ids("label_set_filled", ctx, [], 3) == [8, 5, 4]  # stage-1 text: the last tokens
 
 
 def test_label_set_anchors_in_distillation_are_the_distinct_outputs(tiny):
@@ -177,6 +186,10 @@ def test_all_train_tasks_take_every_classification_task_but_the_test_ones(tiny, 
     (root / "tiny_free").mkdir()
     (root / "tiny_free" / "tiny_free_16384_100_train.jsonl").write_text(
         "".join(json.dumps({"input": f"q{i}", "output": f"a{i}", "options": []}) + "\n" for i in range(50)))
+    # a test task (tiny_sentiment) in another language: its family is held out with it
+    shutil.copytree(root / "tiny_sentiment", root / "tiny_sentiment-de")
+    (root / "tiny_sentiment-de" / "tiny_sentiment_16384_100_train.jsonl").rename(
+        root / "tiny_sentiment-de" / "tiny_sentiment-de_16384_100_train.jsonl")
     recipe = tiny("llama", f"tasks.data_dir={root}", "finetune.train_tasks=all")
     partition = partition_for(recipe)
     names = meta_train_tasks(recipe.finetune, root, partition, recipe.tasks.k)
@@ -193,3 +206,26 @@ def test_all_train_tasks_take_every_classification_task_but_the_test_ones(tiny, 
         drawn[sampling] = sum(tuple(ex.get(p).x) in extra_x for p in range(300)) / 300
     # tiny_extra holds 200 of 392 examples: about 1/5 of episodes drawn uniformly, about half in proportion.
     assert drawn["uniform"] < 0.32 and drawn["proportional"] > 0.38, drawn
+
+
+def test_family_sampling_draws_each_family_alike_whatever_its_number_of_tasks(tiny, tmp_path):
+    root = tmp_path / "tasks"
+    shutil.copytree("data/tiny/tasks", root)
+    rows = [{"input": f"word {i}", "output": "x" if i % 3 else "y", "options": ["x", "y"]} for i in range(40)]
+    for sub in ("a", "b", "c", "d"):  # one family of four tasks beside the four one-task families
+        (root / f"tiny_extra-{sub}").mkdir()
+        (root / f"tiny_extra-{sub}" / f"tiny_extra-{sub}_16384_100_train.jsonl").write_text(
+            "".join(json.dumps({**r, "input": f"{sub} {r['input']}"}) + "\n" for r in rows))
+    recipe = tiny("llama", f"tasks.data_dir={root}", "finetune.train_tasks=all", "finetune.task_sampling=family")
+    names = meta_train_tasks(recipe.finetune, root, partition_for(recipe), recipe.tasks.k)
+    assert len(names) == 8 and family("tiny_extra-c") == "tiny_extra" and family("tiny_parity") == "tiny_parity"
+    models = get_backend("llama").build(recipe)
+    template = get_backend("llama").template(recipe)
+    extra_x = {tuple(render_query(template, f"{sub} {r['input']}", [], models.llm_tokenizer, after_context=True).x)
+               for sub in "abcd" for r in rows}
+    share = {}
+    for sampling in ("uniform", "family"):
+        ex = _examples(tiny("llama", f"tasks.data_dir={root}", f"finetune.task_sampling={sampling}"), models, names)
+        share[sampling] = sum(tuple(ex.get(p).x) in extra_x for p in range(300)) / 300
+    # uniform over 8 tasks: half the episodes from the family of four; over 5 families: a fifth
+    assert share["uniform"] > 0.4 and share["family"] < 0.3, share
