@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from mendctl.config import load_recipe
-from mendctl.examples import TaskExamples
+from mendctl.examples import TaskExamples, meta_train_tasks
 from mendctl.prepare import prepare
 from mendctl.provenance import stamp
 from mendctl.registry import get_backend
@@ -36,7 +36,8 @@ def main() -> None:
     backend = get_backend(recipe.backend)
     lm, tok, llm_id = backend.load_llm(recipe.llm, recipe.seed)
     template = backend.template(recipe)
-    examples = TaskExamples(recipe.finetune, recipe.tasks, data_dir(recipe), list(partition_for(recipe).train),
+    examples = TaskExamples(recipe.finetune, recipe.tasks, data_dir(recipe),
+                            meta_train_tasks(recipe.finetune, data_dir(recipe), partition_for(recipe), recipe.tasks),
                             template, tok, recipe.seed)
     ids = lambda text: tok(text, add_special_tokens=False).input_ids  # noqa: E731
     sep = template.separator

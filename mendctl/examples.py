@@ -45,19 +45,20 @@ def family(task: str) -> str:
     return task.split("-", 1)[0]
 
 
-def meta_train_tasks(spec: FinetuneSpec, data_dir: Path, partition, k: int) -> list[str]:
-    """finetune.train_tasks: the partition's meta-train tasks, or every classification task (its
-    rows carry two or more options) in data_dir with a train_file and more than k examples,
-    except any shipped partition's test tasks and this partition's, and their families' other
-    tasks unless the partition trains on them (a test task in another language is no new task)."""
+def meta_train_tasks(spec: FinetuneSpec, data_dir: Path, partition, tasks: TasksSpec) -> list[str]:
+    """finetune.train_tasks, less tasks.validation: the partition's meta-train tasks, or every
+    classification task (its rows carry two or more options) in data_dir with a train_file and more
+    than k examples, except any shipped partition's test tasks and this partition's, the validation
+    tasks, and the other tasks of their families unless the partition trains on them (a test task in
+    another language, color-hex beside color-rgb, is no new task)."""
     if spec.train_tasks == "partition":
-        return list(partition.train)
+        return [t for t in partition.train if t not in tasks.validation]
     from .partitions import list_partitions, load_partition
 
-    tests = set(partition.test).union(*(load_partition(n).test for n in list_partitions()))
-    unseen = {family(t) for t in tests}
-    excluded = tests | {p.name for p in Path(data_dir).iterdir()
-                        if family(p.name) in unseen and p.name not in partition.train}
+    unseen = set(partition.test).union(tasks.validation, *(load_partition(n).test for n in list_partitions()))
+    families = {family(t) for t in unseen}
+    excluded = unseen | {p.name for p in Path(data_dir).iterdir()
+                         if family(p.name) in families and p.name not in partition.train}
     names = []
     for folder in sorted(p for p in Path(data_dir).iterdir() if p.is_dir() and p.name not in excluded):
         path = task_file(data_dir, folder.name, spec.train_file)
@@ -65,7 +66,7 @@ def meta_train_tasks(spec: FinetuneSpec, data_dir: Path, partition, k: int) -> l
             continue
         with path.open() as f:
             first = f.readline()
-            if len(json.loads(first).get("options") or []) >= 2 and 1 + sum(1 for _ in f) > k:
+            if len(json.loads(first).get("options") or []) >= 2 and 1 + sum(1 for _ in f) > tasks.k:
                 names.append(folder.name)
     return names
 
@@ -133,8 +134,9 @@ class TaskExamples:
         self.template, self.tokenizer, self.seed, self.k = template, tokenizer, seed, tasks.k
         self.remap, self.sampling = spec.remap_labels, spec.task_sampling
         self.tasks = {}
-        # Validation tasks are held out: the learning curves score the distiller on tasks it never saw.
-        for task in [t for t in train_tasks if t not in tasks.validation]:
+        # train_tasks come from meta_train_tasks, without the validation tasks: the learning curves
+        # score the distiller on tasks it never saw.
+        for task in train_tasks:
             rows = read_examples(task_file(data_dir, task, spec.train_file))
             if len(rows) < self.k + 1:
                 raise DataError(f"{rows[0]['_where'].rsplit(':', 1)[0]}: {len(rows)} examples, need at least k+1={self.k + 1}")
@@ -188,5 +190,5 @@ def example_source(stage: str, recipe, tokenizer, encoder_decoder: bool, templat
         documents = iter_local([passages_file(recipe)]) if spec.bigbench_passages else None
         return TextExamples(spec, tokenizer, recipe.seed, encoder_decoder, documents)
     root = data_dir(recipe)
-    tasks = meta_train_tasks(spec, root, partition_for(recipe), recipe.tasks.k)
-    return TaskExamples(spec, recipe.tasks, root, tasks, template, tokenizer, recipe.seed)
+    names = meta_train_tasks(spec, root, partition_for(recipe), recipe.tasks)
+    return TaskExamples(spec, recipe.tasks, root, names, template, tokenizer, recipe.seed)

@@ -207,8 +207,7 @@ def teacher_key(recipe, stage: str, models, template) -> dict:
         from .examples import meta_train_tasks
 
         root = data_dir(recipe)
-        tasks = [t for t in meta_train_tasks(spec, root, partition_for(recipe), recipe.tasks.k)
-                 if t not in recipe.tasks.validation]
+        tasks = meta_train_tasks(spec, root, partition_for(recipe), recipe.tasks)
         files = {t: file_hash(task_file(root, t, spec.train_file)) for t in sorted(tasks)}
         # The draw of an episode (which task, which labels) changes with these; the input hash would
         # catch it too, but runs that differ in them would then overwrite each other's shards.

@@ -148,7 +148,7 @@ def test_scale_to_embeddings_puts_plain_vectors_at_the_embeddings_scale(tiny):
 
 def _examples(recipe, models, tasks=None):
     root = data_dir(recipe)
-    names = tasks or meta_train_tasks(recipe.finetune, root, partition_for(recipe), recipe.tasks.k)
+    names = tasks or meta_train_tasks(recipe.finetune, root, partition_for(recipe), recipe.tasks)
     return TaskExamples(recipe.finetune, recipe.tasks, root, names, get_backend(recipe.backend).template(recipe),
                         models.llm_tokenizer, recipe.seed)
 
@@ -192,9 +192,17 @@ def test_all_train_tasks_take_every_classification_task_but_the_test_ones(tiny, 
         root / "tiny_sentiment-de" / "tiny_sentiment-de_16384_100_train.jsonl")
     recipe = tiny("llama", f"tasks.data_dir={root}", "finetune.train_tasks=all")
     partition = partition_for(recipe)
-    names = meta_train_tasks(recipe.finetune, root, partition, recipe.tasks.k)
+    names = meta_train_tasks(recipe.finetune, root, partition, recipe.tasks)
     assert names == sorted(list(partition.train) + ["tiny_extra"])
-    assert meta_train_tasks(tiny("llama").finetune, root, partition, 4) == list(partition.train)
+    # a validation task is held out with its family (tiny_color-hex beside tiny_color)
+    shutil.copytree(root / "tiny_extra", root / "tiny_color-hex")
+    (root / "tiny_color-hex" / "tiny_extra_16384_100_train.jsonl").rename(
+        root / "tiny_color-hex" / "tiny_color-hex_16384_100_train.jsonl")
+    assert "tiny_color-hex" in meta_train_tasks(recipe.finetune, root, partition, recipe.tasks)
+    held = tiny("llama", f"tasks.data_dir={root}", "finetune.train_tasks=all", "tasks.validation=[tiny_color]")
+    assert meta_train_tasks(held.finetune, root, partition, held.tasks) == sorted(
+        ["tiny_extra", *(t for t in partition.train if t != "tiny_color")])
+    assert meta_train_tasks(tiny("llama").finetune, root, partition, recipe.tasks) == list(partition.train)
 
     models = get_backend("llama").build(recipe)
     drawn = {}
@@ -217,7 +225,7 @@ def test_family_sampling_draws_each_family_alike_whatever_its_number_of_tasks(ti
         (root / f"tiny_extra-{sub}" / f"tiny_extra-{sub}_16384_100_train.jsonl").write_text(
             "".join(json.dumps({**r, "input": f"{sub} {r['input']}"}) + "\n" for r in rows))
     recipe = tiny("llama", f"tasks.data_dir={root}", "finetune.train_tasks=all", "finetune.task_sampling=family")
-    names = meta_train_tasks(recipe.finetune, root, partition_for(recipe), recipe.tasks.k)
+    names = meta_train_tasks(recipe.finetune, root, partition_for(recipe), recipe.tasks)
     assert len(names) == 8 and family("tiny_extra-c") == "tiny_extra" and family("tiny_parity") == "tiny_parity"
     models = get_backend("llama").build(recipe)
     template = get_backend("llama").template(recipe)

@@ -6,7 +6,7 @@ import pytest
 from rich.console import Console
 
 from mendctl.config import RecipeError
-from mendctl.examples import TaskExamples
+from mendctl.examples import TaskExamples, meta_train_tasks
 from mendctl.registry import get_backend
 from mendctl.trainer import train
 from mendctl.workspace import data_dir, partition_for
@@ -61,7 +61,8 @@ def test_validation_tasks_are_held_out_of_stage_2(tiny):
     recipe = tiny("gpt2", "tasks.validation=[tiny_color]")
     tok = get_backend("gpt2").build(recipe).llm_tokenizer
     template = get_backend("gpt2").template(recipe)
-    examples = TaskExamples(recipe.finetune, recipe.tasks, data_dir(recipe), list(partition_for(recipe).train),
+    examples = TaskExamples(recipe.finetune, recipe.tasks, data_dir(recipe),
+                            meta_train_tasks(recipe.finetune, data_dir(recipe), partition_for(recipe), recipe.tasks),
                             template, tok, recipe.seed)
     assert examples.names == ["tiny_length", "tiny_parity", "tiny_sound"]
     colors = {r["output"] for r in json.loads("[" + ",".join(
