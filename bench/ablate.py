@@ -40,6 +40,13 @@ ABLATIONS = {
     # The same with a six times longer stage 1 (600 steps: docs/benchmarks.md has the command).
     "stage1-long": ["finetune.init_from=runs/smollm2-s1long/pretrain"],
     "label-set": ["distiller.anchor=label_set"],
+    "label-set-filled": ["distiller.anchor=label_set_filled"],
+    "remap-all": ["finetune.remap_labels=1"],
+    "lr-half": ["finetune.lr=1e-4"],
+    # every classification task but the test tasks' families, each family drawn alike (fourth session)
+    "all-families": ["finetune.train_tasks=all", "finetune.task_sampling=family"],
+    # twice the distiller's depth; a 6-layer stage-1 distiller does not fit it, so against a base without one
+    "depth12": ["distiller.init_from_llm_layers=12", "finetune.init_from=null"],
     "all-tasks": ["finetune.train_tasks=all"],
     "ema": ["finetune.ema=0.95"],
 }
