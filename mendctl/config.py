@@ -249,8 +249,8 @@ class FinetuneSpec(TrainSpec):
     remap_labels: float = Field(0.0, ge=0, le=1, description="probability that an episode's option strings are "
                                 "replaced by random words, in the demonstrations and the target alike")
     train_tasks: Literal["partition", "all"] = Field(
-        "partition", description="all: every classification task in data_dir with a train_file, except test "
-        "tasks and their families")
+        "partition", description="all: every classification task in data_dir with a train_file, except the test "
+        "and validation tasks and their families")
     task_sampling: Literal["uniform", "proportional", "family"] = Field(
         "uniform", description="how an episode's task is drawn: uniformly, in proportion to its examples, or "
         "uniformly over families (the name before '-'), then over the family's tasks")
