@@ -45,6 +45,10 @@ ABLATIONS = {
     "lr-half": ["finetune.lr=1e-4"],
     # every classification task but the test tasks' families, each family drawn alike (fourth session)
     "all-families": ["finetune.train_tasks=all", "finetune.task_sampling=family"],
+    # KL only at five times the learning rate: fitted vectors agree with ICL far more without the CE
+    "kl-only-lr1e-3": ["finetune.ce_weight=0", "finetune.lr=1e-3"],
+    # between the two: a small CE weight
+    "ce0.3": ["finetune.ce_weight=0.3"],
     # twice the distiller's depth; a 6-layer stage-1 distiller does not fit it, so against a base without one
     "depth12": ["distiller.init_from_llm_layers=12", "finetune.init_from=null"],
     "all-tasks": ["finetune.train_tasks=all"],
