@@ -57,10 +57,12 @@ def meta_train_tasks(spec: FinetuneSpec, data_dir: Path, partition, tasks: Tasks
 
     unseen = set(partition.test).union(tasks.validation, *(load_partition(n).test for n in list_partitions()))
     families = {family(t) for t in unseen}
-    excluded = unseen | {p.name for p in Path(data_dir).iterdir()
-                         if family(p.name) in families and p.name not in partition.train}
+
+    def held_out(name: str) -> bool:
+        return name in unseen or (family(name) in families and name not in partition.train)
+
     names = []
-    for folder in sorted(p for p in Path(data_dir).iterdir() if p.is_dir() and p.name not in excluded):
+    for folder in sorted(p for p in Path(data_dir).iterdir() if p.is_dir() and not held_out(p.name)):
         path = task_file(data_dir, folder.name, spec.train_file)
         if not path.is_file():
             continue
@@ -148,12 +150,13 @@ class TaskExamples:
         self.families: dict[str, list[str]] = {}
         for name in self.names:
             self.families.setdefault(family(name), []).append(name)
+        self.family_names = sorted(self.families)
 
     def _task(self, rng: random.Random) -> str:
         if self.sampling == "proportional":
             return rng.choices(self.names, weights=self.sizes)[0]
         if self.sampling == "family":
-            return rng.choice(self.families[rng.choice(sorted(self.families))])
+            return rng.choice(self.families[rng.choice(self.family_names)])
         return rng.choice(self.names)
 
     def get(self, position: int) -> Example:
