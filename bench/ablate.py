@@ -51,6 +51,9 @@ ABLATIONS = {
     "ce0.3": ["finetune.ce_weight=0.3"],
     # twice the distiller's depth; a 6-layer stage-1 distiller does not fit it, so against a base without one
     "depth12": ["distiller.init_from_llm_layers=12", "finetune.init_from=null"],
+    # Eight queries per set of demonstrations: eight times the queries per step for the distiller's same two sets.
+    "q8": ["finetune.queries_per_episode=8", "finetune.batch_size=16"],
+    "q8-kl-only": ["finetune.queries_per_episode=8", "finetune.batch_size=16", "finetune.ce_weight=0"],
     "all-tasks": ["finetune.train_tasks=all"],
     "ema": ["finetune.ema=0.95"],
 }

@@ -254,6 +254,8 @@ class FinetuneSpec(TrainSpec):
     task_sampling: Literal["uniform", "proportional", "family"] = Field(
         "uniform", description="how an episode's task is drawn: uniformly, in proportion to its examples, or "
         "uniformly over families (the name before '-'), then over the family's tasks")
+    queries_per_episode: int = Field(1, ge=1, description="queries drawn with each set of demonstrations: the "
+                                     "distiller runs once per set, its vectors serve them all; divides batch_size")
 
     @field_validator("train_file")
     @classmethod
@@ -261,6 +263,14 @@ class FinetuneSpec(TrainSpec):
         if "{task}" not in v:
             raise ValueError("must contain {task}")
         return v
+
+    @model_validator(mode="after")
+    def _whole_episodes(self) -> "FinetuneSpec":
+        # A batch that split an episode would run the distiller on its demonstrations twice.
+        if self.batch_size % self.queries_per_episode:
+            raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of queries_per_episode "
+                             f"({self.queries_per_episode})")
+        return self
 
 
 class DistillSpec(Strict):

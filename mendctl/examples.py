@@ -128,20 +128,24 @@ class TextExamples:
 class TaskExamples:
     """Stage 2: a query from a meta-train task and k demonstrations of the same task, excluding it.
 
-    ONE demonstration list, rendered ONCE, feeds both the teacher and the distiller.
+    ONE demonstration list, rendered ONCE, feeds both the teacher and the distiller. With
+    queries_per_episode Q, positions Q e ... Q e + Q - 1 form episode e: one task, one set of
+    demonstrations, one label remapping, and Q distinct queries from outside the set.
     """
 
     def __init__(self, spec: FinetuneSpec, tasks: TasksSpec, data_dir: Path, train_tasks: list[str],
                  template: TemplateSpec, tokenizer, seed: int):
         self.template, self.tokenizer, self.seed, self.k = template, tokenizer, seed, tasks.k
-        self.remap, self.sampling = spec.remap_labels, spec.task_sampling
+        self.remap, self.sampling, self.queries = spec.remap_labels, spec.task_sampling, spec.queries_per_episode
         self.tasks = {}
         # train_tasks come from meta_train_tasks, without the validation tasks: the learning curves
         # score the distiller on tasks it never saw.
+        need = self.k + self.queries
         for task in train_tasks:
             rows = read_examples(task_file(data_dir, task, spec.train_file))
-            if len(rows) < self.k + 1:
-                raise DataError(f"{rows[0]['_where'].rsplit(':', 1)[0]}: {len(rows)} examples, need at least k+1={self.k + 1}")
+            if len(rows) < need:
+                raise DataError(f"{rows[0]['_where'].rsplit(':', 1)[0]}: {len(rows)} examples, need at least "
+                                f"k + queries_per_episode = {need}")
             self.tasks[task] = rows
         self.names = sorted(self.tasks)
         if not self.names:
@@ -160,21 +164,26 @@ class TaskExamples:
         return rng.choice(self.names)
 
     def get(self, position: int) -> Example:
-        rng = random.Random(f"{self.seed}:{position}")
+        episode, j = divmod(position, self.queries)
+        rng = random.Random(f"{self.seed}:{episode}")
         name = self._task(rng)
         rows = self.tasks[name]
         q = rng.randrange(len(rows))
-        demos = [rows[i] for i in rng.sample([i for i in range(len(rows)) if i != q], self.k)]
-        target = rows[q]["output"]
+        picked = rng.sample([i for i in range(len(rows)) if i != q], self.k)
+        demos = [rows[i] for i in picked]
         # Drawn whatever remap_labels is, so that changing it leaves every other draw as it was.
         remap = rng.random() < self.remap
         options = rows[q].get("options") or []
+        mapping = {}
         if remap and 2 <= len(options) <= len(REMAP_WORDS):
             # One consistent mapping for the whole episode: the target is only predictable from
             # the demonstrations' new labels, never from what the distiller remembers of the task.
             mapping = dict(zip(options, rng.sample(REMAP_WORDS, len(options))))
             demos = [{**d, "output": mapping.get(d["output"], d["output"])} for d in demos]
-            target = mapping.get(target, target)
+        if j:  # the episode's other queries, drawn after all of the above: queries_per_episode 1 draws as before
+            taken = {q, *picked}
+            q = rng.sample([i for i in range(len(rows)) if i not in taken], self.queries - 1)[j - 1]
+        target = mapping.get(rows[q]["output"], rows[q]["output"])
         context = render_context(self.template, demos, self.tokenizer)
         if not context:
             raise DataError(f"template.max_context_tokens={self.template.max_context_tokens} leaves room for no "

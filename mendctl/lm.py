@@ -124,6 +124,11 @@ class FrozenLM(nn.Module):
                       ) -> TargetLogits:
         raise NotImplementedError
 
+    def shared_target_logits(self, prefix: torch.Tensor, xs: list[torch.Tensor], ys: list[torch.Tensor],
+                             ) -> TargetLogits:
+        """`target_logits` of several queries after one prefix (a training episode's demonstrations)."""
+        return self.target_logits([prefix] * len(xs), xs, ys)
+
     def prefix_cache(self, prefix: torch.Tensor) -> PrefixCache | None:
         """BOS + `prefix` computed once for the queries that follow it, or None when nothing can be reused."""
         return None
@@ -166,6 +171,27 @@ class CausalLM(FrozenLM):
         example_t = torch.cat(example)
         selected = hidden[example_t, torch.cat(positions)]
         return TargetLogits(self.head(selected), torch.cat(targets), torch.cat(is_y), example_t)
+
+    def shared_target_logits(self, prefix, xs, ys):
+        cached = self.prefix_cache(prefix) if len(xs) > 1 else None
+        tokens = [torch.cat([x, y]) for x, y in zip(xs, ys)]
+        if (cached is None or cached.positions == 0 or self.max_positions is not None
+                and cached.rows + max(t.shape[0] for t in tokens) > self.max_positions):
+            return super().shared_target_logits(prefix, xs, ys)  # a query would cut the prefix: each its own cut
+        device, shared = self.device, cached.positions
+        new = torch.cat([torch.stack([torch.full_like(t, q), torch.full_like(t, -1),
+                                      shared + torch.arange(t.shape[0], device=device)], dim=1)
+                         for q, t in enumerate(tokens)])
+        hidden, _ = self._packed(cached.cache, shared, torch.zeros(0, 3, dtype=torch.long, device=device),
+                                 new, self.embed(torch.cat(tokens)))
+        # Each query's first token is predicted from the prefix's last position, token i from token i - 1.
+        rows, start = [], 0
+        for t in tokens:
+            rows += [cached.last[None], hidden[start: start + t.shape[0] - 1]]
+            start += t.shape[0]
+        is_y = torch.cat([torch.arange(t.shape[0], device=device) >= x.shape[0] for t, x in zip(tokens, xs)])
+        example = torch.cat([torch.full((t.shape[0],), q, device=device) for q, t in enumerate(tokens)])
+        return TargetLogits(self.head(torch.cat(rows)), torch.cat(tokens), is_y, example)
 
     def _packs(self) -> bool:
         """Whether packed queries score as if alone: the attention takes a custom 4D mask as given

@@ -27,6 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .fileio import atomic_path, write_json
+from .lm import TargetLogits
 
 SHARD = 256  # positions per file
 FORMAT = 1   # bump when what a shard holds changes
@@ -67,6 +68,27 @@ def sparsify(logits: torch.Tensor, targets: torch.Tensor, top_k: int, temperatur
 
 def input_hash(ctx: list[int], x: list[int], y: list[int]) -> str:
     return hashlib.sha256(json.dumps([ctx, x, y]).encode()).hexdigest()[:16]
+
+
+def teacher_logits(llm, batch: list) -> TargetLogits:
+    """The LLM reading each example's raw demonstrations before its query, rows in batch order; the
+    examples of one episode (the same demonstrations) share one pass over them."""
+    as_t = lambda ids: torch.tensor(ids, dtype=torch.long, device=llm.device)  # noqa: E731
+    episodes: dict[tuple, list[int]] = {}
+    for i, e in enumerate(batch):
+        episodes.setdefault(tuple(e.ctx), []).append(i)
+    # Examples alone in their episode run padded together, as one batch.
+    groups = [m for m in episodes.values() if len(m) > 1]
+    alone = [m[0] for m in episodes.values() if len(m) == 1]
+    parts = []
+    for members in groups + ([alone] if alone else []):
+        embeds, xs, ys = ([llm.embed(as_t(batch[i].ctx)) for i in members], [as_t(batch[i].x) for i in members],
+                          [as_t(batch[i].y) for i in members])
+        out = llm.target_logits(embeds, xs, ys) if members is alone else llm.shared_target_logits(embeds[0], xs, ys)
+        parts.append(TargetLogits(out.logits, out.targets, out.is_y, torch.tensor(members, device=llm.device)[out.example]))
+    out = TargetLogits(*(torch.cat(ts) for ts in zip(*((p.logits, p.targets, p.is_y, p.example) for p in parts))))
+    order = torch.argsort(out.example, stable=True)
+    return TargetLogits(out.logits[order], out.targets[order], out.is_y[order], out.example[order])
 
 
 class TeacherCache:
@@ -152,10 +174,7 @@ class CachedTeacher:
         missing = self.computed = [i for i, f in enumerate(found) if f is None]
         if missing:
             self.forwards += 1
-            llm = self.llm
-            as_t = lambda ids: torch.tensor(ids, dtype=torch.long, device=llm.device)  # noqa: E731
-            out = llm.target_logits([llm.embed(as_t(batch[i].ctx)) for i in missing],
-                                    [as_t(batch[i].x) for i in missing], [as_t(batch[i].y) for i in missing])
+            out = teacher_logits(self.llm, [batch[i] for i in missing])
             top = sparsify(out.logits, out.targets, self.top_k, self.temperature)
             for j, i in enumerate(missing):
                 found[i] = top.rows(out.example == j)
@@ -213,6 +232,8 @@ def teacher_key(recipe, stage: str, models, template) -> dict:
         # catch it too, but runs that differ in them would then overwrite each other's shards.
         key |= {"template": template.model_dump(mode="json"), "k": recipe.tasks.k, "data": files,
                 "remap_labels": spec.remap_labels, "task_sampling": spec.task_sampling}
+        if spec.queries_per_episode > 1:  # absent at 1, the draw before the key existed: older caches stay valid
+            key["queries_per_episode"] = spec.queries_per_episode
     return key
 
 

@@ -40,7 +40,7 @@ from .losses import ForwardKL, SparseKL, TargetCE
 from .registry import get_backend
 from .resume import trim_metrics, verify_checkpoint
 from .stage import Stage, build_stage
-from .teacher_cache import CachedTeacher, open_teacher
+from .teacher_cache import CachedTeacher, open_teacher, teacher_logits
 
 
 class TrainingDiverged(RuntimeError):
@@ -78,18 +78,22 @@ def step_loss(models: Models, distiller, batch: list[Example], recipe: Recipe, o
     llm, cached = models.llm, objective.cached
     as_t = lambda ids: torch.tensor(ids, dtype=torch.long, device=llm.device)  # noqa: E731
     xs, ys = [as_t(e.x) for e in batch], [as_t(e.y) for e in batch]
-    d_ids, d_mask = distiller_inputs([e.distiller_text for e in batch], models.distiller_tokenizer,
+    # The distiller reads each episode's demonstrations once (queries_per_episode: several queries share them).
+    episodes: dict[tuple, int] = {}
+    episode = [episodes.setdefault((e.distiller_text, tuple(e.ctx)), len(episodes)) for e in batch]
+    firsts = [batch[episode.index(n)] for n in range(len(episodes))]
+    d_ids, d_mask = distiller_inputs([e.distiller_text for e in firsts], models.distiller_tokenizer,
                                      recipe.distiller.max_length, llm.device)
     if cached is None:
         with torch.no_grad():
-            teacher = llm.target_logits([llm.embed(as_t(e.ctx)) for e in batch], xs, ys)
+            teacher = teacher_logits(llm, batch)
     else:
         top = cached(batch, positions)
     anchor, k = recipe.distiller.anchor, recipe.num_vectors
     anchors = None if anchor == "none" else anchor_embeddings(
-        llm, [anchor_ids(anchor, e.ctx, e.labels, k) for e in batch], k)
+        llm, [anchor_ids(anchor, e.ctx, e.labels, k) for e in firsts], k)
     vectors = distiller(d_ids, d_mask, anchors)
-    student = llm.target_logits(list(vectors), xs, ys)
+    student = llm.target_logits([vectors[n] for n in episode], xs, ys)
     ce = TargetCE()
     # Measured even at ce_weight 0: a KL-only run still shows how the student's CE follows ICL's.
     has_y = objective.measure_ce and bool(student.is_y.any())
@@ -104,7 +108,8 @@ def step_loss(models: Models, distiller, batch: list[Example], recipe: Recipe, o
     # tokens/s counts what the models read: a teacher served from the cache read nothing.
     query = lambda e: llm.bos_len + len(e.x) + len(e.y)  # noqa: E731
     taught = batch if cached is None else [batch[i] for i in cached.computed]
-    tokens = int(d_mask.sum()) + sum(map(query, batch)) + sum(len(e.ctx) + query(e) for e in taught)
+    tokens = (int(d_mask.sum()) + sum(map(query, batch)) + sum(map(query, taught))
+              + sum(len(ctx) for ctx in {tuple(e.ctx) for e in taught}))
     return StepStats(loss, kl_loss.item(), ce_loss.item(), teacher_ce, tokens)
 
 

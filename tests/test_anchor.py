@@ -237,3 +237,37 @@ def test_family_sampling_draws_each_family_alike_whatever_its_number_of_tasks(ti
         share[sampling] = sum(tuple(ex.get(p).x) in extra_x for p in range(300)) / 300
     # uniform over 8 tasks: half the episodes from the family of four; over 5 families: a fifth
     assert share["uniform"] > 0.4 and share["family"] < 0.3, share
+
+
+def test_an_episode_of_several_queries_shares_demonstrations_and_labels_and_its_first_query_draws_as_before(
+        tiny, tmp_path):
+    root = tmp_path / "tasks"
+    shutil.copytree("data/tiny/tasks", root)
+    (root / "tiny_extra").mkdir()
+    rows = [{"input": f"word {i}", "output": "xyz"[i % 3], "options": ["x", "y", "z"]} for i in range(30)]
+    (root / "tiny_extra" / "tiny_extra_16384_100_train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = (f"tasks.data_dir={root}", "finetune.remap_labels=0.5")
+    one, four = tiny("llama", *common), tiny("llama", *common, "finetune.queries_per_episode=4")
+    models = get_backend("llama").build(one)
+    single, episodes = _examples(one, models, ["tiny_extra"]), _examples(four, models, ["tiny_extra"])
+    tok = models.llm_tokenizer
+    remapped = checked = 0
+    for episode in range(8):
+        drawn = [episodes.get(4 * episode + j) for j in range(4)]
+        first = single.get(episode)
+        assert (drawn[0].x, drawn[0].y, drawn[0].ctx) == (first.x, first.y, first.ctx)
+        assert all((e.distiller_text, e.ctx, e.labels) == (first.distiller_text, first.ctx, first.labels) for e in drawn)
+        demos = [line.rsplit(" ", 1) for line in first.distiller_text.split("\n")]
+        inputs = [tok.decode(e.x).strip() for e in drawn]
+        assert len(set(inputs)) == 4 and not set(inputs) & {i for i, _ in demos}  # distinct, none a demonstration
+        # one labelling for the episode: each query's target is its row's label under the demonstrations' map
+        mapping = {rows[int(i.split()[1])]["output"]: o for i, o in demos}
+        for e, x in zip(drawn, inputs):
+            label = rows[int(x.split()[1])]["output"]
+            if label in mapping:  # k = 4 demonstrations need not show every label
+                checked += 1
+                assert tok.decode(e.y).strip() == mapping[label]
+        remapped += set(mapping.values()) != set(mapping)
+    assert 0 < remapped < 8 and checked > 16
+    with pytest.raises(RecipeError, match=r"finetune.*multiple of queries_per_episode"):
+        tiny("llama", "finetune.queries_per_episode=3")  # batch_size 4 would split an episode

@@ -184,3 +184,36 @@ def test_latency_per_query_is_its_packs_share_plus_the_prefixs(monkeypatch):
         run = score(llm, torch.randn(30, D), _query_set(_random_queries(5)), gated_mlp=True, pack=3)
     assert run.prefix_seconds == 10
     assert run.seconds == pytest.approx([2 / 3 + 2] * 3 + [1 + 2] * 2)
+
+
+@pytest.mark.parametrize("prefix_len", [0, 7, 40])
+@pytest.mark.parametrize("name", MODELS)
+def test_queries_after_one_shared_prefix_get_the_target_logits_of_each_run_alone(name, prefix_len):
+    llm = MODELS[name]()
+    gen = torch.Generator().manual_seed(prefix_len)
+    prefix = torch.randn(prefix_len, D, generator=gen) * 0.5
+    xs = [torch.randint(3, 100, (n,), generator=gen) for n in (6, 1, 9, 3)]
+    ys = [torch.randint(3, 100, (n,), generator=gen) for n in (1, 4, 2, 1)]
+    if prefix_len + llm.bos_len == 0:  # nothing before a query: its first token has nothing to be predicted from
+        xs, ys = xs[1:], ys[1:]
+    reads = _Reads(llm)
+    with torch.no_grad():
+        shared = llm.shared_target_logits(prefix, xs, ys)
+        packed_reads, reads.positions = reads.positions, 0
+        alone = llm.target_logits([prefix] * len(xs), xs, ys)
+    for field in ("targets", "is_y", "example"):
+        assert torch.equal(getattr(shared, field), getattr(alone, field)), field
+    torch.testing.assert_close(shared.logits, alone.logits, atol=1e-4, rtol=0)
+    if prefix_len + llm.bos_len:  # the prefix ran once, then every query token once
+        assert packed_reads == llm.bos_len + prefix_len + sum(x.shape[0] + y.shape[0] for x, y in zip(xs, ys))
+
+
+def test_a_shared_prefix_that_a_query_would_cut_is_cut_per_query_as_before():
+    llm = _gpt2(positions=16)
+    gen = torch.Generator().manual_seed(0)
+    prefix = torch.randn(10, D, generator=gen)
+    xs, ys = [torch.arange(3, 6), torch.arange(3, 10)], [torch.tensor([5]), torch.tensor([7, 8])]  # 10 + 9 > 16
+    with torch.no_grad():
+        shared = llm.shared_target_logits(prefix, xs, ys)
+        alone = llm.target_logits([prefix] * 2, xs, ys)
+    torch.testing.assert_close(shared.logits, alone.logits)

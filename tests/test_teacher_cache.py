@@ -190,3 +190,48 @@ def test_the_teacher_command_fills_what_training_reads(tiny, teachers, tmp_path)
     off = CliRunner().invoke(cli, ["teacher", "recipes/tiny/gpt2.yaml", "pretrain", f"output_dir={out}",
                                    "pretrain.teacher_cache=false"])
     assert off.exit_code == 2 and "pretrain.teacher_cache is false" in off.output
+
+
+def test_an_episode_of_several_queries_reads_its_demonstrations_once_and_loses_what_each_query_alone_would(tiny):
+    from mendctl.registry import get_backend
+    from mendctl.stage import build_stage
+    from mendctl.teacher_cache import teacher_logits
+    from mendctl.trainer import Objective, step_loss
+
+    recipe = tiny("llama", "finetune.queries_per_episode=2")
+    backend = get_backend("llama")
+    models = backend.build(recipe)
+    examples = build_stage(recipe, "finetune").examples(models, backend.template(recipe))
+    batch = [examples.get(p) for p in range(4)]  # two episodes of two queries
+    assert batch[0].ctx == batch[1].ctx != batch[2].ctx == batch[3].ctx
+    distilled = []
+    models.distiller.register_forward_hook(lambda m, args, out: distilled.append(args[0].shape[0]))
+    objective = Objective(ForwardKL(recipe.finetune.temperature), 1.0, 1.0)
+    together = step_loss(models, models.distiller, batch, recipe, objective)
+    assert distilled == [2]  # one distiller row per episode, not per query
+    alone = [step_loss(models, models.distiller, [e], recipe, objective) for e in batch]
+    rows = [len(e.x) + len(e.y) for e in batch]
+    for field in ("kl", "ce"):
+        weighted = sum(getattr(s, field) * (n if field == "kl" else len(e.y)) for s, n, e in zip(alone, rows, batch))
+        assert getattr(together, field) == pytest.approx(weighted / (sum(rows) if field == "kl" else
+                                                                     sum(len(e.y) for e in batch)), rel=1e-4)
+    # The teacher in any order of the batch: rows come back in batch order, as one forward per example gives.
+    shuffled = [batch[2], batch[0], batch[3], batch[1]]
+    with torch.no_grad():
+        grouped = teacher_logits(models.llm, shuffled)
+        each = [models.llm.target_logits([models.llm.embed(torch.tensor(e.ctx))], [torch.tensor(e.x)],
+                                         [torch.tensor(e.y)]) for e in shuffled]
+    torch.testing.assert_close(grouped.logits, torch.cat([o.logits for o in each]), atol=1e-4, rtol=0)
+    assert grouped.example.tolist() == [i for i, o in enumerate(each) for _ in range(o.targets.shape[0])]
+
+
+def test_runs_with_other_queries_per_episode_keep_their_teachers_apart(tiny, teachers, tmp_path):
+    one = tiny("llama", "finetune.steps=2", f"output_dir={tmp_path / 'one'}")
+    two = tiny("llama", "finetune.steps=2", "finetune.queries_per_episode=2", f"output_dir={tmp_path / 'two'}")
+    for recipe in (one, two):
+        train(recipe, "finetune", console=QUIET)
+        assert len(metrics(recipe)) == 2
+    assert teachers[0].cache.folder != teachers[1].cache.folder
+    assert json.loads((teachers[1].cache.folder / "key.json").read_text())["queries_per_episode"] == 2
+    assert "queries_per_episode" not in json.loads((teachers[0].cache.folder / "key.json").read_text())
+    assert teachers[1].forwards == 2 and teachers[1].cache.misses == 8  # one teacher pass per step, 4 queries each
