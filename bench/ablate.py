@@ -54,6 +54,11 @@ ABLATIONS = {
     # Eight queries per set of demonstrations: eight times the queries per step for the distiller's same two sets.
     "q8": ["finetune.queries_per_episode=8", "finetune.batch_size=16"],
     "q8-kl-only": ["finetune.queries_per_episode=8", "finetune.batch_size=16", "finetune.ce_weight=0"],
+    # The KL where the answer is read: the output's tokens, not the ~26 input tokens that outweigh them (fifth session)
+    "kl-output": ["finetune.kl_on=output"],
+    "kl-output-only": ["finetune.kl_on=output", "finetune.ce_weight=0"],
+    "q8-kl-output-only": ["finetune.queries_per_episode=8", "finetune.batch_size=16", "finetune.kl_on=output",
+                          "finetune.ce_weight=0"],
     "all-tasks": ["finetune.train_tasks=all"],
     "ema": ["finetune.ema=0.95"],
 }

@@ -30,6 +30,8 @@ class Stage:
     # Stage 2's examples end in a target output: the student's CE and ICL's on it are measured, logged
     # and shown even at ce_weight 0. Stage 1's target is only the rest of a text: the KL says it all.
     measures_ce: bool
+    # The KL over the target output's positions only (finetune.kl_on: output), not over the query input's too.
+    kl_on_output: bool = False
 
     @property
     def checkpoints(self) -> Path:
@@ -51,4 +53,5 @@ def build_stage(recipe: Recipe, name: str) -> Stage:
         return Stage(name, spec, recipe, recipe.stage_dir(name), ce_weight=0.0, kl_weight=1.0, start_from=None,
                      follows=None, measures_ce=False)
     return Stage(name, spec, recipe, recipe.stage_dir(name), ce_weight=spec.ce_weight, kl_weight=spec.kl_weight,
-                 start_from=finetune_start(recipe), follows="pretrain", measures_ce=True)
+                 start_from=finetune_start(recipe), follows="pretrain", measures_ce=True,
+                 kl_on_output=spec.kl_on == "output")

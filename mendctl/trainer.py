@@ -65,11 +65,12 @@ class Objective:
     # The teacher's top-k from the cache instead of its forward pass; the KL must then be a SparseKL.
     cached: CachedTeacher | None = None
     measure_ce: bool = True  # False: ce and teacher_ce are logged as 0 (stage 1)
+    output_only: bool = False  # the KL at the output's positions alone
 
     @classmethod
     def for_stage(cls, stage: Stage, cached: CachedTeacher | None) -> Objective:
         kl = SparseKL(stage.spec.temperature) if cached else ForwardKL(stage.spec.temperature)
-        return cls(kl, stage.ce_weight, stage.kl_weight, cached, stage.measures_ce)
+        return cls(kl, stage.ce_weight, stage.kl_weight, cached, stage.measures_ce, stage.kl_on_output)
 
 
 def step_loss(models: Models, distiller, batch: list[Example], recipe: Recipe, objective: Objective,
@@ -97,11 +98,13 @@ def step_loss(models: Models, distiller, batch: list[Example], recipe: Recipe, o
     ce = TargetCE()
     # Measured even at ce_weight 0: a KL-only run still shows how the student's CE follows ICL's.
     has_y = objective.measure_ce and bool(student.is_y.any())
+    kl_rows = student.is_y if objective.output_only else torch.ones_like(student.is_y)
     if cached is None:
-        kl_loss = objective.kl(teacher.logits, student.logits)
+        kl_loss = objective.kl(teacher.logits[kl_rows], student.logits[kl_rows])
         teacher_ce = ce(teacher.logits[teacher.is_y], teacher.targets[teacher.is_y]).item() if has_y else 0.0
     else:
-        kl_loss = objective.kl(top.logp, top.ids, top.log_rest, student.logits)
+        kept = top.rows(kl_rows)
+        kl_loss = objective.kl(kept.logp, kept.ids, kept.log_rest, student.logits[kl_rows])
         teacher_ce = -top.target_logp[student.is_y].mean().item() if has_y else 0.0
     ce_loss = ce(student.logits[student.is_y], student.targets[student.is_y]) if has_y else kl_loss.new_zeros(())
     loss = objective.kl_weight * kl_loss + objective.ce_weight * ce_loss

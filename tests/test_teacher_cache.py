@@ -235,3 +235,39 @@ def test_runs_with_other_queries_per_episode_keep_their_teachers_apart(tiny, tea
     assert json.loads((teachers[1].cache.folder / "key.json").read_text())["queries_per_episode"] == 2
     assert "queries_per_episode" not in json.loads((teachers[0].cache.folder / "key.json").read_text())
     assert teachers[1].forwards == 2 and teachers[1].cache.misses == 8  # one teacher pass per step, 4 queries each
+
+
+def test_kl_on_output_averages_the_kl_over_the_target_tokens_alone_cached_or_not(tiny, tmp_path):
+    from mendctl.registry import get_backend
+    from mendctl.stage import build_stage
+    from mendctl.teacher_cache import CachedTeacher, teacher_logits
+    from mendctl.trainer import Objective, step_loss
+
+    recipe = tiny("llama", "finetune.kl_on=output", ALL)
+    stage, backend = build_stage(recipe, "finetune"), get_backend("llama")
+    assert stage.kl_on_output and not build_stage(tiny("llama"), "finetune").kl_on_output
+    models = backend.build(recipe)
+    models.distiller.eval()
+    positions = [0, 1, 2, 3]
+    batch = [stage.examples(models, backend.template(recipe)).get(p) for p in positions]
+    students, real = [], models.llm.target_logits
+
+    def spy(prefixes, xs, ys):  # keeps the student's rows: the calls whose prefix is the K vectors
+        out = real(prefixes, xs, ys)
+        if prefixes[0].shape[0] == recipe.num_vectors:
+            students.append(out)
+        return out
+
+    models.llm.target_logits = spy
+    with torch.no_grad():
+        exact = step_loss(models, models.distiller, batch, recipe, Objective.for_stage(stage, None))
+        teacher = teacher_logits(models.llm, batch)
+        cached = CachedTeacher(models.llm, TeacherCache(tmp_path / "t"), recipe.finetune.teacher_top_k, 1.0)
+        sparse = step_loss(models, models.distiller, batch, recipe, Objective.for_stage(stage, cached), positions)
+        everywhere = step_loss(models, models.distiller, batch, recipe, Objective(ForwardKL(), 1.0, 1.0))
+    y = students[0].is_y
+    assert 0 < int(y.sum()) < y.shape[0]  # the inputs' tokens are left out, not all rows
+    assert exact.kl == pytest.approx(ForwardKL()(teacher.logits[y], students[0].logits[y]).item(), rel=1e-5)
+    assert sparse.kl == pytest.approx(exact.kl, rel=1e-4)
+    assert everywhere.kl == pytest.approx(ForwardKL()(teacher.logits, students[0].logits).item(), rel=1e-5)
+    assert everywhere.kl != pytest.approx(exact.kl, rel=1e-3)
