@@ -20,25 +20,15 @@ from pathlib import Path
 import torch
 
 from mendctl.anchors import anchor_embeddings
+from mendctl.checkpoint import load_distiller
+from mendctl.distiller import distill
 from mendctl.config import load_recipe
 from mendctl.curves import Validation
 from mendctl.losses import ForwardKL, TargetCE
 from mendctl.prepare import prepare
 from mendctl.provenance import stamp
 from mendctl.registry import get_backend
-from mendctl.render import context_ids, render_context, render_query
-
-
-def episodes(template, demos: list[dict], tok, device):
-    """(teacher context ids, x, y) of each leave-one-out episode of the demonstrations."""
-    as_t = lambda ids: torch.tensor(ids, dtype=torch.long, device=device)
-    out = []
-    for i, d in enumerate(demos):
-        others = demos[:i] + demos[i + 1:]
-        q = render_query(template, d["input"], [d["output"]], tok, after_context=True)
-        out.append((as_t(context_ids(template, render_context(template, others, tok), tok)), as_t(q.x),
-                    as_t(q.options[0])))
-    return out
+from mendctl.refine import leave_one_out
 
 
 def main() -> None:
@@ -49,6 +39,7 @@ def main() -> None:
     ap.add_argument("--every", type=int, default=20)
     ap.add_argument("--set", action="append", default=[], help="key=value recipe override (repeatable)")
     ap.add_argument("--out", type=Path, default=Path("bench/results/vector_ceiling.json"))
+    ap.add_argument("--start", type=Path, help="a trained distiller: start from its vectors, not the anchors")
     args = ap.parse_args()
     recipe = load_recipe(args.recipe, args.set)
     prepare(recipe, "finetune", "finetune")
@@ -58,13 +49,17 @@ def main() -> None:
     spec = recipe.finetune
     validation = Validation(recipe, models, template, spec.eval_queries)
     kl, ce = ForwardKL(spec.temperature), TargetCE()
+    if args.start:
+        load_distiller(models.distiller, args.start)
+        starts = distill(models, validation.contexts, recipe.distiller.max_length, 4, validation.anchors)
     snapshots: dict[int, list[torch.Tensor]] = {}  # step -> each task's vectors then
     for n, qs in enumerate(validation.sets):
-        ctxs, xs, ys = zip(*episodes(template, qs.demos.demos, tok, llm.device))
+        as_t = lambda ids: torch.tensor(ids, dtype=torch.long, device=llm.device)  # noqa: E731
+        ctxs, xs, ys = ([as_t(ids) for ids in part] for part in zip(*leave_one_out(template, qs.demos.demos, tok)))
         with torch.no_grad():
-            teacher = llm.target_logits([llm.embed(c) for c in ctxs], list(xs), list(ys)).logits
-        start = (anchor_embeddings(llm, [validation.anchors[n]], k)[0] if validation.anchors is not None
-                 else torch.zeros(k, llm.hidden_size, dtype=llm.dtype, device=llm.device))
+            teacher = llm.target_logits([llm.embed(c) for c in ctxs], xs, ys).logits
+        start = (starts[n] if args.start else anchor_embeddings(llm, [validation.anchors[n]], k)[0]
+                 if validation.anchors is not None else torch.zeros(k, llm.hidden_size, dtype=llm.dtype, device=llm.device))
         vectors = start.clone().requires_grad_(True)
         opt = torch.optim.Adam([vectors], lr=args.lr)
         for step in range(args.steps + 1):
@@ -72,7 +67,7 @@ def main() -> None:
                 snapshots.setdefault(step, []).append(vectors.detach().clone())
             if step == args.steps:
                 break
-            student = llm.target_logits([vectors] * len(xs), list(xs), list(ys))
+            student = llm.target_logits([vectors] * len(xs), xs, ys)
             loss = spec.kl_weight * kl(teacher, student.logits) + spec.ce_weight * ce(
                 student.logits[student.is_y], student.targets[student.is_y])
             opt.zero_grad()
@@ -81,6 +76,7 @@ def main() -> None:
         print(qs.demos.task, f"fitted: last loss {loss.item():.3f}", flush=True)
     curve = [{"step": step, **validation.score(vectors)} for step, vectors in sorted(snapshots.items())]
     result = {"recipe": args.recipe, "overrides": args.set, "steps": args.steps, "lr": args.lr,
+              "start": str(args.start) if args.start else "anchors",
               "queries_per_task": spec.eval_queries, "validation_tasks": recipe.tasks.validation,
               "curve": curve, **stamp()}
     args.out.parent.mkdir(parents=True, exist_ok=True)

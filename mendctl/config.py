@@ -279,6 +279,9 @@ class FinetuneSpec(TrainSpec):
 class DistillSpec(Strict):
     batch_size: int = Field(8, ge=1)
     checkpoint: ExistingPath | None = Field(None, description="distiller to use; default output_dir/finetune, else output_dir/pretrain")
+    refine_steps: int = Field(0, ge=0, description="Adam steps on each set's vectors after the distiller, on the KL to "
+                              "ICL over leave-one-out episodes of its own demonstrations (0 = none)")
+    refine_lr: float = Field(3e-3, gt=0, description="learning rate of those steps")
 
 
 class EvalSpec(Strict):

@@ -11,6 +11,7 @@ from .backend import Models
 from .config import Recipe, TemplateSpec
 from .distiller import distill
 from .provenance import text_hash
+from .refine import refine
 from .registry import get_backend
 from .scoring import DemoSet, demo_sets
 from .trained import load_trained
@@ -23,7 +24,13 @@ def vectors_metadata(recipe: Recipe, models: Models, distiller_hash: str, templa
             "distiller_hash": distiller_hash, "task": ds.task, "seed": ds.seed, "num_demos": len(ds.demos),
             "demos_hash": text_hash(ds.context), "template": template.model_dump(),
             # Two anchor modes give different vectors from one untrained distiller (same weights hash).
-            "anchor": recipe.distiller.anchor}
+            "anchor": recipe.distiller.anchor, **refined(recipe)}
+
+
+def refined(recipe: Recipe) -> dict:
+    """What a vectors file says of its refinement; nothing when there was none (files made before it stay valid)."""
+    spec = recipe.distill
+    return {"refine_steps": spec.refine_steps, "refine_lr": spec.refine_lr} if spec.refine_steps else {}
 
 
 def _up_to_date(path: Path, meta: dict) -> bool:
@@ -53,8 +60,10 @@ def run_distill(recipe: Recipe, force: bool = False, console: Console | None = N
             anchors = set_anchors(recipe, template, [sets[i] for i in chunk], models.llm_tokenizer)
             vectors = distill(models, [sets[i].context for i in chunk], recipe.distiller.max_length, batch, anchors)
             for i, v in zip(chunk, vectors):
+                v = refine(models.llm, v, sets[i].demos, template, models.llm_tokenizer, recipe.distill.refine_steps,
+                           recipe.distill.refine_lr)
                 save_vectors(vectors_path(recipe, sets[i].task, sets[i].seed), v, metas[i])
-            progress.advance(bar, len(chunk))
+                progress.advance(bar)  # per set: refining one takes longer than distilling a batch
             if not console.is_terminal:
                 console.print(f"distilled {start + len(chunk)}/{len(todo)}")
     paths = [vectors_path(recipe, ds.task, ds.seed) for ds in sets]

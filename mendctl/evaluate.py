@@ -10,7 +10,8 @@ What each method puts before the query (the prefix):
   icl            the LLM's embeddings of the rendered demonstrations
   icl-truncated  the last K of those tokens: ICL with the token budget of K vectors
   mend           the K distilled vectors, read from output_dir/vectors when a file there was made for
-                 this LLM and these demonstrations, else distilled now from the trained distiller
+                 this LLM and these demonstrations, else distilled now from the trained distiller (and
+                 refined on the set's own demonstrations with distill.refine_steps: refine.py)
   llmlingua      the K most informative of those tokens under the LLM (compress.py), once per set
 
 The first three do not depend on the distiller: their scores are cached (eval_cache.py), so a new
@@ -41,6 +42,7 @@ from .registry import get_backend
 from .render import context_ids
 from .results import Agreement, MethodResult, SetResult, TaskResult, mean_agreement, summarize
 from .scoring import DemoSet, MethodRun, QuerySet, demo_sets, option_losses, predicted, query_set, quality, score
+from .refine import refine, refine_flops
 from .trained import UNTRAINED, load_trained
 from .vectors import VectorsMismatch, check_compatible, load_vectors
 from .workspace import data_dir, partition_for, vectors_path
@@ -93,7 +95,8 @@ def _saved_vectors(run: EvalRun, ds: DemoSet) -> tuple[torch.Tensor | None, dict
         return None, {"source": "distilled", "reason": str(e)}
     if vf.metadata["demos_hash"] != text_hash(ds.context):
         return None, {"source": "distilled", "reason": f"{path} was made from other demonstrations"}
-    return vf.vectors, {"source": "file", "path": str(path), "distiller_hash": vf.metadata["distiller_hash"]}
+    return vf.vectors, {"source": "file", "path": str(path), "distiller_hash": vf.metadata["distiller_hash"],
+                        "refine_steps": int(vf.metadata.get("refine_steps", 0))}
 
 
 def _mend_vectors(run: EvalRun, sets: list[DemoSet], console: Console) -> dict[str, MendVectors]:
@@ -116,10 +119,14 @@ def _mend_vectors(run: EvalRun, sets: list[DemoSet], console: Console) -> dict[s
         key = f"{ds.task}/{ds.seed}"
         vectors, source = saved[key]
         if vectors is None:
-            vectors, source = made[key], source | {"distiller_hash": distiller_hash}
+            vectors, source = made[key], source | {"distiller_hash": distiller_hash,
+                                                   "refine_steps": recipe.distill.refine_steps}
         read = tokens_read(models, ds.context, recipe.distiller.max_length)
-        cost = flops.distill_flops(models.distiller.body.config, read, models.distiller.num_vectors,
-                                   causal=models.distiller.causal, gated_mlp=models.gated_mlp)
+        llm = models.llm
+        cost = (flops.distill_flops(models.distiller.body.config, read, models.distiller.num_vectors,
+                                    causal=models.distiller.causal, gated_mlp=models.gated_mlp)
+                + refine_flops(llm.model.config, recipe.num_vectors, ds.demos, run.template, models.llm_tokenizer,
+                               source["refine_steps"], llm.is_encoder_decoder, models.gated_mlp))
         out[key] = MendVectors(vectors.to(models.llm.device, models.llm.dtype), source, cost)
     return out
 
@@ -131,7 +138,9 @@ def _distill_now(run: EvalRun, todo: list[DemoSet]) -> dict[str, torch.Tensor]:
     anchors = set_anchors(recipe, run.template, todo, run.models.llm_tokenizer)
     vectors = distill(run.models, [ds.context for ds in todo], recipe.distiller.max_length, recipe.eval.batch_size,
                      anchors)
-    return {f"{ds.task}/{ds.seed}": v for ds, v in zip(todo, vectors)}
+    tok, spec = run.models.llm_tokenizer, recipe.distill
+    return {f"{ds.task}/{ds.seed}": refine(run.models.llm, v, ds.demos, run.template, tok, spec.refine_steps,
+                                           spec.refine_lr) for ds, v in zip(todo, vectors)}
 
 
 def _compressed(qs: QuerySet, models: Models, template: TemplateSpec, k: int) -> dict[str, Compressed]:

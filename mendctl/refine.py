@@ -1,0 +1,63 @@
+"""Distilled vectors refined on their own demonstrations (distill.refine_steps).
+
+A few Adam steps on the vectors alone, after the distiller made them: on leave-one-out episodes of
+the set's k demonstrations (the query is demonstration i, the teacher is the LLM reading the other
+k - 1 as ICL), the LLM reading the vectors is brought closer to the LLM reading the demonstrations,
+by the KL over every query token. It needs the demonstrations and nothing else, runs once per set,
+and a query then costs what it cost before; the one-off cost is `refine_flops`.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import flops
+from .config import TemplateSpec
+from .losses import ForwardKL
+from .render import context_ids, render_context, render_query
+
+
+def leave_one_out(template: TemplateSpec, demos: list[dict], tokenizer) -> list[tuple[list[int], list[int], list[int]]]:
+    """(teacher context ids, x, y) of each demonstration as the query, the others as its context."""
+    out = []
+    for i, d in enumerate(demos):
+        others = demos[:i] + demos[i + 1:]
+        q = render_query(template, d["input"], [d["output"]], tokenizer, after_context=True)
+        out.append((context_ids(template, render_context(template, others, tokenizer), tokenizer), q.x, q.options[0]))
+    return out
+
+
+def refine(llm, vectors: torch.Tensor, demos: list[dict], template: TemplateSpec, tokenizer, steps: int,
+           lr: float) -> torch.Tensor:
+    """`vectors` [K, d] after `steps` Adam steps on the KL to ICL over the demonstrations' episodes."""
+    if steps == 0 or len(demos) < 2:  # one demonstration leaves no context to learn from
+        return vectors
+    as_t = lambda ids: torch.tensor(ids, dtype=torch.long, device=llm.device)  # noqa: E731
+    ctxs, xs, ys = zip(*leave_one_out(template, demos, tokenizer))
+    xs, ys = [as_t(x) for x in xs], [as_t(y) for y in ys]
+    kl = ForwardKL()
+    with torch.no_grad():
+        teacher = llm.target_logits([llm.embed(as_t(c)) for c in ctxs], xs, ys).logits
+    fitted = vectors.detach().to(llm.dtype).clone().requires_grad_(True)
+    opt = torch.optim.Adam([fitted], lr=lr)
+    with torch.enable_grad():
+        for _ in range(steps):
+            loss = kl(teacher, llm.target_logits([fitted] * len(xs), xs, ys).logits)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return fitted.detach()
+
+
+def refine_flops(llm_config, num_vectors: int, demos: list[dict], template: TemplateSpec, tokenizer, steps: int,
+                 is_encoder_decoder: bool, gated_mlp: bool) -> float:
+    """What `refine` costs once per set: the teacher on each episode once, then per step the student's
+    forward and backward (taken as twice the forward) on every episode."""
+    if steps == 0 or len(demos) < 2:
+        return 0.0
+    episodes = leave_one_out(template, demos, tokenizer)
+
+    def forward(prefix: int, x: list[int], y: list[int]) -> float:
+        return flops.llm_query_flops(llm_config, prefix, len(x), [len(y)], is_encoder_decoder, gated_mlp)
+
+    teacher = sum(forward(len(c), x, y) for c, x, y in episodes)
+    return teacher + steps * 3 * sum(forward(num_vectors, x, y) for _, x, y in episodes)

@@ -1,0 +1,79 @@
+"""distill.refine_steps: vectors fitted to their own demonstrations after the distiller."""
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from mendctl import flops, load_vectors
+from mendctl.cli import cli
+from mendctl.losses import ForwardKL
+from mendctl.refine import leave_one_out, refine, refine_flops
+from mendctl.registry import get_backend
+from mendctl.scoring import demo_sets
+
+
+@pytest.mark.parametrize("backend", ["llama", "t5"])
+def test_refining_lowers_the_kl_to_icl_on_the_demonstrations_and_leaves_the_llm_alone(tiny, backend):
+    recipe = tiny(backend)
+    models, template = get_backend(backend).build(recipe), get_backend(backend).template(recipe)
+    llm, tok = models.llm, models.llm_tokenizer
+    ds = demo_sets(recipe, template, tok)[0]
+    episodes = leave_one_out(template, ds.demos, tok)
+    assert len(episodes) == len(ds.demos) and all(ds.demos[0]["input"] not in tok.decode(c) for c, _, _ in episodes[:1])
+    as_t = lambda ids: torch.tensor(ids, dtype=torch.long)  # noqa: E731
+    xs, ys = [as_t(x) for _, x, _ in episodes], [as_t(y) for _, _, y in episodes]
+    with torch.no_grad():
+        teacher = llm.target_logits([llm.embed(as_t(c)) for c, _, _ in episodes], xs, ys).logits
+
+    def kl(v):
+        with torch.no_grad():
+            return ForwardKL()(teacher, llm.target_logits([v] * len(xs), xs, ys).logits).item()
+
+    torch.manual_seed(0)
+    start = torch.randn(recipe.num_vectors, llm.hidden_size) * 0.1
+    before = {k: v.clone() for k, v in llm.model.state_dict().items()}
+    assert refine(llm, start, ds.demos, template, tok, 0, 1e-2) is start
+    fitted = refine(llm, start, ds.demos, template, tok, 10, 1e-2)
+    assert kl(fitted) < 0.8 * kl(start)
+    assert not fitted.requires_grad and all(torch.equal(v, llm.model.state_dict()[k]) for k, v in before.items())
+    assert refine(llm, start, ds.demos[:1], template, tok, 10, 1e-2) is start  # one demonstration: no episode
+    config, ed = llm.model.config, llm.is_encoder_decoder
+
+    def query(prefix, x, y):
+        return flops.llm_query_flops(config, prefix, len(x), [len(y)], ed, models.gated_mlp)
+
+    teacher = sum(query(len(c), x, y) for c, x, y in episodes)
+    student = sum(query(recipe.num_vectors, x, y) for _, x, y in episodes)
+    assert teacher > student > 0
+    for steps in (1, 10):  # the teacher once, the student's forward and backward (3 forwards) per step
+        assert refine_flops(config, recipe.num_vectors, ds.demos, template, tok, steps, ed, models.gated_mlp) == \
+            pytest.approx(teacher + 3 * steps * student)
+    assert refine_flops(config, recipe.num_vectors, ds.demos, template, tok, 0, ed, models.gated_mlp) == 0
+
+
+def test_distill_and_eval_refine_record_it_and_count_its_cost(tmp_path):
+    out = tmp_path / "run"
+    base = ["recipes/tiny/llama.yaml", f"output_dir={out}"]
+    runner = CliRunner()
+    assert runner.invoke(cli, ["finetune", *base, "finetune.steps=1"]).exit_code == 0
+    assert runner.invoke(cli, ["distill", *base]).exit_code == 0
+    path = out / "vectors" / "tiny_sentiment" / "100.safetensors"
+    plain = load_vectors(path)
+    assert "refine_steps" not in plain.metadata
+    result = runner.invoke(cli, ["distill", *base, "distill.refine_steps=3"])
+    assert result.exit_code == 0, result.output
+    assert "already up to date" not in result.output  # a refined file is not the plain one
+    fitted = load_vectors(path)
+    assert fitted.metadata["refine_steps"] == "3" and not torch.equal(fitted.vectors, plain.vectors)
+    costs = {}
+    for steps in (0, 3):
+        for f in (out / "vectors").rglob("*.safetensors"):
+            f.unlink()  # eval distils (and refines) on the fly
+        result = runner.invoke(cli, ["eval", *base, f"distill.refine_steps={steps}", "eval.methods=[mend]",
+                                     "eval.cache=false"])
+        assert result.exit_code == 0, result.output
+        costs[steps] = json.loads((out / "eval" / "results.json").read_text())
+    per_set = [c["aggregate"]["mend"]["distill_flops_per_set"] for c in (costs[0], costs[3])]
+    assert per_set[1] > per_set[0] > 0
+    assert {s["refine_steps"] for s in costs[3]["vectors"]["sources"].values()} == {3}
