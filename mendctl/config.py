@@ -282,6 +282,9 @@ class DistillSpec(Strict):
     refine_steps: int = Field(0, ge=0, description="Adam steps on each set's vectors after the distiller, on the KL to "
                               "ICL over leave-one-out episodes of its own demonstrations (0 = none)")
     refine_lr: float = Field(3e-3, gt=0, description="learning rate of those steps")
+    refine_from: Literal["distiller", "anchors"] = Field(
+        "distiller", description="what the steps start from: the distiller's vectors, or the anchors alone (the "
+        "LLM's embeddings of distiller.anchor's tokens; no distiller is run)")
 
 
 class EvalSpec(Strict):
@@ -313,6 +316,12 @@ class Recipe(Strict):
         if isinstance(v, str) and not v.strip():
             raise ValueError("must not be empty (it would mean the working directory)")
         return v
+
+    @model_validator(mode="after")
+    def _refining_from_anchors_needs_them(self) -> "Recipe":
+        if self.distill.refine_from == "anchors" and self.distiller.anchor == "none":
+            raise ValueError("distill.refine_from: anchors needs anchors: set distiller.anchor")
+        return self
 
     @model_validator(mode="after")
     def _curves_need_validation_tasks(self) -> "Recipe":

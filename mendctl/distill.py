@@ -6,12 +6,10 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import Progress
 
-from .anchors import set_anchors
 from .backend import Models
 from .config import Recipe, TemplateSpec
-from .distiller import distill
 from .provenance import text_hash
-from .refine import refine
+from .refine import set_vectors
 from .registry import get_backend
 from .scoring import DemoSet, demo_sets
 from .trained import load_trained
@@ -30,7 +28,8 @@ def vectors_metadata(recipe: Recipe, models: Models, distiller_hash: str, templa
 def refined(recipe: Recipe) -> dict:
     """What a vectors file says of its refinement; nothing when there was none (files made before it stay valid)."""
     spec = recipe.distill
-    return {"refine_steps": spec.refine_steps, "refine_lr": spec.refine_lr} if spec.refine_steps else {}
+    return ({"refine_steps": spec.refine_steps, "refine_lr": spec.refine_lr, "refine_from": spec.refine_from}
+            if spec.refine_steps or spec.refine_from != "distiller" else {})
 
 
 def _up_to_date(path: Path, meta: dict) -> bool:
@@ -52,20 +51,14 @@ def run_distill(recipe: Recipe, force: bool = False, console: Console | None = N
     todo = [i for i, m in enumerate(metas) if force or not _up_to_date(vectors_path(recipe, sets[i].task, sets[i].seed), m)]
     if len(todo) < len(sets):
         console.print(f"{len(sets) - len(todo)} vectors file(s) already up to date (use --force to redo them)")
-    batch = recipe.distill.batch_size
     with Progress(console=console) as progress:
         bar = progress.add_task("distilling", total=len(todo))
-        for start in range(0, len(todo), batch):
-            chunk = todo[start:start + batch]
-            anchors = set_anchors(recipe, template, [sets[i] for i in chunk], models.llm_tokenizer)
-            vectors = distill(models, [sets[i].context for i in chunk], recipe.distiller.max_length, batch, anchors)
-            for i, v in zip(chunk, vectors):
-                v = refine(models.llm, v, sets[i].demos, template, models.llm_tokenizer, recipe.distill.refine_steps,
-                           recipe.distill.refine_lr)
-                save_vectors(vectors_path(recipe, sets[i].task, sets[i].seed), v, metas[i])
-                progress.advance(bar)  # per set: refining one takes longer than distilling a batch
+        vectors = set_vectors(recipe, models, template, [sets[i] for i in todo], recipe.distill.batch_size)
+        for n, (i, v) in enumerate(zip(todo, vectors), 1):
+            save_vectors(vectors_path(recipe, sets[i].task, sets[i].seed), v, metas[i])
+            progress.advance(bar)  # per set: refining one takes longer than distilling a batch
             if not console.is_terminal:
-                console.print(f"distilled {start + len(chunk)}/{len(todo)}")
+                console.print(f"distilled {n}/{len(todo)}")
     paths = [vectors_path(recipe, ds.task, ds.seed) for ds in sets]
     console.print(f"[green]{len(paths)} vectors file(s)[/] in {recipe.output_dir / 'vectors'}")
     return paths

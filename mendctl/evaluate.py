@@ -34,15 +34,14 @@ from .compress import NOTE, SEGMENT_TOKENS, Compressed, compress
 from .backend import Models
 from .bootstrap import Paired, paired_bootstrap
 from .config import Recipe, TemplateSpec, resolved_dict
-from .anchors import set_anchors
-from .distiller import distill, tokens_read
+from .distiller import tokens_read
 from .partitions import Partition
 from .provenance import models_stamp, stamp, text_hash
 from .registry import get_backend
 from .render import context_ids
 from .results import Agreement, MethodResult, SetResult, TaskResult, mean_agreement, summarize
 from .scoring import DemoSet, MethodRun, QuerySet, demo_sets, option_losses, predicted, query_set, quality, score
-from .refine import refine, refine_flops
+from .refine import refine_flops, set_vectors
 from .trained import UNTRAINED, load_trained
 from .vectors import VectorsMismatch, check_compatible, load_vectors
 from .workspace import data_dir, partition_for, vectors_path
@@ -96,7 +95,8 @@ def _saved_vectors(run: EvalRun, ds: DemoSet) -> tuple[torch.Tensor | None, dict
     if vf.metadata["demos_hash"] != text_hash(ds.context):
         return None, {"source": "distilled", "reason": f"{path} was made from other demonstrations"}
     return vf.vectors, {"source": "file", "path": str(path), "distiller_hash": vf.metadata["distiller_hash"],
-                        "refine_steps": int(vf.metadata.get("refine_steps", 0))}
+                        "refine_steps": int(vf.metadata.get("refine_steps", 0)),
+                        "refine_from": vf.metadata.get("refine_from", "distiller")}
 
 
 def _mend_vectors(run: EvalRun, sets: list[DemoSet], console: Console) -> dict[str, MendVectors]:
@@ -120,11 +120,13 @@ def _mend_vectors(run: EvalRun, sets: list[DemoSet], console: Console) -> dict[s
         vectors, source = saved[key]
         if vectors is None:
             vectors, source = made[key], source | {"distiller_hash": distiller_hash,
-                                                   "refine_steps": recipe.distill.refine_steps}
+                                                   "refine_steps": recipe.distill.refine_steps,
+                                                   "refine_from": recipe.distill.refine_from}
         read = tokens_read(models, ds.context, recipe.distiller.max_length)
         llm = models.llm
-        cost = (flops.distill_flops(models.distiller.body.config, read, models.distiller.num_vectors,
-                                    causal=models.distiller.causal, gated_mlp=models.gated_mlp)
+        distilled = source["refine_from"] == "distiller"  # from the anchors no distiller ran
+        cost = (distilled * flops.distill_flops(models.distiller.body.config, read, models.distiller.num_vectors,
+                                                causal=models.distiller.causal, gated_mlp=models.gated_mlp)
                 + refine_flops(llm.model.config, recipe.num_vectors, ds.demos, run.template, models.llm_tokenizer,
                                source["refine_steps"], llm.is_encoder_decoder, models.gated_mlp))
         out[key] = MendVectors(vectors.to(models.llm.device, models.llm.dtype), source, cost)
@@ -134,13 +136,8 @@ def _mend_vectors(run: EvalRun, sets: list[DemoSet], console: Console) -> dict[s
 def _distill_now(run: EvalRun, todo: list[DemoSet]) -> dict[str, torch.Tensor]:
     if not todo:
         return {}
-    recipe = run.recipe
-    anchors = set_anchors(recipe, run.template, todo, run.models.llm_tokenizer)
-    vectors = distill(run.models, [ds.context for ds in todo], recipe.distiller.max_length, recipe.eval.batch_size,
-                     anchors)
-    tok, spec = run.models.llm_tokenizer, recipe.distill
-    return {f"{ds.task}/{ds.seed}": refine(run.models.llm, v, ds.demos, run.template, tok, spec.refine_steps,
-                                           spec.refine_lr) for ds, v in zip(todo, vectors)}
+    vectors = set_vectors(run.recipe, run.models, run.template, todo, run.recipe.eval.batch_size)
+    return {f"{ds.task}/{ds.seed}": v for ds, v in zip(todo, vectors)}
 
 
 def _compressed(qs: QuerySet, models: Models, template: TemplateSpec, k: int) -> dict[str, Compressed]:

@@ -4,14 +4,20 @@ A few Adam steps on the vectors alone, after the distiller made them: on leave-o
 the set's k demonstrations (the query is demonstration i, the teacher is the LLM reading the other
 k - 1 as ICL), the LLM reading the vectors is brought closer to the LLM reading the demonstrations,
 by the KL over every query token. It needs the demonstrations and nothing else, runs once per set,
-and a query then costs what it cost before; the one-off cost is `refine_flops`.
+and a query then costs what it cost before; the one-off cost is `refine_flops`. With
+distill.refine_from: anchors the steps start from the anchors' embeddings and no distiller runs:
+vectors fitted to each set alone, a per-set prompt tuning.
 """
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import torch
 
 from . import flops
-from .config import TemplateSpec
+from .anchors import anchor_embeddings, set_anchors
+from .config import Recipe, TemplateSpec
+from .distiller import distill
 from .losses import ForwardKL
 from .render import context_ids, render_context, render_query
 
@@ -61,3 +67,16 @@ def refine_flops(llm_config, num_vectors: int, demos: list[dict], template: Temp
 
     teacher = sum(forward(len(c), x, y) for c, x, y in episodes)
     return teacher + steps * 3 * sum(forward(num_vectors, x, y) for _, x, y in episodes)
+
+
+def set_vectors(recipe: Recipe, models, template: TemplateSpec, sets: list, batch_size: int) -> Iterator[torch.Tensor]:
+    """Each demonstration set's vectors as `mendctl distill` writes them and `mendctl eval` makes them
+    when no file has them: distilled (or the anchors) a batch at a time, then refined, set by set."""
+    spec, tok = recipe.distill, models.llm_tokenizer
+    for start in range(0, len(sets), batch_size):
+        chunk = sets[start:start + batch_size]
+        anchors = set_anchors(recipe, template, chunk, tok)
+        starts = (list(anchor_embeddings(models.llm, anchors, recipe.num_vectors)) if spec.refine_from == "anchors"
+                  else distill(models, [ds.context for ds in chunk], recipe.distiller.max_length, batch_size, anchors))
+        for ds, v in zip(chunk, starts):
+            yield refine(models.llm, v, ds.demos, template, tok, spec.refine_steps, spec.refine_lr)

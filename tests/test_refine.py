@@ -77,3 +77,34 @@ def test_distill_and_eval_refine_record_it_and_count_its_cost(tmp_path):
     per_set = [c["aggregate"]["mend"]["distill_flops_per_set"] for c in (costs[0], costs[3])]
     assert per_set[1] > per_set[0] > 0
     assert {s["refine_steps"] for s in costs[3]["vectors"]["sources"].values()} == {3}
+
+
+def test_refining_from_the_anchors_runs_no_distiller_and_starts_at_their_embeddings(tmp_path, tiny):
+    from mendctl.anchors import anchor_embeddings, set_anchors
+    from mendctl.config import RecipeError
+
+    out = tmp_path / "run"
+    base = ["recipes/tiny/llama.yaml", f"output_dir={out}", "distiller.anchor=labels"]
+    runner = CliRunner()
+    assert runner.invoke(cli, ["finetune", *base, "finetune.steps=1"]).exit_code == 0
+    recipe = tiny("llama", "distiller.anchor=labels")
+    models, template = get_backend("llama").build(recipe), get_backend("llama").template(recipe)
+    ds = demo_sets(recipe, template, models.llm_tokenizer)[0]
+    anchors = anchor_embeddings(models.llm, set_anchors(recipe, template, [ds], models.llm_tokenizer),
+                                recipe.num_vectors)[0]
+    path = out / "vectors" / ds.task / f"{ds.seed}.safetensors"
+    steps = {}
+    for n in (0, 2):
+        result = runner.invoke(cli, ["distill", *base, "distill.refine_from=anchors", f"distill.refine_steps={n}"])
+        assert result.exit_code == 0, result.output
+        steps[n] = load_vectors(path)
+        assert steps[n].metadata["refine_from"] == "anchors"
+    assert torch.equal(steps[0].vectors, anchors) and not torch.equal(steps[2].vectors, anchors)
+    for f in (out / "vectors").rglob("*.safetensors"):
+        f.unlink()  # eval makes them on the fly
+    result = runner.invoke(cli, ["eval", *base, "distill.refine_from=anchors", "distill.refine_steps=0",
+                                 "eval.methods=[mend]", "eval.cache=false"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "eval" / "results.json").read_text())["aggregate"]["mend"]["distill_flops_per_set"] == 0
+    with pytest.raises(RecipeError, match="refine_from: anchors needs anchors"):
+        tiny("llama", "distiller.anchor=none", "distill.refine_from=anchors")
