@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "mendctl"
 FLOORS = {
     1: {"cli", "__main__"},
     2: COMMANDS,
-    3: {"backend", "lm", "distiller", "adapters", "anchors", "tokenizer", "model_sources", "render",
+    3: {"backend", "lm", "distiller", "refine", "adapters", "anchors", "tokenizer", "model_sources", "render",
         "examples", "losses", "averaging", "teacher_cache", "checkpoint", "resume", "curves", "stage", "padding",
         "scoring", "metrics", "bootstrap", "flops", "compress", "eval_cache", "results", "report",
         "workspace", "prepare", "trained", "vectors", "provenance", "fileio", "lock"},
