@@ -124,11 +124,13 @@ def _mend_vectors(run: EvalRun, sets: list[DemoSet], console: Console) -> dict[s
                                                    "refine_from": recipe.distill.refine_from}
         read = tokens_read(models, ds.context, recipe.distiller.max_length)
         llm = models.llm
-        distilled = source["refine_from"] == "distiller"  # from the anchors no distiller ran
-        cost = (distilled * flops.distill_flops(models.distiller.body.config, read, models.distiller.num_vectors,
-                                                causal=models.distiller.causal, gated_mlp=models.gated_mlp)
-                + refine_flops(llm.model.config, recipe.num_vectors, ds.demos, run.template, models.llm_tokenizer,
-                               source["refine_steps"], llm.is_encoder_decoder, models.gated_mlp))
+        # From the anchors no distiller ran: the refinement is the whole cost.
+        distilled = (flops.distill_flops(models.distiller.body.config, read, models.distiller.num_vectors,
+                                         causal=models.distiller.causal, gated_mlp=models.gated_mlp)
+                     if source["refine_from"] == "distiller" else 0.0)
+        cost = distilled + refine_flops(llm.model.config, recipe.num_vectors, ds.demos, run.template,
+                                        models.llm_tokenizer, source["refine_steps"], llm.is_encoder_decoder,
+                                        models.gated_mlp)
         out[key] = MendVectors(vectors.to(models.llm.device, models.llm.dtype), source, cost)
     return out
 
