@@ -82,9 +82,11 @@ def teacher_logits(llm, batch: list) -> TargetLogits:
     alone = [m[0] for m in episodes.values() if len(m) == 1]
     parts = []
     for members in groups + ([alone] if alone else []):
-        embeds, xs, ys = ([llm.embed(as_t(batch[i].ctx)) for i in members], [as_t(batch[i].x) for i in members],
-                          [as_t(batch[i].y) for i in members])
-        out = llm.target_logits(embeds, xs, ys) if members is alone else llm.shared_target_logits(embeds[0], xs, ys)
+        xs, ys = [as_t(batch[i].x) for i in members], [as_t(batch[i].y) for i in members]
+        if members is alone:
+            out = llm.target_logits([llm.embed(as_t(batch[i].ctx)) for i in members], xs, ys)
+        else:  # one episode: its demonstrations embedded once, for the shared prefix
+            out = llm.shared_target_logits(llm.embed(as_t(batch[members[0]].ctx)), xs, ys)
         parts.append(TargetLogits(out.logits, out.targets, out.is_y, torch.tensor(members, device=llm.device)[out.example]))
     out = TargetLogits(*(torch.cat(ts) for ts in zip(*((p.logits, p.targets, p.is_y, p.example) for p in parts))))
     order = torch.argsort(out.example, stable=True)

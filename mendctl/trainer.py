@@ -98,13 +98,14 @@ def step_loss(models: Models, distiller, batch: list[Example], recipe: Recipe, o
     ce = TargetCE()
     # Measured even at ce_weight 0: a KL-only run still shows how the student's CE follows ICL's.
     has_y = objective.measure_ce and bool(student.is_y.any())
-    kl_rows = student.is_y if objective.output_only else torch.ones_like(student.is_y)
+    # kl_on: output keeps the output's rows; the default takes every row as it is, with no copy of the logits.
+    student_kl = student.logits[student.is_y] if objective.output_only else student.logits
     if cached is None:
-        kl_loss = objective.kl(teacher.logits[kl_rows], student.logits[kl_rows])
+        kl_loss = objective.kl(teacher.logits[teacher.is_y] if objective.output_only else teacher.logits, student_kl)
         teacher_ce = ce(teacher.logits[teacher.is_y], teacher.targets[teacher.is_y]).item() if has_y else 0.0
     else:
-        kept = top.rows(kl_rows)
-        kl_loss = objective.kl(kept.logp, kept.ids, kept.log_rest, student.logits[kl_rows])
+        kept = top.rows(student.is_y) if objective.output_only else top
+        kl_loss = objective.kl(kept.logp, kept.ids, kept.log_rest, student_kl)
         teacher_ce = -top.target_logp[student.is_y].mean().item() if has_y else 0.0
     ce_loss = ce(student.logits[student.is_y], student.targets[student.is_y]) if has_y else kl_loss.new_zeros(())
     loss = objective.kl_weight * kl_loss + objective.ce_weight * ce_loss
