@@ -1,7 +1,7 @@
 """Stage-2 ablations on the validation tasks: one recipe key changed at a time, learning curves compared.
 
     .venv/bin/python bench/ablate.py RECIPE --stop-at 100 [--only NAME ...] [--base METRICS] [--plot PNG]
-                                     [--tag TAG] [key=value ...]
+                                     [--tag TAG] [--reuse] [key=value ...]
 
 Each ablation is `mendctl finetune RECIPE key=value ... <its keys>` into runs/ablations/NAME,
 with the recipe's own schedule (its `finetune.steps`: the learning rate at step N is the long run's),
@@ -9,7 +9,9 @@ stopped once its validation point at `--stop-at` is logged. The base is the reci
 long run's own curve (`--base` its metrics.jsonl) or, without `--base`, a run like the others.
 Writes bench/results/ablations.json (the curves and the keys of each run) and prints a markdown table.
 `--tag TAG` keeps a second series apart (another validation set, say): runs/ablations-TAG/NAME and
-bench/results/ablations-TAG.json.
+bench/results/ablations-TAG.json. `--reuse` reads a run already logged to `--stop-at` instead of
+training it again, so that several invocations can run in parallel (each with its own tag) and one
+table gather them once their folders are moved under one tag.
 """
 from __future__ import annotations
 
@@ -72,9 +74,14 @@ def _curve(metrics: Path) -> list[dict]:
             for r in lines if "val_kl" in r]
 
 
-def _run(recipe_path: str, keys: list[str], out: Path, stop_at: int) -> list[dict]:
-    """Trains until the validation point at `stop_at` is logged, then stops the run (its rest is not needed)."""
+def _run(recipe_path: str, keys: list[str], out: Path, stop_at: int, reuse: bool = False) -> list[dict]:
+    """Trains until the validation point at `stop_at` is logged, then stops the run (its rest is not needed).
+
+    With `reuse`, a run whose metrics already reach `stop_at` is read instead of trained again."""
     metrics = out / "finetune" / "metrics.jsonl"
+    if reuse and any(r["step"] >= stop_at for r in _curve(metrics)):
+        print(f"{out}: already at step {stop_at}, read", flush=True)
+        return [r for r in _curve(metrics) if r["step"] <= stop_at]
     cmd = [str(Path(sys.executable).parent / "mendctl"), "finetune", recipe_path, *keys, f"output_dir={out}", "--restart"]
     print(" ".join(cmd), flush=True)
     out.mkdir(parents=True, exist_ok=True)
@@ -135,6 +142,9 @@ def main() -> None:
     ap.add_argument("--base", type=Path, help="the unchanged recipe's metrics.jsonl (the long run) instead of a run")
     ap.add_argument("--plot", type=Path, help="also draw the curves into this PNG")
     ap.add_argument("--tag", help="a separate series: runs/ablations-TAG/ and bench/results/ablations-TAG.json")
+    ap.add_argument("--reuse", action="store_true",
+                    help="read, not rerun, a run whose metrics already reach --stop-at (an interrupted invocation, "
+                         "or runs made in parallel by other invocations and moved into this series' folder)")
     args = ap.parse_args()
     suffix = f"-{args.tag}" if args.tag else ""
     results_file, runs_dir = Path(f"bench/results/ablations{suffix}.json"), Path(f"runs/ablations{suffix}")
@@ -149,10 +159,10 @@ def main() -> None:
     for name in ["base", *(args.only if args.only is not None else ABLATIONS)]:
         if name == "base":
             curve = (_curve(args.base) if args.base else
-                     _run(args.recipe, args.overrides, runs_dir / "base", args.stop_at))
+                     _run(args.recipe, args.overrides, runs_dir / "base", args.stop_at, args.reuse))
             curve = [r for r in curve if r["step"] <= args.stop_at]
         else:
-            curve = _run(args.recipe, [*args.overrides, *ABLATIONS[name]], runs_dir / name, args.stop_at)
+            curve = _run(args.recipe, [*args.overrides, *ABLATIONS[name]], runs_dir / name, args.stop_at, args.reuse)
         runs[name] = {"keys": ABLATIONS.get(name, []), "curve": curve}
         results_file.parent.mkdir(parents=True, exist_ok=True)
         results_file.write_text(json.dumps(results, indent=2) + "\n")
