@@ -176,20 +176,31 @@ class TasksSpec(Strict):
         return self
 
     @model_validator(mode="after")
-    def _validation_in_train(self) -> "TasksSpec":
+    def _validation_on_the_train_side(self) -> "TasksSpec":
         if not self.validation:
             return self
+        from .partitions import load_partition, on_test_side
+
+        if len(set(self.validation)) != len(self.validation):
+            raise ValueError("validation lists a task more than once")
+        if test := [t for t in self.validation if on_test_side(load_partition(self.partition))(t)]:
+            raise ValueError(f"validation tasks must come from the meta-train side; these are test tasks of this "
+                             f"or a shipped partition, or of a test task's family: {test}")
+        return self
+
+    def check_validation_in(self, train_tasks: str) -> None:
+        """The validation tasks against finetune.train_tasks: with `partition`, from its train list
+        (leaving one to train on); with `all`, any task of the meta-train side."""
+        if train_tasks != "partition" or not self.validation:
+            return
         from .partitions import load_partition
 
         train = load_partition(self.partition).train
         if unknown := [t for t in self.validation if t not in train]:
-            raise ValueError(f"validation tasks must be meta-train tasks of the partition; not in its train list: "
-                             f"{unknown}")
-        if len(set(self.validation)) != len(self.validation):
-            raise ValueError("validation lists a task more than once")
+            raise ValueError(f"tasks.validation must be meta-train tasks of the partition (or set "
+                             f"finetune.train_tasks: all); not in its train list: {unknown}")
         if set(train) <= set(self.validation):
-            raise ValueError("validation holds out every meta-train task: none would be left to train on")
-        return self
+            raise ValueError("tasks.validation holds out every meta-train task: none would be left to train on")
 
     @field_validator("partition")
     @classmethod
@@ -321,6 +332,12 @@ class Recipe(Strict):
     def _refining_from_anchors_needs_them(self) -> "Recipe":
         if self.distill.refine_from == "anchors" and self.distiller.anchor == "none":
             raise ValueError("distill.refine_from: anchors needs anchors: set distiller.anchor")
+        return self
+
+    @model_validator(mode="after")
+    def _validation_tasks_in_the_training_pool(self) -> "Recipe":
+        if self.tasks is not None:
+            self.tasks.check_validation_in(self.finetune.train_tasks if self.finetune else "partition")
         return self
 
     @model_validator(mode="after")

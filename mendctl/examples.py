@@ -14,6 +14,7 @@ from .config import FinetuneSpec, PretrainSpec, TasksSpec, TemplateSpec
 from .data.metaicl import DataError, read_examples, task_file
 from .data.text import iter_hf, iter_local, pieces
 from .anchors import label_ids
+from .partitions import family, on_test_side
 from .render import context_ids, render_context, render_query
 
 
@@ -39,12 +40,6 @@ REMAP_WORDS = (
 )
 
 
-def family(task: str) -> str:
-    """A task's family, the name before its first '-': multiemo-products_sentence_de and
-    multiemo-hotels_text_en are one task in other languages and domains, as BIG-bench subtasks are."""
-    return task.split("-", 1)[0]
-
-
 def meta_train_tasks(spec: FinetuneSpec, data_dir: Path, partition, tasks: TasksSpec) -> list[str]:
     """finetune.train_tasks, less tasks.validation: the partition's meta-train tasks, or every
     classification task (its rows carry two or more options) in data_dir with a train_file and more
@@ -53,14 +48,7 @@ def meta_train_tasks(spec: FinetuneSpec, data_dir: Path, partition, tasks: Tasks
     another language, color-hex beside color-rgb, is no new task)."""
     if spec.train_tasks == "partition":
         return [t for t in partition.train if t not in tasks.validation]
-    from .partitions import list_partitions, load_partition
-
-    unseen = set(partition.test).union(tasks.validation, *(load_partition(n).test for n in list_partitions()))
-    families = {family(t) for t in unseen}
-
-    def held_out(name: str) -> bool:
-        return name in unseen or (family(name) in families and name not in partition.train)
-
+    held_out = on_test_side(partition, tasks.validation)
     names = []
     for folder in sorted(p for p in Path(data_dir).iterdir() if p.is_dir() and not held_out(p.name)):
         path = task_file(data_dir, folder.name, spec.train_file)

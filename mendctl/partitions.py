@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .suggest import did_you_mean
 
@@ -56,6 +56,21 @@ class Partition:
         if task not in self.task_types:
             raise KeyError(f"task {task!r} is not part of partition {self.name!r}")
         return self.task_types[task] == CLASSIFICATION
+
+
+def family(task: str) -> str:
+    """A task's family, the name before its first '-': multiemo-products_sentence_de and
+    multiemo-hotels_text_en are one task in other languages and domains, as BIG-bench subtasks are."""
+    return task.split("-", 1)[0]
+
+
+def on_test_side(partition: Partition, held_out: tuple[str, ...] | list[str] = ()) -> Callable[[str], bool]:
+    """Whether a task is one that meta-training on `partition`'s side must not see: a test task of it
+    or of any shipped partition, one of `held_out`, or another task of such a task's family that the
+    partition does not train on (a test task in another language, color-hex beside color-rgb, is no new task)."""
+    unseen = set(partition.test).union(held_out, *(load_partition(n).test for n in list_partitions()))
+    families = {family(t) for t in unseen}
+    return lambda name: name in unseen or (family(name) in families and name not in partition.train)
 
 
 def _shipped_dir() -> Any:

@@ -203,6 +203,14 @@ def test_all_train_tasks_take_every_classification_task_but_the_test_ones(tiny, 
     assert meta_train_tasks(held.finetune, root, partition, held.tasks) == sorted(
         ["tiny_extra", *(t for t in partition.train if t != "tiny_color")])
     assert meta_train_tasks(tiny("llama").finetune, root, partition, recipe.tasks) == list(partition.train)
+    # with `all` a validation task may come from beyond the partition's train list, and is held out too;
+    # a test task's family stays refused, and with `partition` the train list is the limit
+    beyond = tiny("llama", f"tasks.data_dir={root}", "finetune.train_tasks=all", "tasks.validation=[tiny_extra]")
+    assert meta_train_tasks(beyond.finetune, root, partition, beyond.tasks) == sorted([*partition.train, "tiny_color-hex"])
+    with pytest.raises(RecipeError, match=r"test tasks .*\['tiny_sentiment-de'\]"):
+        tiny("llama", f"tasks.data_dir={root}", "finetune.train_tasks=all", "tasks.validation=[tiny_sentiment-de]")
+    with pytest.raises(RecipeError, match=r"not in its train list: \['tiny_extra'\]"):
+        tiny("llama", f"tasks.data_dir={root}", "tasks.validation=[tiny_extra]")
 
     models = get_backend("llama").build(recipe)
     drawn = {}

@@ -72,7 +72,9 @@ def test_validation_tasks_are_held_out_of_stage_2(tiny):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["tasks.validation=[tiny_sentiment]"], r"not in its train list: \['tiny_sentiment'\]"),  # a test task
+    (["tasks.validation=[tiny_sentiment]"], r"test tasks .*: \['tiny_sentiment'\]"),
+    (["tasks.validation=[tiny_sentiment]", "finetune.train_tasks=all"], r"test tasks .*: \['tiny_sentiment'\]"),
+    (["tasks.validation=[tiny_color, tiny_color]"], "more than once"),
     (["tasks.validation=[tiny_nothing]"], "not in its train list"),
     (["tasks.validation=[tiny_parity, tiny_color, tiny_sound, tiny_length]"], "none would be left"),
     (["finetune.eval_every=5"], "finetune.eval_every needs validation tasks"),
