@@ -5,11 +5,15 @@
 Each file is loaded into the recipe's models (as `distill.checkpoint=` would) and scored on
 `tasks.validation` with `finetune.eval_queries` queries a task, as the learning curves score it:
 macro-F1, agreement with ICL and KL(ICL || MEND), beside zero-shot's. The lowest KL is chosen.
+A file trained with another `num_vectors` or `distiller` section (anchor, depth, ...) than the
+recipe's is scored with its own, read from the recipe saved with it; the rest is RECIPE's.
 Writes bench/results/choose_distiller.json, or --out.
 """
 import argparse
 import json
 from pathlib import Path
+
+from safetensors import safe_open
 
 from mendctl.checkpoint import load_distiller
 from mendctl.config import load_recipe
@@ -19,6 +23,14 @@ from mendctl.provenance import file_hash, stamp
 from mendctl.registry import get_backend
 
 
+def own_keys(path: Path) -> list[str]:
+    """The overrides that give a recipe the distiller `path` was trained as: its num_vectors and distiller keys."""
+    with safe_open(str(path), "pt") as f:
+        saved = json.loads((f.metadata() or {}).get("recipe", "{}"))
+    keys = [f"distiller.{k}={json.dumps(v)}" for k, v in sorted(saved.get("distiller", {}).items())]
+    return keys + ([f"num_vectors={saved['num_vectors']}"] if "num_vectors" in saved else [])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("recipe")
@@ -26,17 +38,23 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], help="key=value recipe override (repeatable)")
     ap.add_argument("--out", type=Path, default=Path("bench/results/choose_distiller.json"))
     args = ap.parse_args()
-    recipe = load_recipe(args.recipe, args.set)
-    prepare(recipe, "finetune", "finetune")
-    backend = get_backend(recipe.backend)
-    models, template = backend.build(recipe), backend.template(recipe)
-    validation = Validation(recipe, models, template, recipe.finetune.eval_queries)
-    scores = {}
+    groups: dict[tuple[str, ...], list[Path]] = {}
     for path in args.distillers:
-        load_distiller(models.distiller, path)
-        models.distiller.eval()
-        scores[str(path)] = {"sha256_16": file_hash(path), **validation.score_distiller(recipe.distiller.max_length, 4)}
-        print(path, json.dumps(scores[str(path)]), flush=True)
+        groups.setdefault(tuple(own_keys(path)), []).append(path)
+    scores = {}
+    for keys, paths in groups.items():
+        recipe = load_recipe(args.recipe, [*args.set, *keys])
+        prepare(recipe, "finetune", "finetune")
+        backend = get_backend(recipe.backend)
+        models, template = backend.build(recipe), backend.template(recipe)
+        validation = Validation(recipe, models, template, recipe.finetune.eval_queries)
+        for path in paths:
+            load_distiller(models.distiller, path)
+            models.distiller.eval()
+            scores[str(path)] = {"sha256_16": file_hash(path), "num_vectors": recipe.num_vectors,
+                                 "anchor": recipe.distiller.anchor,
+                                 **validation.score_distiller(recipe.distiller.max_length, 4)}
+            print(path, json.dumps(scores[str(path)]), flush=True)
     chosen = min(scores, key=lambda p: scores[p]["val_kl"])
     print("chosen (lowest val_kl):", chosen)
     result = {"recipe": args.recipe, "overrides": args.set, "validation_tasks": recipe.tasks.validation,
