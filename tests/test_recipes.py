@@ -54,7 +54,8 @@ def test_shipped_distillers_are_small_and_carry_the_recipe_that_loads_them(path,
 
 
 def test_the_shipped_weights_are_found():
-    assert {w.name for _, _, w in _shipped_weights()} == {"smollm2-bench.safetensors", "smollm2-stage1.safetensors"}
+    shipped = {w.name for _, _, w in _shipped_weights()}
+    assert shipped == {"smollm2-bench.safetensors"} == {p.name for p in (ROOT / "data" / "distillers").iterdir()}
 
 
 def write(tmp_path: Path, text: str) -> Path:
