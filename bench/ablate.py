@@ -42,6 +42,7 @@ ABLATIONS = {
     # The same with a six times longer stage 1 (600 steps: docs/benchmarks.md has the command).
     "stage1-long": ["finetune.init_from=runs/smollm2-s1long/pretrain"],
     "label-set": ["distiller.anchor=label_set"],
+    "labels": ["distiller.anchor=labels"],  # back to the anchors of the recipes before the sixth session
     "label-set-filled": ["distiller.anchor=label_set_filled"],
     "remap-all": ["finetune.remap_labels=1"],
     "lr-half": ["finetune.lr=1e-4"],

@@ -176,26 +176,26 @@ class TasksSpec(Strict):
         return self
 
     @model_validator(mode="after")
-    def _validation_on_the_train_side(self) -> "TasksSpec":
-        if not self.validation:
-            return self
-        from .partitions import load_partition, on_test_side
-
+    def _validation_once(self) -> "TasksSpec":
         if len(set(self.validation)) != len(self.validation):
             raise ValueError("validation lists a task more than once")
-        if test := [t for t in self.validation if on_test_side(load_partition(self.partition))(t)]:
-            raise ValueError(f"validation tasks must come from the meta-train side; these are test tasks of this "
-                             f"or a shipped partition, or of a test task's family: {test}")
         return self
 
     def check_validation_in(self, train_tasks: str) -> None:
         """The validation tasks against finetune.train_tasks: with `partition`, from its train list
-        (leaving one to train on); with `all`, any task of the meta-train side."""
-        if train_tasks != "partition" or not self.validation:
+        (leaving one to train on); with `all`, any task `all` may draw from (never a test task of this
+        or a shipped partition, nor of a test task's family)."""
+        if not self.validation:
             return
-        from .partitions import load_partition
+        from .partitions import load_partition, on_test_side
 
-        train = load_partition(self.partition).train
+        partition = load_partition(self.partition)
+        if train_tasks == "all":
+            if test := [t for t in self.validation if on_test_side(partition)(t)]:
+                raise ValueError(f"tasks.validation must come from the meta-train side; these are test tasks of "
+                                 f"this or a shipped partition, or of a test task's family: {test}")
+            return
+        train = partition.train
         if unknown := [t for t in self.validation if t not in train]:
             raise ValueError(f"tasks.validation must be meta-train tasks of the partition (or set "
                              f"finetune.train_tasks: all); not in its train list: {unknown}")

@@ -72,7 +72,7 @@ def test_validation_tasks_are_held_out_of_stage_2(tiny):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["tasks.validation=[tiny_sentiment]"], r"test tasks .*: \['tiny_sentiment'\]"),
+    (["tasks.validation=[tiny_sentiment]"], r"not in its train list: \['tiny_sentiment'\]"),  # a test task
     (["tasks.validation=[tiny_sentiment]", "finetune.train_tasks=all"], r"test tasks .*: \['tiny_sentiment'\]"),
     (["tasks.validation=[tiny_color, tiny_color]"], "more than once"),
     (["tasks.validation=[tiny_nothing]"], "not in its train list"),
@@ -83,6 +83,14 @@ def test_validation_tasks_are_held_out_of_stage_2(tiny):
 def test_validation_tasks_are_checked_against_the_partition(tiny, overrides, message):
     with pytest.raises(RecipeError, match=message):
         tiny("gpt2", *overrides)
+
+
+def test_a_train_task_that_another_partition_tests_may_validate(tiny):
+    # MetaICL's partitions share tasks: glue-rte trains class_to_class and tests another partition
+    recipe = tiny("gpt2", "tasks.partition=class_to_class", "tasks.validation=[glue-rte]")
+    assert recipe.tasks.validation == ["glue-rte"]
+    with pytest.raises(RecipeError, match=r"test tasks .*\['glue-rte'\]"):
+        tiny("gpt2", "tasks.partition=class_to_class", "tasks.validation=[glue-rte]", "finetune.train_tasks=all")
 
 
 def test_keep_best_writes_the_distiller_of_the_lowest_validation_kl(tiny):
