@@ -65,9 +65,9 @@ ABLATIONS = {
     "q8-kl-output-only": ["finetune.queries_per_episode=8", "finetune.batch_size=16", "finetune.kl_on=output",
                           "finetune.ce_weight=0"],
     "all-tasks": ["finetune.train_tasks=all"],
-    # Room for a long label space (sixth session: seven labels of three to six tokens do not fit 16 anchors);
-    # a 16-vector stage-1 distiller does not fit 24, so both against no stage 1
     "no-stage1": ["finetune.init_from=null"],
+    # Room for a long label space (sixth session: seven labels of three to six tokens do not fit 16 anchors);
+    # a 16-vector stage-1 distiller does not fit 24, so these against no stage 1
     "label-set-no-stage1": ["distiller.anchor=label_set", "finetune.init_from=null"],
     "k24-label-set-no-stage1": ["num_vectors=24", "distiller.anchor=label_set", "finetune.init_from=null"],
     "ema": ["finetune.ema=0.95"],
