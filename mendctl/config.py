@@ -191,15 +191,15 @@ class TasksSpec(Strict):
 
         partition = load_partition(self.partition)
         if train_tasks == "all":
-            if test := [t for t in self.validation if on_test_side(partition)(t)]:
+            held_out = on_test_side(partition)  # reads every shipped partition: once, not once per task
+            if test := [t for t in self.validation if held_out(t)]:
                 raise ValueError(f"tasks.validation must come from the meta-train side; these are test tasks of "
                                  f"this or a shipped partition, or of a test task's family: {test}")
             return
-        train = partition.train
-        if unknown := [t for t in self.validation if t not in train]:
+        if unknown := [t for t in self.validation if t not in partition.train]:
             raise ValueError(f"tasks.validation must be meta-train tasks of the partition (or set "
                              f"finetune.train_tasks: all); not in its train list: {unknown}")
-        if set(train) <= set(self.validation):
+        if set(partition.train) <= set(self.validation):
             raise ValueError("tasks.validation holds out every meta-train task: none would be left to train on")
 
     @field_validator("partition")
