@@ -71,6 +71,10 @@ ABLATIONS = {
     "label-set-no-stage1": ["distiller.anchor=label_set", "finetune.init_from=null"],
     "k24-label-set-no-stage1": ["num_vectors=24", "distiller.anchor=label_set", "finetune.init_from=null"],
     "ema": ["finetune.ema=0.95"],
+    # the placeholders read their anchors: a slot's correction can depend on the token it corrects (seventh session)
+    "read-anchors": ["distiller.read_anchors=true"],
+    # truncated ICL as the start: untrained, the closest of the anchor modes to ICL on the several-label validation tasks
+    "last": ["distiller.anchor=last"],
 }
 
 

@@ -166,7 +166,8 @@ class Backend:
             distiller = Distiller(body, llm.hidden_size, recipe.num_vectors,
                                   placeholder_init=recipe.distiller.placeholder_init,
                                   causal=self.distiller_is_causal, init_std=init_std,
-                                  anchor=recipe.distiller.anchor, embedding_stats=stats)
+                                  anchor=recipe.distiller.anchor, read_anchors=recipe.distiller.read_anchors,
+                                  embedding_stats=stats)
         return Models(llm, llm_tok, llm_id, config_hash(llm.model.config), distiller, dist_tok, self.gated_mlp)
 
     def template(self, recipe: Recipe) -> TemplateSpec:

@@ -112,6 +112,9 @@ class DistillerSpec(ModelSpec):
     freeze_embeddings: bool = Field(False, description="keep the body's token embeddings as loaded")
     anchor: Anchor = Field(
         "none", description="vectors = these K frozen LLM token embeddings + a correction that starts at zero")
+    read_anchors: bool = Field(
+        False, description="anchored: each placeholder's input adds its anchor's embedding (mapped to the body's "
+                           "width), so that the correction of a slot knows which token it corrects")
     scale_to_embeddings: bool = Field(
         False, description="plain distiller: a LayerNorm starting at the LLM embeddings' per-dimension mean and std")
 
@@ -120,6 +123,8 @@ class DistillerSpec(ModelSpec):
         if self.scale_to_embeddings and self.anchor != "none":
             raise ValueError("scale_to_embeddings is for distiller.anchor: none; anchored vectors already have "
                              "the embeddings' scale")
+        if self.read_anchors and self.anchor == "none":
+            raise ValueError("read_anchors needs anchors: set distiller.anchor")
         return self
 
     def _sources(self) -> list[str]:

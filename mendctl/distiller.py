@@ -26,16 +26,19 @@ class Distiller(nn.Module):
 
     def __init__(self, body: nn.Module, d_llm: int, num_vectors: int, *, placeholder_init: str = "random",
                  causal: bool = True, init_std: float = 0.02, anchor: str = "none",
-                 embedding_stats: tuple[torch.Tensor, torch.Tensor] | None = None):
+                 read_anchors: bool = False, embedding_stats: tuple[torch.Tensor, torch.Tensor] | None = None):
         super().__init__()
         if anchor not in ANCHORS:
             raise ValueError(f"anchor must be one of {ANCHORS}, not {anchor!r}")
         if anchor != "none" and embedding_stats is not None:
             raise ValueError("embedding_stats (scale_to_embeddings) is for the plain distiller; anchored vectors "
                              "already have the embeddings' scale")
+        if read_anchors and anchor == "none":
+            raise ValueError("read_anchors needs an anchor")
         self.body = body
         self.causal = causal
         self.anchor = anchor
+        self.anchor_in: nn.Linear | None = None
         embeddings = body.get_input_embeddings().weight
         d = embeddings.shape[1]
         if placeholder_init == "vocab":
@@ -62,6 +65,15 @@ class Distiller(nn.Module):
             nn.init.zeros_(last.weight)
             nn.init.zeros_(last.bias)
             self.correction = nn.Sequential(nn.LayerNorm(d), last)
+            if read_anchors:
+                # Otherwise slot i's correction cannot know which token it corrects (the placeholders are
+                # the same for every set). Identity where the widths match: a body made of the LLM's own
+                # layers then reads each anchor as the token it is, after the demonstrations.
+                self.anchor_in = nn.Linear(d_llm, d)
+                if d == d_llm:
+                    with torch.no_grad():
+                        self.anchor_in.weight.copy_(torch.eye(d))
+                        self.anchor_in.bias.zero_()
         else:
             # Identity when sizes match: a projector there would only add parameters to train.
             self.projector = nn.Sequential(nn.Linear(d, d_llm), nn.Tanh()) if d != d_llm else nn.Identity()
@@ -90,6 +102,8 @@ class Distiller(nn.Module):
             input_ids, attention_mask = input_ids[:, -self.max_input:], attention_mask[:, -self.max_input:]
         embeds = self.body.get_input_embeddings()(input_ids)
         slots = self.placeholders.to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1)
+        if self.anchor_in is not None:
+            slots = slots + self.anchor_in(anchors.to(self.anchor_in.weight.dtype)).to(embeds.dtype)
         embeds = torch.cat([embeds, slots], dim=1)
         mask = torch.cat([attention_mask, attention_mask.new_ones(batch, k)], dim=1)
         kwargs = {}

@@ -134,6 +134,37 @@ def test_weights_trained_on_one_anchor_mode_are_refused_by_another(tiny):
     assert train(start, "finetune", console=QUIET).is_file()
 
 
+def _slot_hidden(distiller, ids, mask, anchors):
+    """The placeholders' hidden states, as the correction reads them."""
+    seen = []
+    handle = distiller.correction.register_forward_hook(lambda m, i, o: seen.append(i[0]))
+    distiller(ids, mask, anchors)
+    handle.remove()
+    return seen[0]
+
+
+def test_read_anchors_keeps_the_exact_start_and_lets_each_slot_see_its_anchor(tiny, tmp_path):
+    recipe = tiny("llama", "distiller.anchor=label_set", "distiller.read_anchors=true", "num_vectors=4")
+    distiller = get_backend("llama").build(recipe).distiller
+    ids, mask = torch.randint(3, 50, (2, 12)), torch.ones(2, 12, dtype=torch.long)
+    anchors = torch.randn(2, 4, distiller.anchor_in.in_features)
+    assert torch.equal(distiller(ids, mask, anchors), anchors)  # step 0: exactly the anchors
+    swapped = anchors.clone()
+    swapped[:, 0] = anchors[:, 1]
+    # slot 0's hidden state, so its correction, follows its own anchor
+    assert not torch.allclose(_slot_hidden(distiller, ids, mask, anchors)[:, 0],
+                              _slot_hidden(distiller, ids, mask, swapped)[:, 0])
+    plain = get_backend("llama").build(tiny("llama", "distiller.anchor=label_set", "num_vectors=4")).distiller
+    assert plain.anchor_in is None  # without the key the slots are blind to their anchors
+    assert torch.equal(_slot_hidden(plain, ids, mask, anchors), _slot_hidden(plain, ids, mask, swapped))
+    path = save_distiller(tmp_path, distiller, recipe, {})
+    assert "anchor_in.weight" in load_file(str(path))
+    with pytest.raises(ValueError, match="does not fit"):
+        load_distiller(plain, path)
+    with pytest.raises(RecipeError, match="read_anchors needs anchors"):
+        tiny("llama", "distiller.read_anchors=true")
+
+
 def test_scale_to_embeddings_puts_plain_vectors_at_the_embeddings_scale(tiny):
     recipe = tiny("llama", "distiller.scale_to_embeddings=true")
     models = get_backend("llama").build(recipe)
