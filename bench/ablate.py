@@ -75,6 +75,10 @@ ABLATIONS = {
     "read-anchors": ["distiller.read_anchors=true"],
     # truncated ICL as the start: untrained, the closest of the anchor modes to ICL on the several-label validation tasks
     "last": ["distiller.anchor=last"],
+    "last-lr-quarter": ["distiller.anchor=last", "finetune.lr=5e-5"],
+    # four times the episodes a step: is the validation curve's wandering the batch's noise?
+    "batch8": ["finetune.batch_size=8"],
+    "last-batch8": ["distiller.anchor=last", "finetune.batch_size=8"],
 }
 
 

@@ -47,7 +47,7 @@ def main() -> None:
         prepare(recipe, "finetune", "finetune")
         backend = get_backend(recipe.backend)
         models, template = backend.build(recipe), backend.template(recipe)
-        validation = Validation(recipe, models, template, recipe.finetune.eval_queries)
+        validation = Validation(recipe, models, template, recipe.finetune.eval_queries, recipe.finetune.eval_sets)
         for path in paths:
             load_distiller(models.distiller, path)
             models.distiller.eval()

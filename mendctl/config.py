@@ -232,7 +232,9 @@ class TrainSpec(Strict):
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     trackers: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list)
     eval_every: int | None = Field(None, ge=1, description="steps between validation scores (tasks.validation)")
-    eval_queries: int = Field(20, ge=1, description="validation queries per task")
+    eval_queries: int = Field(20, ge=1, description="validation queries per task and demonstration set")
+    eval_sets: int = Field(1, ge=1, description="demonstration sets per validation task: those of the first N of "
+                           "tasks.seeds (one set's vectors can rank distillers unlike another's)")
     keep_best: bool = Field(False, description="also write best.safetensors: the distiller at the validation step "
                             "with the lowest val_kl (needs eval_every)")
     ema: float | None = Field(None, gt=0, lt=1, description="decay of a moving average of the trained weights: "
@@ -353,6 +355,9 @@ class Recipe(Strict):
                 raise ValueError(f"{stage}.eval_every needs validation tasks: set tasks.validation")
             if spec is not None and spec.keep_best and not spec.eval_every:
                 raise ValueError(f"{stage}.keep_best chooses on the validation curve: set {stage}.eval_every")
+            if spec is not None and self.tasks is not None and spec.eval_sets > len(self.tasks.seeds):
+                raise ValueError(f"{stage}.eval_sets={spec.eval_sets}: tasks.seeds names {len(self.tasks.seeds)} "
+                                 "demonstration sets a task")
         return self
 
     @field_validator("backend")

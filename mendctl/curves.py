@@ -1,8 +1,9 @@
 """Learning curves: the distiller scored on held-out meta-train tasks while it trains, and their plot.
 
 The validation tasks (`tasks.validation`) are meta-train tasks kept out of stage 2's examples. Each
-gives one demonstration set (its `_train` split of the first recipe seed) and its first
-`eval_queries` test queries, scored as `mendctl eval` scores them (mendctl/scoring.py). ICL and
+gives `eval_sets` demonstration sets (its `_train` splits of the first recipe seeds), each with its
+first `eval_queries` test queries, scored as `mendctl eval` scores them (mendctl/scoring.py); the
+scores are means over every set. ICL and
 zero-shot do not change while the distiller trains: they are scored once, when the run starts.
 """
 from __future__ import annotations
@@ -31,11 +32,11 @@ def _f1(run: MethodRun, qs: QuerySet) -> float:
 class Validation:
     """The validation query sets with their ICL and zero-shot runs; `score` rates a distiller's vectors."""
 
-    def __init__(self, recipe: Recipe, models: Models, template: TemplateSpec, queries: int):
-        root, k, seed, tok = data_dir(recipe), recipe.tasks.k, recipe.tasks.seeds[0], models.llm_tokenizer
+    def __init__(self, recipe: Recipe, models: Models, template: TemplateSpec, queries: int, sets: int = 1):
+        root, k, tok = data_dir(recipe), recipe.tasks.k, models.llm_tokenizer
         self.models = models
         self.sets = [query_set(root, demo_set(root, task, k, seed, template, tok), k, template, tok, queries)
-                     for task in recipe.tasks.validation]
+                     for task in recipe.tasks.validation for seed in recipe.tasks.seeds[:sets]]
         self.anchors = set_anchors(recipe, template, [qs.demos for qs in self.sets], tok)
         llm = models.llm
         # The baselines are the ones `mendctl eval` caches (eval.cache): every run on the same

@@ -309,7 +309,7 @@ def _curve(run: Run) -> _Curve | None:
     # Learning curves on the main process only: the others wait for it at the next gradient all-reduce.
     if not (spec.eval_every and run.main):
         return None
-    validation = Validation(run.stage.recipe, run.models, run.template, spec.eval_queries)
+    validation = Validation(run.stage.recipe, run.models, run.template, spec.eval_queries, spec.eval_sets)
     return _Curve(validation, _best_val_kl(run.stage.out / "metrics.jsonl") if spec.keep_best else None)
 
 

@@ -222,3 +222,22 @@ def test_two_processes_score_on_the_main_process_only(tmp_path):
     assert [r["step"] for r in records if "val_mend_f1" in r] == [0, 2, 3]
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
     assert (out / "finetune" / "curves.png").is_file()
+
+
+def test_eval_sets_scores_several_demonstration_sets_a_task_and_averages_them(tiny):
+    from mendctl.curves import Validation
+    from mendctl.distiller import distill
+
+    recipe = tiny("gpt2", *CURVES, "tasks.seeds=[100,13]", "finetune.eval_sets=2")
+    backend = get_backend("gpt2")
+    models, template = backend.build(recipe), backend.template(recipe)
+    both = Validation(recipe, models, template, 4, recipe.finetune.eval_sets)
+    assert len(both.sets) == 4 and len(set(both.contexts)) == 4  # two tasks, two other sets each
+    alone = [Validation(tiny("gpt2", *CURVES, f"tasks.seeds=[{s}]"), models, template, 4) for s in (100, 13)]
+    assert {c for v in alone for c in v.contexts} == set(both.contexts)
+    scores = [v.score(distill(models, v.contexts, recipe.distiller.max_length, 2)) for v in alone]
+    mean = both.score(distill(models, both.contexts, recipe.distiller.max_length, 2))
+    for key in ("val_mend_f1", "val_kl", "val_agreement", "val_icl_f1", "val_zero_shot_kl"):
+        assert mean[key] == pytest.approx((scores[0][key] + scores[1][key]) / 2, abs=1e-6), key
+    with pytest.raises(RecipeError, match="eval_sets=3: tasks.seeds names 2"):
+        tiny("gpt2", *CURVES, "tasks.seeds=[100,13]", "finetune.eval_sets=3")
