@@ -79,6 +79,8 @@ ABLATIONS = {
     # four times the episodes a step: is the validation curve's wandering the batch's noise?
     "batch8": ["finetune.batch_size=8"],
     "last-batch8": ["distiller.anchor=last", "finetune.batch_size=8"],
+    # the sixth session's recipe against the seventh's (anchor last, lr 5e-5)
+    "label-set-lr2e-4": ["distiller.anchor=label_set", "finetune.lr=2e-4"],
 }
 
 
