@@ -13,9 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
-from safetensors import safe_open
-
-from mendctl.checkpoint import load_distiller
+from mendctl.checkpoint import load_distiller, saved_recipe
 from mendctl.config import load_recipe
 from mendctl.curves import Validation
 from mendctl.prepare import prepare
@@ -25,8 +23,7 @@ from mendctl.registry import get_backend
 
 def own_keys(path: Path) -> list[str]:
     """The overrides that give a recipe the distiller `path` was trained as: its num_vectors and distiller keys."""
-    with safe_open(str(path), "pt") as f:
-        saved = json.loads((f.metadata() or {}).get("recipe", "{}"))
+    saved = saved_recipe(path)
     keys = [f"distiller.{k}={json.dumps(v)}" for k, v in sorted(saved.get("distiller", {}).items())]
     return keys + ([f"num_vectors={saved['num_vectors']}"] if "num_vectors" in saved else [])
 

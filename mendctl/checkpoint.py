@@ -69,14 +69,15 @@ def load_distiller(distiller: nn.Module, path: Path, same_anchor: bool = True) -
         raise FileNotFoundError(f"no distiller weights at {path}")
     load_trainable(distiller, path)
     # Two anchor modes share every tensor: only the recipe saved with the weights tells them apart.
-    trained = _saved_recipe(path).get("distiller", {}).get("anchor", distiller.anchor)
+    trained = saved_recipe(path).get("distiller", {}).get("anchor", distiller.anchor)
     if same_anchor and trained != distiller.anchor:
         raise ValueError(f"{path} was trained with distiller.anchor={trained}; this recipe has "
                          f"distiller.anchor={distiller.anchor}: its vectors would start from other anchors")
     return file_hash(path)
 
 
-def _saved_recipe(path: Path) -> dict:
+def saved_recipe(path: Path) -> dict:
+    """The resolved recipe a distiller file was trained with, from its metadata ({} when it has none)."""
     with safe_open(str(path), "pt") as f:
         return json.loads((f.metadata() or {}).get("recipe", "{}"))
 
