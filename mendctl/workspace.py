@@ -67,8 +67,8 @@ def data_dir(recipe: Recipe) -> Path:
 def passages_file(recipe: Recipe) -> Path:
     """BIG-bench passages for stage 1: output_dir/data/passages-N-<tasks left out>.jsonl, which prepare extracts.
 
-    The test tasks and the validation tasks give none: the curves and the final table score the
-    distiller on tasks whose text it never read."""
+    The test tasks and the validation tasks, and the other tasks of their families, give none: the
+    curves and the final table score the distiller on tasks whose text it never read."""
     path = passages_path(recipe)
     if not path.is_file():
         raise DataError(f"{path}: the stage-1 passages are not extracted yet; mendctl.prepare.prepare(recipe, "
@@ -80,8 +80,14 @@ def passages_left_out(recipe: Recipe) -> set[str]:
     return set(partition_for(recipe).test) | set(_tasks(recipe).validation)
 
 
+# Bumped when what iter_passages leaves out changes, so that a file extracted by the older rule is
+# not reused (2: the held-out tasks' families too, not the tasks alone).
+PASSAGES_RULE = 2
+
+
 def passages_path(recipe: Recipe) -> Path:
-    tag = hashlib.sha256(json.dumps(sorted(passages_left_out(recipe))).encode()).hexdigest()[:8]
+    left_out = {"rule": PASSAGES_RULE, "tasks": sorted(passages_left_out(recipe))}
+    tag = hashlib.sha256(json.dumps(left_out).encode()).hexdigest()[:8]
     return converted_dir(recipe) / f"passages-{recipe.pretrain.bigbench_passages}-{tag}.jsonl"
 
 

@@ -243,6 +243,21 @@ def test_iter_passages(src, tarball):
         list(iter_passages(src, exclude_tasks={"alpah"}))
 
 
+def test_iter_passages_leaves_out_the_families_of_excluded_tasks(tmp_path):
+    # multiemo-all_sentence_en holds multiemo-products_sentence_en's sentences: holding out a task
+    # must hold out its siblings' text too
+    tasks = {"fam/task.json": {"name": "fam"}, "solo/task.json": {"name": "solo"}}
+    for name in ("fam/a", "fam/b", "solo"):
+        tasks[f"{name}/task.json"] = {"examples": [_mc(f"{name} text " + "z" * 250, "yes", ["yes", "no"])]}
+    for rel, content in tasks.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(json.dumps(content))
+    starts = lambda exclude: [p.split(" ")[0] for p in iter_passages(tmp_path, exclude_tasks=exclude)]
+    assert starts(set()) == ["fam/a", "fam/b", "solo"]
+    assert starts({"fam-a"}) == ["solo"]
+    assert starts({"solo"}) == ["fam/a", "fam/b"]
+
+
 def test_fetch_returns_cached_tarball_without_pip(tmp_path, monkeypatch):
     (tmp_path / SDIST_NAME).write_bytes(b"cached")
 

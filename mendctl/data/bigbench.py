@@ -39,6 +39,7 @@ from typing import Any
 
 from rich.progress import track
 
+from ..partitions import family
 from ..suggest import did_you_mean
 from .metaicl import DEFAULT_K, DEFAULT_SEEDS, META_TRAIN_FILE, META_TRAIN_SEED, META_TRAIN_SIZE, split_name, \
     task_file
@@ -376,16 +377,18 @@ def iter_passages(src: Path, exclude_tasks: set[str], min_chars: int = 200, limi
     """Yield plain-text passages for stage-1 pretraining on a machine without other text.
 
     Passages are example inputs of at least ``min_chars`` characters (multiple-choice or
-    not) from every task in ``src`` except ``exclude_tasks`` (names in either form; unknown
-    names raise ``ValueError``, since a typo would leak a meta-test task's text into
-    pretraining). Exact repeats are yielded once. Order is deterministic: tasks in source
+    not) from every task in ``src`` except ``exclude_tasks`` and every other task of their
+    families (names in either form; unknown names raise ``ValueError``, since a typo would
+    leak a meta-test task's text into pretraining). A sibling is left out too because its
+    inputs can be the held-out task's own: multiemo-all_sentence_en holds the sentences of
+    multiemo-products_sentence_en. Exact repeats are yielded once. Order is deterministic: tasks in source
     order (sorted for a directory, archive order for the tarball), examples in file order.
     With ``limit``, at most that many passages, at most limit / (number of tasks) from each
     task (rounded up), so that a few huge tasks do not crowd out the rest.
     """
     with _task_files(Path(src)) as files:
-        excluded = set(_resolve_names(exclude_tasks, files, "task to exclude"))
-        names = [name for name in files if name not in excluded]
+        families = {family(name) for name in _resolve_names(exclude_tasks, files, "task to exclude")}
+        names = [name for name in files if family(name) not in families]
         quota = -(-limit // max(1, len(names))) if limit else None
         seen: set[str] = set()
         for name in names:
