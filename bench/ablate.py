@@ -81,6 +81,8 @@ ABLATIONS = {
     "last-batch8": ["distiller.anchor=last", "finetune.batch_size=8"],
     # the sixth session's recipe against the seventh's (anchor last, lr 5e-5)
     "label-set-lr2e-4": ["distiller.anchor=label_set", "finetune.lr=2e-4"],
+    # each vector kept near its anchor token: trained unbounded, corrections reach 0.7-0.8 of the anchor's norm
+    "max-correction-0.3": ["distiller.max_correction=0.3"],
 }
 
 

@@ -167,7 +167,7 @@ class Backend:
                                   placeholder_init=recipe.distiller.placeholder_init,
                                   causal=self.distiller_is_causal, init_std=init_std,
                                   anchor=recipe.distiller.anchor, read_anchors=recipe.distiller.read_anchors,
-                                  embedding_stats=stats)
+                                  max_correction=recipe.distiller.max_correction, embedding_stats=stats)
         return Models(llm, llm_tok, llm_id, config_hash(llm.model.config), distiller, dist_tok, self.gated_mlp)
 
     def template(self, recipe: Recipe) -> TemplateSpec:

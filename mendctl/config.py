@@ -117,6 +117,9 @@ class DistillerSpec(ModelSpec):
                            "width), so that the correction of a slot knows which token it corrects")
     scale_to_embeddings: bool = Field(
         False, description="plain distiller: a LayerNorm starting at the LLM embeddings' per-dimension mean and std")
+    max_correction: float | None = Field(
+        None, gt=0, description="anchored: each slot's correction is at most this fraction of its anchor's norm "
+                                "(a soft bound, the identity near zero); none: unbounded")
 
     @model_validator(mode="after")
     def _scale_is_for_plain(self) -> "DistillerSpec":
@@ -125,6 +128,8 @@ class DistillerSpec(ModelSpec):
                              "the embeddings' scale")
         if self.read_anchors and self.anchor == "none":
             raise ValueError("read_anchors needs anchors: set distiller.anchor")
+        if self.max_correction is not None and self.anchor == "none":
+            raise ValueError("max_correction bounds the correction of anchors: set distiller.anchor")
         return self
 
     def _sources(self) -> list[str]:

@@ -26,7 +26,8 @@ class Distiller(nn.Module):
 
     def __init__(self, body: nn.Module, d_llm: int, num_vectors: int, *, placeholder_init: str = "random",
                  causal: bool = True, init_std: float = 0.02, anchor: str = "none",
-                 read_anchors: bool = False, embedding_stats: tuple[torch.Tensor, torch.Tensor] | None = None):
+                 read_anchors: bool = False, max_correction: float | None = None,
+                 embedding_stats: tuple[torch.Tensor, torch.Tensor] | None = None):
         super().__init__()
         if anchor not in ANCHORS:
             raise ValueError(f"anchor must be one of {ANCHORS}, not {anchor!r}")
@@ -35,6 +36,9 @@ class Distiller(nn.Module):
                              "already have the embeddings' scale")
         if read_anchors and anchor == "none":
             raise ValueError("read_anchors needs an anchor")
+        if max_correction is not None and anchor == "none":
+            raise ValueError("max_correction needs an anchor")
+        self.max_correction = max_correction
         self.body = body
         self.causal = causal
         self.anchor = anchor
@@ -114,7 +118,25 @@ class Distiller(nn.Module):
         hidden = hidden[:, -k:].to(self.placeholders.dtype)
         if anchors is None:
             return self.projector(hidden)
-        return anchors.to(hidden.dtype) + self.correction(hidden)
+        anchors = anchors.to(hidden.dtype)
+        return anchors + self._bounded(self.correction(hidden), anchors)
+
+    def _bounded(self, correction: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
+        """The correction, its norm squashed below max_correction x its anchor's norm (m tanh(n / m)).
+
+        Trained unbounded, corrections grow to most of their anchor's norm, as far from the token as
+        another token is, while the vectors move away from ICL on held-out tasks; a bound keeps each
+        vector near the token it started from. Near zero it is the identity, so the start is unchanged;
+        a zero anchor (an empty slot) gets no correction."""
+        if self.max_correction is None:
+            return correction
+        norm = correction.norm(dim=-1, keepdim=True)
+        bound = self.max_correction * anchors.norm(dim=-1, keepdim=True)
+        safe = norm.clamp_min(1e-12)
+        # where the norm is 0 the limit of the scale is 1: so the zero correction still has a gradient
+        scale = torch.where(norm > 1e-12, bound * torch.tanh(safe / bound.clamp_min(1e-12)) / safe,
+                            torch.ones_like(norm))
+        return correction * scale
 
 
 def _input_rows(texts: list[str], tokenizer, max_length: int) -> list[list[int]]:

@@ -165,6 +165,31 @@ def test_read_anchors_keeps_the_exact_start_and_lets_each_slot_see_its_anchor(ti
         tiny("llama", "distiller.read_anchors=true")
 
 
+def test_max_correction_bounds_each_slot_and_keeps_the_start(tiny):
+    recipe = tiny("llama", "distiller.anchor=last", "distiller.max_correction=0.25", "num_vectors=4")
+    distiller = get_backend("llama").build(recipe).distiller
+    ids, mask = torch.randint(3, 50, (2, 12)), torch.ones(2, 12, dtype=torch.long)
+    anchors = torch.randn(2, 4, distiller.correction[1].out_features)
+    assert torch.equal(distiller(ids, mask, anchors), anchors)  # step 0: exactly the anchors
+    # the zero correction still learns: its last layer gets the gradient it gets unbounded
+    distiller(ids, mask, anchors).pow(2).sum().backward()
+    grad = distiller.correction[1].weight.grad
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+    unbounded = get_backend("llama").build(tiny("llama", "distiller.anchor=last", "num_vectors=4")).distiller
+    unbounded(ids, mask, anchors).pow(2).sum().backward()
+    assert torch.allclose(grad, unbounded.correction[1].weight.grad, atol=1e-6)
+    with torch.no_grad():
+        for d in (distiller, unbounded):  # a large trained correction
+            d.correction[1].bias.fill_(5.0)
+        bounded, free = distiller(ids, mask, anchors) - anchors, unbounded(ids, mask, anchors) - anchors
+    assert (free.norm(dim=-1) > anchors.norm(dim=-1)).all()
+    assert (bounded.norm(dim=-1) <= 0.25 * anchors.norm(dim=-1) + 1e-5).all()
+    # squashed in norm only: each slot's correction keeps its direction
+    assert torch.allclose(torch.nn.functional.cosine_similarity(bounded, free, dim=-1), torch.ones(2, 4), atol=1e-5)
+    with pytest.raises(RecipeError, match="max_correction bounds the correction of anchors"):
+        tiny("llama", "distiller.max_correction=0.5")
+
+
 def test_scale_to_embeddings_puts_plain_vectors_at_the_embeddings_scale(tiny):
     recipe = tiny("llama", "distiller.scale_to_embeddings=true")
     models = get_backend("llama").build(recipe)
