@@ -59,20 +59,24 @@ def find_distiller(path: Path) -> Path:
     return path / WEIGHTS if path.is_dir() else path
 
 
-def load_distiller(distiller: nn.Module, path: Path, same_anchor: bool = True) -> str:
+def load_distiller(distiller: nn.Module, path: Path, for_vectors: bool = True) -> str:
     """Loads trained weights into `distiller`, built from the recipe; returns their hash (what vectors files record).
 
-    `same_anchor`: refuse weights trained on another anchor mode (for vectors, where the anchors
-    matter; a training start may change them, as stage 1's text gives every mode the same anchors)."""
+    `for_vectors`: refuse weights trained with another distiller.anchor or distiller.max_correction,
+    keys that change the vectors but no tensor (a training start may change them: stage 1's text
+    gives every anchor mode the same anchors, and a bound only scales what the weights make)."""
     path = find_distiller(path)
     if not path.is_file():
         raise FileNotFoundError(f"no distiller weights at {path}")
     load_trainable(distiller, path)
-    # Two anchor modes share every tensor: only the recipe saved with the weights tells them apart.
-    trained = saved_recipe(path).get("distiller", {}).get("anchor", distiller.anchor)
-    if same_anchor and trained != distiller.anchor:
-        raise ValueError(f"{path} was trained with distiller.anchor={trained}; this recipe has "
-                         f"distiller.anchor={distiller.anchor}: its vectors would start from other anchors")
+    # Only the recipe saved with the weights tells these apart (a file without one is taken as fitting).
+    trained = saved_recipe(path).get("distiller")
+    if for_vectors and trained is not None:
+        for key, default in (("anchor", distiller.anchor), ("max_correction", None)):
+            was, now = trained.get(key, default), getattr(distiller, key)
+            if was != now:
+                raise ValueError(f"{path} was trained with distiller.{key}={was}; this recipe has "
+                                 f"distiller.{key}={now}: its vectors would not be the ones it was trained to make")
     return file_hash(path)
 
 

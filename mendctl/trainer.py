@@ -249,7 +249,7 @@ def _prepare(stage: Stage, trackers: list[str], console: Console) -> Run:
 
 def _init_weights(stage: Stage, models: Models, console: Console) -> None:
     if stage.start_from is not None:
-        load_distiller(models.distiller, stage.start_from, same_anchor=False)
+        load_distiller(models.distiller, stage.start_from, for_vectors=False)
         console.print(f"Starting from {stage.start_from}")
     elif stage.follows is not None:
         console.print("[yellow]No stage-1 distiller in "

@@ -190,6 +190,18 @@ def test_max_correction_bounds_each_slot_and_keeps_the_start(tiny):
         tiny("llama", "distiller.max_correction=0.5")
 
 
+def test_weights_trained_with_a_bound_make_vectors_only_under_it(tiny):
+    recipe = tiny("llama", "distiller.anchor=last", "distiller.max_correction=0.25")
+    models = get_backend("llama").build(recipe)
+    path = save_distiller(recipe.stage_dir("finetune"), models.distiller, recipe, {})
+    load_distiller(models.distiller, path)
+    unbounded = get_backend("llama").build(tiny("llama", "distiller.anchor=last")).distiller
+    with pytest.raises(ValueError, match="trained with distiller.max_correction=0.25; this recipe has "
+                                         "distiller.max_correction=None"):
+        load_distiller(unbounded, path)
+    load_distiller(unbounded, path, for_vectors=False)  # as a training start it may go unbounded
+
+
 def test_scale_to_embeddings_puts_plain_vectors_at_the_embeddings_scale(tiny):
     recipe = tiny("llama", "distiller.scale_to_embeddings=true")
     models = get_backend("llama").build(recipe)
