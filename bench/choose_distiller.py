@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 from mendctl.checkpoint import load_distiller, saved_recipe
-from mendctl.config import load_recipe
+from mendctl.config import DistillerSpec, load_recipe
 from mendctl.curves import Validation
 from mendctl.prepare import prepare
 from mendctl.provenance import file_hash, stamp
@@ -24,7 +24,10 @@ from mendctl.registry import get_backend
 def own_keys(path: Path) -> list[str]:
     """The overrides that give a recipe the distiller `path` was trained as: its num_vectors and distiller keys."""
     saved = saved_recipe(path)
-    keys = [f"distiller.{k}={json.dumps(v)}" for k, v in sorted(saved.get("distiller", {}).items())]
+    # every key of the section, those added since the file was written at their defaults (which build the
+    # distiller as it was), so that none comes from the recipe at hand
+    section = DistillerSpec.model_validate(saved["distiller"]).model_dump(mode="json") if "distiller" in saved else {}
+    keys = [f"distiller.{k}={json.dumps(v)}" for k, v in sorted(section.items())]
     return keys + ([f"num_vectors={saved['num_vectors']}"] if "num_vectors" in saved else [])
 
 
