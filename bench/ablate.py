@@ -83,6 +83,8 @@ ABLATIONS = {
     "label-set-lr2e-4": ["distiller.anchor=label_set", "finetune.lr=2e-4"],
     # each vector kept near its anchor token: trained unbounded, corrections reach 0.7-0.8 of the anchor's norm
     "max-correction-0.3": ["distiller.max_correction=0.3"],
+    # with the drift bounded, do larger steps learn more?
+    "max-correction-0.3-lr2e-4": ["distiller.max_correction=0.3", "finetune.lr=2e-4"],
 }
 
 
