@@ -31,13 +31,18 @@ def own_keys(path: Path) -> list[str]:
     return keys + ([f"num_vectors={saved['num_vectors']}"] if "num_vectors" in saved else [])
 
 
-def main() -> None:
+def distiller_args(out: str) -> argparse.Namespace:
+    """RECIPE DISTILLER... [--set key=value ...] [--out JSON]: the command line of the scripts that score files."""
     ap = argparse.ArgumentParser()
     ap.add_argument("recipe")
     ap.add_argument("distillers", nargs="+", type=Path)
     ap.add_argument("--set", action="append", default=[], help="key=value recipe override (repeatable)")
-    ap.add_argument("--out", type=Path, default=Path("bench/results/choose_distiller.json"))
-    args = ap.parse_args()
+    ap.add_argument("--out", type=Path, default=Path(out))
+    return ap.parse_args()
+
+
+def main() -> None:
+    args = distiller_args("bench/results/choose_distiller.json")
     groups: dict[tuple[str, ...], list[Path]] = {}
     for path in args.distillers:
         groups.setdefault(tuple(own_keys(path)), []).append(path)

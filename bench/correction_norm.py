@@ -7,9 +7,7 @@ the norm of vector - anchor per slot on each validation demonstration set (`fine
 task), beside the anchors' own norm: a correction near the anchor's norm puts the vector as far from
 its token as another token is. Writes bench/results/correction_norm.json, or --out.
 """
-import argparse
 import json
-from pathlib import Path
 
 import torch
 
@@ -22,16 +20,11 @@ from mendctl.prepare import prepare
 from mendctl.provenance import file_hash, stamp
 from mendctl.registry import get_backend
 
-from choose_distiller import own_keys
+from choose_distiller import distiller_args, own_keys
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("recipe")
-    ap.add_argument("distillers", nargs="+", type=Path)
-    ap.add_argument("--set", action="append", default=[], help="key=value recipe override (repeatable)")
-    ap.add_argument("--out", type=Path, default=Path("bench/results/correction_norm.json"))
-    args = ap.parse_args()
+    args = distiller_args("bench/results/correction_norm.json")
     out = {}
     for path in args.distillers:
         recipe = load_recipe(args.recipe, [*args.set, *own_keys(path)])
