@@ -11,10 +11,12 @@ Writes bench/results/choose_distiller.json, or --out.
 """
 import argparse
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 from mendctl.checkpoint import load_distiller, saved_recipe
-from mendctl.config import DistillerSpec, load_recipe
+from mendctl.backend import Models
+from mendctl.config import DistillerSpec, Recipe, load_recipe
 from mendctl.curves import Validation
 from mendctl.prepare import prepare
 from mendctl.provenance import file_hash, stamp
@@ -41,18 +43,27 @@ def distiller_args(out: str) -> argparse.Namespace:
     return ap.parse_args()
 
 
-def main() -> None:
-    args = distiller_args("bench/results/choose_distiller.json")
+def by_recipe(args: argparse.Namespace, queries: int | None = None
+              ) -> Iterator[tuple[Recipe, Models, Validation, list[Path]]]:
+    """The files grouped by the recipe each was trained as, with that recipe's models and validation sets
+    (`queries` a set, default finetune.eval_queries), built once a group."""
     groups: dict[tuple[str, ...], list[Path]] = {}
     for path in args.distillers:
         groups.setdefault(tuple(own_keys(path)), []).append(path)
-    scores = {}
     for keys, paths in groups.items():
         recipe = load_recipe(args.recipe, [*args.set, *keys])
         prepare(recipe, "finetune", "finetune")
         backend = get_backend(recipe.backend)
-        models, template = backend.build(recipe), backend.template(recipe)
-        validation = Validation(recipe, models, template, recipe.finetune.eval_queries, recipe.finetune.eval_sets)
+        models = backend.build(recipe)
+        validation = Validation(recipe, models, backend.template(recipe), queries or recipe.finetune.eval_queries,
+                                recipe.finetune.eval_sets)
+        yield recipe, models, validation, paths
+
+
+def main() -> None:
+    args = distiller_args("bench/results/choose_distiller.json")
+    scores = {}
+    for recipe, models, validation, paths in by_recipe(args):
         for path in paths:
             load_distiller(models.distiller, path)
             models.distiller.eval()

@@ -13,37 +13,29 @@ import torch
 
 from mendctl.anchors import anchor_embeddings
 from mendctl.checkpoint import load_distiller
-from mendctl.config import load_recipe
-from mendctl.curves import Validation
 from mendctl.distiller import distill
-from mendctl.prepare import prepare
 from mendctl.provenance import file_hash, stamp
-from mendctl.registry import get_backend
 
-from choose_distiller import distiller_args, own_keys
+from choose_distiller import by_recipe, distiller_args
 
 
 def main() -> None:
     args = distiller_args("bench/results/correction_norm.json")
     out = {}
-    for path in args.distillers:
-        recipe = load_recipe(args.recipe, [*args.set, *own_keys(path)])
-        prepare(recipe, "finetune", "finetune")
-        backend = get_backend(recipe.backend)
-        models = backend.build(recipe)
-        # one query a set: only the demonstrations matter here (the baselines come from the eval cache)
-        validation = Validation(recipe, models, backend.template(recipe), 1, recipe.finetune.eval_sets)
+    # one query a set: only the demonstrations matter here (the baselines come from the eval cache)
+    for recipe, models, validation, paths in by_recipe(args, queries=1):
         anchors = anchor_embeddings(models.llm, validation.anchors, recipe.num_vectors)
-        load_distiller(models.distiller, path)
-        with torch.no_grad():
-            vectors = torch.stack(distill(models, validation.contexts, recipe.distiller.max_length, 4,
-                                          validation.anchors))
-        moved = (vectors - anchors).norm(dim=-1)  # [sets, K]
-        out[str(path)] = {"sha256_16": file_hash(path), "max_correction": recipe.distiller.max_correction,
-                          "anchor_norm": anchors.norm(dim=-1).mean().item(),
-                          "correction_norm": moved.mean().item(), "correction_norm_max": moved.max().item(),
-                          "correction_norm_per_slot": [round(x, 3) for x in moved.mean(0).tolist()]}
-        print(path, json.dumps({k: v for k, v in out[str(path)].items() if k != "correction_norm_per_slot"}))
+        for path in paths:
+            load_distiller(models.distiller, path)
+            with torch.no_grad():
+                vectors = torch.stack(distill(models, validation.contexts, recipe.distiller.max_length, 4,
+                                              validation.anchors))
+            moved = (vectors - anchors).norm(dim=-1)  # [sets, K]
+            out[str(path)] = {"sha256_16": file_hash(path), "max_correction": recipe.distiller.max_correction,
+                              "anchor_norm": anchors.norm(dim=-1).mean().item(),
+                              "correction_norm": moved.mean().item(), "correction_norm_max": moved.max().item(),
+                              "correction_norm_per_slot": [round(x, 3) for x in moved.mean(0).tolist()]}
+            print(path, json.dumps({k: v for k, v in out[str(path)].items() if k != "correction_norm_per_slot"}))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"recipe": args.recipe, "overrides": args.set,
                                     "validation_tasks": recipe.tasks.validation, "distillers": out, **stamp()},
