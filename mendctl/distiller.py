@@ -130,13 +130,10 @@ class Distiller(nn.Module):
         a zero anchor (an empty slot) gets no correction."""
         if self.max_correction is None:
             return correction
-        norm = correction.norm(dim=-1, keepdim=True)
         bound = self.max_correction * anchors.norm(dim=-1, keepdim=True)
-        safe = norm.clamp_min(1e-12)
-        # where the norm is 0 the limit of the scale is 1: so the zero correction still has a gradient
-        scale = torch.where(norm > 1e-12, bound * torch.tanh(safe / bound.clamp_min(1e-12)) / safe,
-                            torch.ones_like(norm))
-        return correction * scale
+        x = correction.norm(dim=-1, keepdim=True) / bound.clamp_min(1e-12)
+        # m tanh(n / m) / n = tanh(x) / x, whose limit at 0 is 1: so the zero correction still has a gradient
+        return correction * torch.where(x > 1e-12, torch.tanh(x) / x.clamp_min(1e-12), torch.ones_like(x))
 
 
 def _input_rows(texts: list[str], tokenizer, max_length: int) -> list[list[int]]:
