@@ -85,6 +85,9 @@ ABLATIONS = {
     "max-correction-0.3": ["distiller.max_correction=0.3"],
     # with the drift bounded, do larger steps learn more?
     "max-correction-0.3-lr2e-4": ["distiller.max_correction=0.3", "finetune.lr=2e-4"],
+    # the KL on what eval decides by: the distribution over the example's options (ninth session)
+    "kl-options": ["finetune.kl_on=options"],
+    "kl-options-only": ["finetune.kl_on=options", "finetune.ce_weight=0"],
 }
 
 

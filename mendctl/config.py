@@ -268,9 +268,10 @@ class FinetuneSpec(TrainSpec):
     train_file: str = Field(META_TRAIN_FILE, description="meta-train file of each task, under data_dir/{task}/")
     kl_weight: float = Field(1.0, ge=0)
     ce_weight: float = Field(1.0, ge=0, description="weight of the student's target-token CE (0 = KL only)")
-    kl_on: Literal["query", "output"] = Field(
-        "query", description="positions the KL is averaged over: every query token (input and output, as the "
-        "method), or the output's tokens alone, where the answer is read")
+    kl_on: Literal["query", "output", "options"] = Field(
+        "query", description="what the KL compares: the next-token distributions at every query token (input and "
+        "output, as the method) or at the output's tokens alone, or the distribution over the example's options "
+        "that mendctl eval scores, where its answer is decided")
     init_from: ExistingPath | None = Field(None, description="stage-1 output; default output_dir/pretrain when present")
     remap_labels: float = Field(0.0, ge=0, le=1, description="probability that an episode's option strings are "
                                 "replaced by random words, in the demonstrations and the target alike")

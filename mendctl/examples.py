@@ -25,6 +25,7 @@ class Example:
     x: list[int]         # query input (LLM ids)
     y: list[int]         # target (LLM ids)
     labels: list[list[int]] = field(default_factory=list)  # each demonstration's output (LLM ids): label anchors
+    options: list[list[int]] = field(default_factory=list)  # every option as the query's (LLM ids): y among them
 
 
 # Stand-in label words for finetune.remap_labels: common words, mostly one token each. A few are some
@@ -176,9 +177,12 @@ class TaskExamples:
         if not context:
             raise DataError(f"template.max_context_tokens={self.template.max_context_tokens} leaves room for no "
                             f"demonstration (query {rows[q]['_where']})")
-        query = render_query(self.template, rows[q]["input"], [target], self.tokenizer, after_context=True)
-        return Example(context, context_ids(self.template, context, self.tokenizer), query.x, query.options[0],
-                       label_ids(self.template, demos, self.tokenizer))
+        texts = [mapping.get(o, o) for o in rows[q].get("options") or []]
+        texts += [] if target in texts else [target]
+        query = render_query(self.template, rows[q]["input"], texts, self.tokenizer, after_context=True)
+        return Example(context, context_ids(self.template, context, self.tokenizer), query.x,
+                       query.options[texts.index(target)], label_ids(self.template, demos, self.tokenizer),
+                       query.options)
 
 
 def example_source(stage: str, recipe, tokenizer, encoder_decoder: bool, template: TemplateSpec):

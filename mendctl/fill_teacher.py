@@ -22,6 +22,9 @@ def fill_teacher(recipe, stage: str, processes: int = 1, console: Console | None
         raise ValueError(f"the recipe has no `{stage}` section")
     if not spec.teacher_cache:
         raise ValueError(f"{stage}.teacher_cache is false: training would not read the cache")
+    if getattr(spec, "kl_on", None) == "options":
+        raise ValueError(f"{stage}.kl_on is options: training compares option scores, not the cached "
+                         "next-token distributions")
     console = console or Console()
     accelerator = Accelerator(mixed_precision=spec.mixed_precision)  # the device and autocast training uses
     backend = get_backend(recipe.backend)

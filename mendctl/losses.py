@@ -53,3 +53,19 @@ class SparseKL(nn.Module):
         log_r = torch.where(has_rest, teacher_log_rest, torch.zeros_like(teacher_log_rest))
         tail = torch.where(has_rest, log_r.exp() * (log_r - outside.logsumexp(-1)), torch.zeros_like(log_r))
         return (head + tail).sum() / s.shape[0]
+
+
+class OptionKL(nn.Module):
+    """Mean over queries of KL(p_teacher || p_student) between option distributions: softmax(-loss / T)
+    over each query's options, loss the mean per-token loss `mendctl eval` ranks them by."""
+
+    def __init__(self, temperature: float = 1.0):
+        super().__init__()
+        self.temperature = temperature
+
+    def forward(self, teacher_losses: list[torch.Tensor], student_losses: list[torch.Tensor]) -> torch.Tensor:
+        if len(teacher_losses) != len(student_losses):
+            raise ValueError(f"{len(teacher_losses)} teacher queries for {len(student_losses)} student queries")
+        kls = [F.kl_div(F.log_softmax(-s.float() / self.temperature, -1), F.log_softmax(-t.float() / self.temperature, -1),
+                        log_target=True, reduction="sum") for t, s in zip(teacher_losses, student_losses)]
+        return torch.stack(kls).mean()

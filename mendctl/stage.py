@@ -30,8 +30,14 @@ class Stage:
     # Stage 2's examples end in a target output: the student's CE and ICL's on it are measured, logged
     # and shown even at ce_weight 0. Stage 1's target is only the rest of a text: the KL says it all.
     measures_ce: bool
-    # The KL over the target output's positions only (finetune.kl_on: output), not over the query input's too.
-    kl_on_output: bool = False
+    # What the KL compares (finetune.kl_on): next-token distributions at every query token ("query"), at
+    # the output's alone ("output"), or the distributions over the example's options ("options").
+    kl_on: str = "query"
+
+    @property
+    def reads_teacher_cache(self) -> bool:
+        """The cache holds the teacher's next-token distributions, which the option KL does not compare."""
+        return self.spec.teacher_cache and self.kl_on != "options"
 
     @property
     def checkpoints(self) -> Path:
@@ -54,4 +60,4 @@ def build_stage(recipe: Recipe, name: str) -> Stage:
                      follows=None, measures_ce=False)
     return Stage(name, spec, recipe, recipe.stage_dir(name), ce_weight=spec.ce_weight, kl_weight=spec.kl_weight,
                  start_from=finetune_start(recipe), follows="pretrain", measures_ce=True,
-                 kl_on_output=spec.kl_on == "output")
+                 kl_on=spec.kl_on)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import statistics
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ from .config import Recipe, TemplateSpec
 from .curves import Validation, plot
 from .distiller import distiller_inputs
 from .examples import Example, TaskExamples, TextExamples
-from .losses import ForwardKL, SparseKL, TargetCE
+from .losses import ForwardKL, OptionKL, SparseKL, TargetCE
 from .registry import get_backend
 from .resume import trim_metrics, verify_checkpoint
 from .stage import Stage, build_stage
@@ -65,12 +66,13 @@ class Objective:
     # The teacher's top-k from the cache instead of its forward pass; the KL must then be a SparseKL.
     cached: CachedTeacher | None = None
     measure_ce: bool = True  # False: ce and teacher_ce are logged as 0 (stage 1)
-    output_only: bool = False  # the KL at the output's positions alone
+    on: str = "query"  # finetune.kl_on
 
     @classmethod
     def for_stage(cls, stage: Stage, cached: CachedTeacher | None) -> Objective:
-        kl = SparseKL(stage.spec.temperature) if cached else ForwardKL(stage.spec.temperature)
-        return cls(kl, stage.ce_weight, stage.kl_weight, cached, stage.measures_ce, stage.kl_on_output)
+        t = stage.spec.temperature
+        kl = OptionKL(t) if stage.kl_on == "options" else SparseKL(t) if cached else ForwardKL(t)
+        return cls(kl, stage.ce_weight, stage.kl_weight, cached, stage.measures_ce, stage.kl_on)
 
 
 def step_loss(models: Models, distiller, batch: list[Example], recipe: Recipe, objective: Objective,
@@ -85,26 +87,29 @@ def step_loss(models: Models, distiller, batch: list[Example], recipe: Recipe, o
     firsts = [batch[episode.index(n)] for n in range(len(episodes))]
     d_ids, d_mask = distiller_inputs([e.distiller_text for e in firsts], models.distiller_tokenizer,
                                      recipe.distiller.max_length, llm.device)
+    anchor, k = recipe.distiller.anchor, recipe.num_vectors
+    anchors = None if anchor == "none" else anchor_embeddings(
+        llm, [anchor_ids(anchor, e.ctx, e.labels, k) for e in firsts], k)
+    vectors = distiller(d_ids, d_mask, anchors)
+    if objective.on == "options":
+        return _option_step(llm, batch, [vectors[n] for n in episode], xs, objective, int(d_mask.sum()))
     if cached is None:
         with torch.no_grad():
             teacher = teacher_logits(llm, batch)
     else:
         top = cached(batch, positions)
-    anchor, k = recipe.distiller.anchor, recipe.num_vectors
-    anchors = None if anchor == "none" else anchor_embeddings(
-        llm, [anchor_ids(anchor, e.ctx, e.labels, k) for e in firsts], k)
-    vectors = distiller(d_ids, d_mask, anchors)
     student = llm.target_logits([vectors[n] for n in episode], xs, ys)
     ce = TargetCE()
     # Measured even at ce_weight 0: a KL-only run still shows how the student's CE follows ICL's.
     has_y = objective.measure_ce and bool(student.is_y.any())
     # kl_on: output keeps the output's rows; the default takes every row as it is, with no copy of the logits.
-    student_kl = student.logits[student.is_y] if objective.output_only else student.logits
+    output_only = objective.on == "output"
+    student_kl = student.logits[student.is_y] if output_only else student.logits
     if cached is None:
-        kl_loss = objective.kl(teacher.logits[teacher.is_y] if objective.output_only else teacher.logits, student_kl)
+        kl_loss = objective.kl(teacher.logits[teacher.is_y] if output_only else teacher.logits, student_kl)
         teacher_ce = ce(teacher.logits[teacher.is_y], teacher.targets[teacher.is_y]).item() if has_y else 0.0
     else:
-        kept = top.rows(student.is_y) if objective.output_only else top
+        kept = top.rows(student.is_y) if output_only else top
         kl_loss = objective.kl(kept.logp, kept.ids, kept.log_rest, student_kl)
         teacher_ce = -top.target_logp[student.is_y].mean().item() if has_y else 0.0
     ce_loss = ce(student.logits[student.is_y], student.targets[student.is_y]) if has_y else kl_loss.new_zeros(())
@@ -114,6 +119,25 @@ def step_loss(models: Models, distiller, batch: list[Example], recipe: Recipe, o
     taught = batch if cached is None else [batch[i] for i in cached.computed]
     tokens = (int(d_mask.sum()) + sum(map(query, batch)) + sum(map(query, taught))
               + sum(len(ctx) for ctx in {tuple(e.ctx) for e in taught}))
+    return StepStats(loss, kl_loss.item(), ce_loss.item(), teacher_ce, tokens)
+
+
+def _option_step(llm, batch: list[Example], prefixes: list[torch.Tensor], xs: list[torch.Tensor],
+                 objective: Objective, distiller_tokens: int) -> StepStats:
+    """finetune.kl_on: options. The KL between ICL's and the student's distributions over each example's
+    options, as `mendctl eval` scores them; the CE is the student's mean token loss of the gold option."""
+    as_t = lambda ids: torch.tensor(ids, dtype=torch.long, device=llm.device)  # noqa: E731
+    options = [[as_t(o) for o in e.options] for e in batch]
+    gold = [e.options.index(e.y) for e in batch]
+    with torch.no_grad():
+        teacher = [llm.option_losses(llm.embed(as_t(e.ctx)), x, o) for e, x, o in zip(batch, xs, options)]
+    student = [llm.option_losses(p, x, o) for p, x, o in zip(prefixes, xs, options)]
+    kl_loss = objective.kl(teacher, student)
+    ce_loss = torch.stack([s[g] for s, g in zip(student, gold)]).mean()
+    loss = objective.kl_weight * kl_loss + objective.ce_weight * ce_loss
+    teacher_ce = statistics.fmean(float(t[g]) for t, g in zip(teacher, gold))
+    per_query = sum(llm.bos_len + len(e.x) + sum(map(len, e.options)) for e in batch)
+    tokens = distiller_tokens + 2 * per_query + sum(len(e.ctx) for e in batch)
     return StepStats(loss, kl_loss.item(), ce_loss.item(), teacher_ce, tokens)
 
 
@@ -239,7 +263,7 @@ def _prepare(stage: Stage, trackers: list[str], console: Console) -> Run:
     keep_trainable_in_checkpoints(accelerator)
     template = backend.template(recipe)
     examples = stage.examples(models, template)
-    cached = open_teacher(recipe, stage.name, models, template) if spec.teacher_cache else None
+    cached = open_teacher(recipe, stage.name, models, template) if stage.reads_teacher_cache else None
     average = WeightAverage(accelerator.unwrap_model(distiller), spec.ema) if spec.ema else None
     if average:
         accelerator.register_for_checkpointing(average)

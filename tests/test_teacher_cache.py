@@ -245,7 +245,7 @@ def test_kl_on_output_averages_the_kl_over_the_target_tokens_alone_cached_or_not
 
     recipe = tiny("llama", "finetune.kl_on=output", ALL)
     stage, backend = build_stage(recipe, "finetune"), get_backend("llama")
-    assert stage.kl_on_output and not build_stage(tiny("llama"), "finetune").kl_on_output
+    assert stage.kl_on == "output" and build_stage(tiny("llama"), "finetune").kl_on == "query"
     models = backend.build(recipe)
     models.distiller.eval()
     positions = [0, 1, 2, 3]
