@@ -25,8 +25,12 @@ class Example:
     x: list[int]         # query input (LLM ids)
     y: list[int]         # target (LLM ids)
     labels: list[list[int]] = field(default_factory=list)  # each demonstration's output (LLM ids): label anchors
-    options: list[list[int]] = field(default_factory=list)  # every option as the query's (LLM ids): y among them
+    options: list[list[int]] = field(default_factory=list)  # the options (LLM ids, at most MAX_OPTIONS): y among them
 
+
+# finetune.kl_on: options runs the student on every option with gradients; a query with 100 options of up
+# to 30 tokens took 13 GB on CPU. A query with more keeps its target and this many minus one others.
+MAX_OPTIONS = 16
 
 # Stand-in label words for finetune.remap_labels: common words, mostly one token each. A few are some
 # task's own labels (colours, directions): "red" may become "blue", which only the demonstrations tell.
@@ -179,6 +183,10 @@ class TaskExamples:
                             f"demonstration (query {rows[q]['_where']})")
         texts = [mapping.get(o, o) for o in rows[q].get("options") or []]
         texts += [] if target in texts else [target]
+        if len(texts) > MAX_OPTIONS:  # from an rng of their own: every other draw stays as it was
+            others = random.Random(f"{self.seed}:{episode}:{j}:options").sample(
+                [t for t in texts if t != target], MAX_OPTIONS - 1)
+            texts = [target, *others]
         query = render_query(self.template, rows[q]["input"], texts, self.tokenizer, after_context=True)
         return Example(context, context_ids(self.template, context, self.tokenizer), query.x,
                        query.options[texts.index(target)], label_ids(self.template, demos, self.tokenizer),

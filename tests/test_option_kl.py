@@ -1,13 +1,16 @@
 """finetune.kl_on: options: the KL between ICL's and the student's distributions over each example's
 options, the distributions `mendctl eval` ranks options by and measures agreement and KL on."""
 import json
+import shutil
 
 import pytest
 import torch
 from rich.console import Console
 
 import mendctl.trainer as trainer
+import mendctl.examples as examples_module
 from mendctl import metrics
+from mendctl.examples import TaskExamples
 from mendctl.fill_teacher import fill_teacher
 from mendctl.losses import OptionKL
 from mendctl.registry import get_backend
@@ -101,3 +104,30 @@ def test_a_run_on_the_option_kl_trains_without_the_teacher_cache_which_the_fille
     assert all(r["kl"] >= 0 and r["ce"] > 0 and r["teacher_ce"] > 0 for r in rows)
     with pytest.raises(ValueError, match="kl_on is options"):
         fill_teacher(recipe, "finetune", console=QUIET)
+
+
+def test_a_query_with_many_options_keeps_its_target_and_a_fixed_draw_of_others_and_nothing_else_changes(
+        tiny, tmp_path, monkeypatch):
+    root = tmp_path / "tasks"
+    shutil.copytree("data/tiny/tasks", root)
+    (root / "tiny_many").mkdir()
+    labels = [f"label{i}" for i in range(40)]
+    rows = [{"input": f"word {i}", "output": labels[i % 40], "options": labels} for i in range(60)]
+    (root / "tiny_many" / "tiny_many_16384_100_train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = tiny("llama", f"tasks.data_dir={root}", "finetune.kl_on=options", "finetune.remap_labels=0.5")
+    models = get_backend("llama").build(recipe)
+
+    def draw():
+        return TaskExamples(recipe.finetune, recipe.tasks, root, ["tiny_many"], get_backend("llama").template(recipe),
+                            models.llm_tokenizer, recipe.seed)
+
+    assert examples_module.MAX_OPTIONS == 16
+    capped = [draw().get(p) for p in range(6)]
+    assert [e.options for e in capped] == [draw().get(p).options for p in range(6)]  # the same draw every time
+    monkeypatch.setattr(examples_module, "MAX_OPTIONS", 1000)
+    for p, a in enumerate(capped):
+        b = draw().get(p)
+        assert (a.x, a.y, a.ctx, a.distiller_text) == (b.x, b.y, b.ctx, b.distiller_text)
+        assert len(b.options) == 40 and len(a.options) == 16
+        assert a.y in a.options and len(set(map(tuple, a.options))) == 16
+        assert {tuple(o) for o in a.options} <= {tuple(o) for o in b.options}
