@@ -309,6 +309,9 @@ class DistillSpec(Strict):
     refine_from: Literal["distiller", "anchors"] = Field(
         "distiller", description="what the steps start from: the distiller's vectors, or the anchors alone (the "
         "LLM's embeddings of distiller.anchor's tokens; no distiller is run)")
+    refine_on: Literal["tokens", "options"] = Field(
+        "tokens", description="what the steps' KL compares: the next-token distributions at every query token, or "
+        "the distributions over each demonstration's options (as finetune.kl_on: options)")
 
 
 class EvalSpec(Strict):
@@ -342,9 +345,11 @@ class Recipe(Strict):
         return v
 
     @model_validator(mode="after")
-    def _refining_from_anchors_needs_them(self) -> "Recipe":
+    def _refining_settings_fit(self) -> "Recipe":
         if self.distill.refine_from == "anchors" and self.distiller.anchor == "none":
             raise ValueError("distill.refine_from: anchors needs anchors: set distiller.anchor")
+        if self.distill.refine_on != "tokens" and not self.distill.refine_steps:
+            raise ValueError("distill.refine_on: options needs distill.refine_steps above 0")
         return self
 
     @model_validator(mode="after")

@@ -96,7 +96,8 @@ def _saved_vectors(run: EvalRun, ds: DemoSet) -> tuple[torch.Tensor | None, dict
         return None, {"source": "distilled", "reason": f"{path} was made from other demonstrations"}
     return vf.vectors, {"source": "file", "path": str(path), "distiller_hash": vf.metadata["distiller_hash"],
                         "refine_steps": int(vf.metadata.get("refine_steps", 0)),
-                        "refine_from": vf.metadata.get("refine_from", "distiller")}
+                        "refine_from": vf.metadata.get("refine_from", "distiller"),
+                        "refine_on": vf.metadata.get("refine_on", "tokens")}
 
 
 def _mend_vectors(run: EvalRun, sets: list[DemoSet], console: Console) -> dict[str, MendVectors]:
@@ -121,7 +122,8 @@ def _mend_vectors(run: EvalRun, sets: list[DemoSet], console: Console) -> dict[s
         if vectors is None:
             vectors, source = made[key], source | {"distiller_hash": distiller_hash,
                                                    "refine_steps": recipe.distill.refine_steps,
-                                                   "refine_from": recipe.distill.refine_from}
+                                                   "refine_from": recipe.distill.refine_from,
+                                                   "refine_on": recipe.distill.refine_on}
         read = tokens_read(models, ds.context, recipe.distiller.max_length)
         llm = models.llm
         # From the anchors no distiller ran: the refinement is the whole cost.
@@ -130,7 +132,7 @@ def _mend_vectors(run: EvalRun, sets: list[DemoSet], console: Console) -> dict[s
                      if source["refine_from"] == "distiller" else 0.0)
         cost = distilled + refine_flops(llm.model.config, recipe.num_vectors, ds.demos, run.template,
                                         models.llm_tokenizer, source["refine_steps"], llm.is_encoder_decoder,
-                                        models.gated_mlp)
+                                        models.gated_mlp, source["refine_on"])
         out[key] = MendVectors(vectors.to(models.llm.device, models.llm.dtype), source, cost)
     return out
 

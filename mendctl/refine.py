@@ -3,7 +3,8 @@
 A few Adam steps on the vectors alone, after the distiller made them: on leave-one-out episodes of
 the set's k demonstrations (the query is demonstration i, the teacher is the LLM reading the other
 k - 1 as ICL), the LLM reading the vectors is brought closer to the LLM reading the demonstrations,
-by the KL over every query token. It needs the demonstrations and nothing else, runs once per set,
+by the KL over every query token (or, with distill.refine_on: options, over the distribution across
+the demonstration's options). It needs the demonstrations and nothing else, runs once per set,
 and a query then costs what it cost before; the one-off cost is `refine_flops`. With
 distill.refine_from: anchors the steps start from the anchors' embeddings and no distiller runs:
 vectors fitted to each set alone, a per-set prompt tuning.
@@ -18,7 +19,7 @@ from . import flops
 from .anchors import anchor_embeddings, set_anchors
 from .config import Recipe, TemplateSpec
 from .distiller import distill
-from .losses import ForwardKL
+from .losses import ForwardKL, OptionKL
 from .render import context_ids, render_context, render_query
 
 
@@ -32,22 +33,37 @@ def leave_one_out(template: TemplateSpec, demos: list[dict], tokenizer) -> list[
     return out
 
 
+def demo_options(template: TemplateSpec, demos: list[dict], tokenizer) -> list[list[list[int]]]:
+    """Each demonstration's options as its query's (LLM ids); its own output when it lists none."""
+    return [render_query(template, d["input"], d.get("options") or [d["output"]], tokenizer, after_context=True).options
+            for d in demos]
+
+
 def refine(llm, vectors: torch.Tensor, demos: list[dict], template: TemplateSpec, tokenizer, steps: int,
-           lr: float) -> torch.Tensor:
-    """`vectors` [K, d] after `steps` Adam steps on the KL to ICL over the demonstrations' episodes."""
+           lr: float, on: str = "tokens") -> torch.Tensor:
+    """`vectors` [K, d] after `steps` Adam steps on the KL to ICL over the demonstrations' episodes,
+    `on` their next-token distributions ("tokens") or their distributions over the options ("options")."""
     if steps == 0 or len(demos) < 2:  # one demonstration leaves no context to learn from
         return vectors
     as_t = lambda ids: torch.tensor(ids, dtype=torch.long, device=llm.device)  # noqa: E731
     ctxs, xs, ys = zip(*leave_one_out(template, demos, tokenizer))
-    xs, ys = [as_t(x) for x in xs], [as_t(y) for y in ys]
-    kl = ForwardKL()
-    with torch.no_grad():
-        teacher = llm.target_logits([llm.embed(as_t(c)) for c in ctxs], xs, ys).logits
+    xs, ys, prefixes = [as_t(x) for x in xs], [as_t(y) for y in ys], [llm.embed(as_t(c)) for c in ctxs]
+    if on == "options":
+        options = [[as_t(o) for o in opts] for opts in demo_options(template, demos, tokenizer)]
+        kl = OptionKL()
+        with torch.no_grad():
+            teacher = [llm.option_losses(p, x, o) for p, x, o in zip(prefixes, xs, options)]
+        student = lambda v: [llm.option_losses(v, x, o) for x, o in zip(xs, options)]  # noqa: E731
+    else:
+        kl = ForwardKL()
+        with torch.no_grad():
+            teacher = llm.target_logits(prefixes, xs, ys).logits
+        student = lambda v: llm.target_logits([v] * len(xs), xs, ys).logits  # noqa: E731
     fitted = vectors.detach().to(llm.dtype).clone().requires_grad_(True)
     opt = torch.optim.Adam([fitted], lr=lr)
     with torch.enable_grad():
         for _ in range(steps):
-            loss = kl(teacher, llm.target_logits([fitted] * len(xs), xs, ys).logits)
+            loss = kl(teacher, student(fitted))
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -55,18 +71,20 @@ def refine(llm, vectors: torch.Tensor, demos: list[dict], template: TemplateSpec
 
 
 def refine_flops(llm_config, num_vectors: int, demos: list[dict], template: TemplateSpec, tokenizer, steps: int,
-                 is_encoder_decoder: bool, gated_mlp: bool) -> float:
+                 is_encoder_decoder: bool, gated_mlp: bool, on: str = "tokens") -> float:
     """What `refine` costs once per set: the teacher on each episode once, then per step the student's
     forward and backward (taken as twice the forward) on every episode."""
     if steps == 0 or len(demos) < 2:
         return 0.0
     episodes = leave_one_out(template, demos, tokenizer)
+    read = ([[len(o) for o in opts] for opts in demo_options(template, demos, tokenizer)] if on == "options"
+            else [[len(y)] for _, _, y in episodes])
 
-    def forward(prefix: int, x: list[int], y: list[int]) -> float:
-        return flops.llm_query_flops(llm_config, prefix, len(x), [len(y)], is_encoder_decoder, gated_mlp)
+    def forward(prefix: int, x: list[int], options: list[int]) -> float:
+        return flops.llm_query_flops(llm_config, prefix, len(x), options, is_encoder_decoder, gated_mlp)
 
-    teacher = sum(forward(len(c), x, y) for c, x, y in episodes)
-    return teacher + steps * 3 * sum(forward(num_vectors, x, y) for _, x, y in episodes)
+    teacher = sum(forward(len(c), x, o) for (c, x, _), o in zip(episodes, read))
+    return teacher + steps * 3 * sum(forward(num_vectors, x, o) for (_, x, _), o in zip(episodes, read))
 
 
 def set_vectors(recipe: Recipe, models, template: TemplateSpec, sets: list, batch_size: int) -> Iterator[torch.Tensor]:
@@ -79,4 +97,4 @@ def set_vectors(recipe: Recipe, models, template: TemplateSpec, sets: list, batc
         starts = (list(anchor_embeddings(models.llm, anchors, recipe.num_vectors)) if spec.refine_from == "anchors"
                   else distill(models, [ds.context for ds in chunk], recipe.distiller.max_length, batch_size, anchors))
         for ds, v in zip(chunk, starts):
-            yield refine(models.llm, v, ds.demos, template, tok, spec.refine_steps, spec.refine_lr)
+            yield refine(models.llm, v, ds.demos, template, tok, spec.refine_steps, spec.refine_lr, spec.refine_on)

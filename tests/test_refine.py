@@ -108,3 +108,46 @@ def test_refining_from_the_anchors_runs_no_distiller_and_starts_at_their_embeddi
     assert json.loads((out / "eval" / "results.json").read_text())["aggregate"]["mend"]["distill_flops_per_set"] == 0
     with pytest.raises(RecipeError, match="refine_from: anchors needs anchors"):
         tiny("llama", "distiller.anchor=none", "distill.refine_from=anchors")
+
+
+def test_refining_on_the_options_lowers_the_option_kl_on_the_demonstrations_and_is_recorded(tiny, tmp_path):
+    from mendctl.config import RecipeError
+    from mendctl.losses import OptionKL
+    from mendctl.refine import demo_options
+
+    recipe = tiny("llama")
+    models, template = get_backend("llama").build(recipe), get_backend("llama").template(recipe)
+    llm, tok = models.llm, models.llm_tokenizer
+    ds = demo_sets(recipe, template, tok)[0]
+    episodes, options = leave_one_out(template, ds.demos, tok), demo_options(template, ds.demos, tok)
+    assert [len(o) for o in options] == [len(d["options"]) for d in ds.demos]
+    assert all(y in opts for (_, _, y), opts in zip(episodes, options))  # each demonstration's output is an option
+    as_t = lambda ids: torch.tensor(ids, dtype=torch.long)  # noqa: E731
+    opts = [[as_t(o) for o in q] for q in options]
+    with torch.no_grad():
+        teacher = [llm.option_losses(llm.embed(as_t(c)), as_t(x), o) for (c, x, _), o in zip(episodes, opts)]
+
+    def kl(v):
+        with torch.no_grad():
+            return OptionKL()(teacher, [llm.option_losses(v, as_t(x), o) for (_, x, _), o in zip(episodes, opts)]).item()
+
+    torch.manual_seed(0)
+    start = torch.randn(recipe.num_vectors, llm.hidden_size) * 0.1
+    fitted = refine(llm, start, ds.demos, template, tok, 10, 1e-2, on="options")
+    assert kl(fitted) < 0.8 * kl(start)
+    config, gm = llm.model.config, models.gated_mlp
+    student = sum(flops.llm_query_flops(config, recipe.num_vectors, len(x), [len(o) for o in q], False, gm)
+                  for (_, x, _), q in zip(episodes, options))
+    teacher_cost = sum(flops.llm_query_flops(config, len(c), len(x), [len(o) for o in q], False, gm)
+                       for (c, x, _), q in zip(episodes, options))
+    assert refine_flops(config, recipe.num_vectors, ds.demos, template, tok, 2, False, gm, "options") == \
+        pytest.approx(teacher_cost + 6 * student)
+    out = tmp_path / "run"
+    base = ["recipes/tiny/llama.yaml", f"output_dir={out}"]
+    runner = CliRunner()
+    assert runner.invoke(cli, ["finetune", *base, "finetune.steps=1"]).exit_code == 0
+    result = runner.invoke(cli, ["distill", *base, "distill.refine_steps=2", "distill.refine_on=options"])
+    assert result.exit_code == 0, result.output
+    assert load_vectors(out / "vectors" / ds.task / f"{ds.seed}.safetensors").metadata["refine_on"] == "options"
+    with pytest.raises(RecipeError, match="refine_on: options needs distill.refine_steps"):
+        tiny("llama", "distill.refine_on=options")
