@@ -94,10 +94,11 @@ def test_the_option_kl_step_compares_icl_and_the_vectors_on_every_option_and_tra
     assert alone.loss.item() == pytest.approx(stats.kl, rel=1e-5)
 
 
-def test_a_run_on_the_option_kl_trains_without_the_teacher_cache_which_the_filler_refuses(tiny, monkeypatch):
+@pytest.mark.parametrize("backend", ["gpt2", "t5", "llama"])
+def test_a_run_on_the_option_kl_trains_without_the_teacher_cache_which_the_filler_refuses(tiny, monkeypatch, backend):
     opened = []
     monkeypatch.setattr(trainer, "open_teacher", lambda *a, **k: opened.append(a))
-    recipe = tiny("llama", "finetune.kl_on=options", "finetune.steps=3", "finetune.save_every=3")
+    recipe = tiny(backend, "finetune.kl_on=options", "finetune.steps=3", "finetune.save_every=3")
     train(recipe, "finetune", console=QUIET)
     rows = [json.loads(line) for line in (recipe.output_dir / "finetune" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3] and opened == []
