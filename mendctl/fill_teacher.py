@@ -10,28 +10,26 @@ from accelerate import Accelerator
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from .examples import example_source
 from .registry import get_backend
+from .stage import build_stage
 from .teacher_cache import open_teacher
 
 
 def fill_teacher(recipe, stage: str, processes: int = 1, console: Console | None = None) -> dict:
     """Returns {"positions", "computed", "folder"}; `processes` is that of the training launch."""
-    spec = getattr(recipe, stage)
-    if spec is None:
-        raise ValueError(f"the recipe has no `{stage}` section")
-    if not spec.teacher_cache:
-        raise ValueError(f"{stage}.teacher_cache is false: training would not read the cache")
-    if getattr(spec, "kl_on", None) == "options":
-        raise ValueError(f"{stage}.kl_on is options: training compares option scores, not the cached "
-                         "next-token distributions")
+    built = build_stage(recipe, stage)  # refuses a recipe without the section
+    spec = built.spec
+    if not built.reads_teacher_cache:  # the trainer's own rule
+        why = (f"{stage}.teacher_cache is false" if not spec.teacher_cache else
+               f"{stage}.kl_on is options: training compares option scores, not cached next-token distributions")
+        raise ValueError(f"{why}: training would not read the cache")
     console = console or Console()
     accelerator = Accelerator(mixed_precision=spec.mixed_precision)  # the device and autocast training uses
     backend = get_backend(recipe.backend)
     models = backend.build(recipe)
     models.llm.to(accelerator.device)
     template = backend.template(recipe)
-    examples = example_source(stage, recipe, models.llm_tokenizer, models.llm.is_encoder_decoder, template)
+    examples = built.examples(models, template)
     teacher = open_teacher(recipe, stage, models, template)
     total = spec.steps * spec.batch_size * spec.grad_accum * processes
     with Progress(TextColumn(f"[bold]teacher {stage}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
