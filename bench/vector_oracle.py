@@ -20,15 +20,15 @@ from pathlib import Path
 
 import torch
 
-from mendctl import eval_cache, metrics
+from mendctl import metrics
 from mendctl.anchors import anchor_embeddings, set_anchors
 from mendctl.config import load_recipe
+from mendctl.curves import baseline
 from mendctl.losses import OptionKL
 from mendctl.prepare import prepare
 from mendctl.provenance import stamp
 from mendctl.registry import get_backend
-from mendctl.render import context_ids
-from mendctl.scoring import demo_set, predicted, query_set, score
+from mendctl.scoring import demo_set, query_set
 from mendctl.workspace import data_dir, partition_for
 
 
@@ -65,12 +65,8 @@ def main() -> None:
         for seed in args.seeds:
             qs = query_set(root, demo_set(root, task, recipe.tasks.k, seed, template, tok), recipe.tasks.k, template,
                            tok, args.queries)
-            description = (eval_cache.describe(models, template, root, recipe.tasks.k, qs, "icl", k, args.queries,
-                                               str(llm.device)) if recipe.eval.cache else None)
-            prefix = llm.embed(as_t(context_ids(template, qs.demos.context, tok)))
             with torch.no_grad():
-                icl = eval_cache.load_or_score(description, lambda: (score(llm, prefix, qs, models.gated_mlp),
-                                                                     prefix.shape[0]))[0].losses
+                icl = baseline(recipe, models, template, qs, "icl", args.queries).losses
             anchors = set_anchors(recipe, template, [qs.demos], tok)
             start = anchor_embeddings(llm, anchors, k)[0] if anchors else torch.zeros(k, llm.hidden_size)
             vectors = start.detach().clone().requires_grad_(True)

@@ -29,6 +29,19 @@ def _f1(run: MethodRun, qs: QuerySet) -> float:
     return metrics.macro_f1(predicted(run.predictions, qs), qs.golds)
 
 
+def baseline(recipe: Recipe, models: Models, template: TemplateSpec, qs: QuerySet, method: str,
+             queries: int | None) -> MethodRun:
+    """ICL's or zero-shot's run on a query set of `queries` queries, from the cache `mendctl eval` fills
+    (eval.cache): every run on the same queries, an ablation or a resumed run, scores them once."""
+    llm, root = models.llm, data_dir(recipe)
+    description = (eval_cache.describe(models, template, root, recipe.tasks.k, qs, method, recipe.num_vectors,
+                                       queries, str(llm.device)) if recipe.eval.cache else None)
+    ids = context_ids(template, qs.demos.context, models.llm_tokenizer) if method == "icl" else []
+    prefix = llm.embed(torch.tensor(ids, dtype=torch.long, device=llm.device))
+    return eval_cache.load_or_score(description, lambda: (score(llm, prefix, qs, models.gated_mlp),
+                                                          prefix.shape[0]))[0]
+
+
 class Validation:
     """The validation query sets with their ICL and zero-shot runs; `score` rates a distiller's vectors."""
 
@@ -38,18 +51,9 @@ class Validation:
         self.sets = [query_set(root, demo_set(root, task, k, seed, template, tok), k, template, tok, queries)
                      for task in recipe.tasks.validation for seed in recipe.tasks.seeds[:sets]]
         self.anchors = set_anchors(recipe, template, [qs.demos for qs in self.sets], tok)
-        llm = models.llm
-        # The baselines are the ones `mendctl eval` caches (eval.cache): every run on the same
-        # validation queries, an ablation or a resumed run, scores them once.
-        def baseline(method: str, ids, qs: QuerySet) -> MethodRun:
-            description = (eval_cache.describe(models, template, root, k, qs, method, recipe.num_vectors, queries,
-                                               str(llm.device)) if recipe.eval.cache else None)
-            prefix = llm.embed(torch.tensor(ids, dtype=torch.long, device=llm.device))
-            return eval_cache.load_or_score(description, lambda: (self._score(prefix, qs), prefix.shape[0]))[0]
-
         with torch.no_grad():
-            self.icl = [baseline("icl", context_ids(template, qs.demos.context, tok), qs) for qs in self.sets]
-            self.zero_shot = [baseline("zero-shot", [], qs) for qs in self.sets]
+            self.icl, self.zero_shot = ([baseline(recipe, models, template, qs, method, queries) for qs in self.sets]
+                                        for method in ("icl", "zero-shot"))
         # Zero-shot's distance to ICL is the bar: vectors that carry the demonstrations sit closer.
         self.baselines = {"val_icl_f1": statistics.fmean(map(_f1, self.icl, self.sets)),
                           "val_zero_shot_f1": statistics.fmean(map(_f1, self.zero_shot, self.sets)),
