@@ -28,8 +28,8 @@ class Example:
     options: list[list[int]] = field(default_factory=list)  # the options (LLM ids, at most MAX_OPTIONS): y among them
 
 
-# finetune.kl_on: options runs the student on every option with gradients; a query with 100 options of up
-# to 30 tokens took 13 GB on CPU. A query with more keeps its target and this many minus one others.
+# finetune.kl_on: options runs the student on every option with gradients; a run reached 12.3 GB on CPU and
+# was killed at a step of two 100-option queries. A query with more keeps its target and this many minus one others.
 MAX_OPTIONS = 16
 
 # Stand-in label words for finetune.remap_labels: common words, mostly one token each. A few are some
