@@ -104,7 +104,7 @@ def _mend_vectors(run: EvalRun, sets: list[DemoSet], console: Console) -> dict[s
     recipe, models, distiller_hash = run.recipe, run.models, run.distiller_hash
     saved = {f"{ds.task}/{ds.seed}": _saved_vectors(run, ds) for ds in sets}
     todo = [ds for ds in sets if saved[f"{ds.task}/{ds.seed}"][0] is None]
-    if todo and distiller_hash == UNTRAINED:
+    if todo and distiller_hash == UNTRAINED and recipe.distill.refine_from == "distiller":
         first = saved[f"{todo[0].task}/{todo[0].seed}"][1]["reason"]
         raise FileNotFoundError(
             f"`mend` needs vectors for {len(todo)} demonstration set(s) ({first}) and there is no trained "

@@ -15,10 +15,15 @@ UNTRAINED = "untrained"  # the distiller hash load_trained reports when no train
 def load_trained(recipe: Recipe, require: bool = True) -> tuple[Models, str]:
     """The recipe's models, on the GPU when there is one, with the latest trained distiller loaded.
 
-    Returns them and the distiller weights' hash ("untrained" when `require` is off and none exists).
+    Returns them and the distiller weights' hash ("untrained" when `require` is off and none exists,
+    and always when the vectors start from the anchors: distill.refine_from: anchors runs no distiller,
+    so none is needed, and its weights changing leaves the vectors as they were).
     """
     models = get_backend(recipe.backend).build(recipe)
-    source = trained_distiller(recipe)
+    if recipe.distill.refine_from == "anchors":
+        require, source = False, None
+    else:
+        source = trained_distiller(recipe)
     if source is None and require:
         raise FileNotFoundError(f"no trained distiller under {recipe.output_dir}: run `mendctl pretrain` and/or "
                                 "`mendctl finetune` first, or set distill.checkpoint")
