@@ -312,6 +312,9 @@ class DistillSpec(Strict):
     refine_on: Literal["tokens", "options"] = Field(
         "tokens", description="what the steps' KL compares: the next-token distributions at every query token, or "
         "the distributions over each demonstration's options (as finetune.kl_on: options)")
+    refine_ce_weight: float = Field(
+        0.0, ge=0, description="weight of the vectors' mean token loss of each demonstration's own label beside "
+        "that KL (as finetune.ce_weight; needs refine_on: options): ICL's errors on its demonstrations are not copied")
 
 
 class EvalSpec(Strict):
@@ -350,6 +353,8 @@ class Recipe(Strict):
             raise ValueError("distill.refine_from: anchors needs anchors: set distiller.anchor")
         if self.distill.refine_on != "tokens" and not self.distill.refine_steps:
             raise ValueError("distill.refine_on: options needs distill.refine_steps above 0")
+        if self.distill.refine_ce_weight and self.distill.refine_on != "options":
+            raise ValueError("distill.refine_ce_weight needs distill.refine_on: options")
         return self
 
     @model_validator(mode="after")

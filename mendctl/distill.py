@@ -29,7 +29,8 @@ def refined(recipe: Recipe) -> dict:
     """What a vectors file says of its refinement; nothing when there was none (files made before it stay valid)."""
     spec = recipe.distill
     return ({"refine_steps": spec.refine_steps, "refine_lr": spec.refine_lr, "refine_from": spec.refine_from,
-             "refine_on": spec.refine_on} if spec.refine_steps or spec.refine_from != "distiller" else {})
+             "refine_on": spec.refine_on, **({"refine_ce_weight": spec.refine_ce_weight} if spec.refine_ce_weight else {})}
+            if spec.refine_steps or spec.refine_from != "distiller" else {})
 
 
 def _up_to_date(path: Path, meta: dict) -> bool:

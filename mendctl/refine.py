@@ -40,9 +40,10 @@ def demo_options(template: TemplateSpec, demos: list[dict], tokenizer) -> list[l
 
 
 def refine(llm, vectors: torch.Tensor, demos: list[dict], template: TemplateSpec, tokenizer, steps: int,
-           lr: float, on: str = "tokens") -> torch.Tensor:
+           lr: float, on: str = "tokens", ce_weight: float = 0.0) -> torch.Tensor:
     """`vectors` [K, d] after `steps` Adam steps on the KL to ICL over the demonstrations' episodes,
-    `on` their next-token distributions ("tokens") or their distributions over the options ("options")."""
+    `on` their next-token distributions ("tokens") or their distributions over the options ("options"),
+    plus (options only) `ce_weight` times the mean token loss of each demonstration's own label."""
     if steps == 0 or len(demos) < 2:  # one demonstration leaves no context to learn from
         return vectors
     as_t = lambda ids: torch.tensor(ids, dtype=torch.long, device=llm.device)  # noqa: E731
@@ -54,6 +55,7 @@ def refine(llm, vectors: torch.Tensor, demos: list[dict], template: TemplateSpec
         with torch.no_grad():
             teacher = [llm.option_losses(p, x, o) for p, x, o in zip(prefixes, xs, options)]
         student = lambda v: [llm.option_losses(v, x, o) for x, o in zip(xs, options)]  # noqa: E731
+        golds = [(d.get("options") or [d["output"]]).index(d["output"]) for d in demos] if ce_weight else []
     else:
         kl = ForwardKL()
         with torch.no_grad():
@@ -63,7 +65,10 @@ def refine(llm, vectors: torch.Tensor, demos: list[dict], template: TemplateSpec
     opt = torch.optim.Adam([fitted], lr=lr)
     with torch.enable_grad():
         for _ in range(steps):
-            loss = kl(teacher, student(fitted))
+            now = student(fitted)
+            loss = kl(teacher, now)
+            if ce_weight:
+                loss = loss + ce_weight * torch.stack([s[g] for s, g in zip(now, golds)]).float().mean()
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -97,4 +102,5 @@ def set_vectors(recipe: Recipe, models, template: TemplateSpec, sets: list, batc
         starts = (list(anchor_embeddings(models.llm, anchors, recipe.num_vectors)) if spec.refine_from == "anchors"
                   else distill(models, [ds.context for ds in chunk], recipe.distiller.max_length, batch_size, anchors))
         for ds, v in zip(chunk, starts):
-            yield refine(models.llm, v, ds.demos, template, tok, spec.refine_steps, spec.refine_lr, spec.refine_on)
+            yield refine(models.llm, v, ds.demos, template, tok, spec.refine_steps, spec.refine_lr, spec.refine_on,
+                         spec.refine_ce_weight)

@@ -1,5 +1,6 @@
 """distill.refine_steps: vectors fitted to their own demonstrations after the distiller."""
 import json
+import statistics
 
 import pytest
 import torch
@@ -151,3 +152,38 @@ def test_refining_on_the_options_lowers_the_option_kl_on_the_demonstrations_and_
     assert load_vectors(out / "vectors" / ds.task / f"{ds.seed}.safetensors").metadata["refine_on"] == "options"
     with pytest.raises(RecipeError, match="refine_on: options needs distill.refine_steps"):
         tiny("llama", "distill.refine_on=options")
+
+
+def test_refining_with_the_label_ce_lowers_the_demonstrations_own_label_loss_and_is_recorded(tiny, tmp_path):
+    from mendctl.config import RecipeError
+    from mendctl.refine import demo_options
+
+    recipe = tiny("llama")
+    models, template = get_backend("llama").build(recipe), get_backend("llama").template(recipe)
+    llm, tok = models.llm, models.llm_tokenizer
+    ds = demo_sets(recipe, template, tok)[0]
+    episodes, options = leave_one_out(template, ds.demos, tok), demo_options(template, ds.demos, tok)
+    as_t = lambda ids: torch.tensor(ids, dtype=torch.long)  # noqa: E731
+
+    def label_loss(v):  # the mean over demonstrations of the own label's mean token loss, as the CE term reads it
+        with torch.no_grad():
+            return statistics.fmean(llm.option_losses(v, as_t(x), [as_t(o) for o in q])[q.index(y)].item()
+                                    for (_, x, y), q in zip(episodes, options))
+
+    torch.manual_seed(0)
+    start = torch.randn(recipe.num_vectors, llm.hidden_size) * 0.1
+    kl_only = refine(llm, start, ds.demos, template, tok, 10, 1e-2, on="options")
+    with_ce = refine(llm, start, ds.demos, template, tok, 10, 1e-2, on="options", ce_weight=5.0)
+    assert label_loss(with_ce) < label_loss(kl_only)
+    out = tmp_path / "run"
+    base = ["recipes/tiny/llama.yaml", f"output_dir={out}", "distiller.anchor=labels", "distill.refine_from=anchors",
+            "distill.refine_steps=1", "distill.refine_on=options"]
+    runner = CliRunner()
+    path = out / "vectors" / ds.task / f"{ds.seed}.safetensors"
+    assert runner.invoke(cli, ["distill", *base]).exit_code == 0
+    assert "refine_ce_weight" not in load_vectors(path).metadata  # files made before the key stay up to date
+    result = runner.invoke(cli, ["distill", *base, "distill.refine_ce_weight=0.5"])
+    assert result.exit_code == 0 and "already up to date" not in result.output, result.output
+    assert load_vectors(path).metadata["refine_ce_weight"] == "0.5"
+    with pytest.raises(RecipeError, match="refine_ce_weight needs distill.refine_on: options"):
+        tiny("llama", "distill.refine_steps=1", "distill.refine_ce_weight=1")
