@@ -9,36 +9,27 @@ curves score a validation task (its first-seed demonstration set, its first `--q
 queries; ICL and zero-shot from the eval cache when there): macro-F1 of each and ICL's agreement
 with zero-shot. Writes bench/results/icl_gain.json, or --out; prints the tasks by ICL's gain.
 """
-import argparse
 import json
 import statistics
-from pathlib import Path
+
+from recipe_args import build, parser
 
 from mendctl import metrics
-from mendctl.config import load_recipe
 from mendctl.curves import Validation
 from mendctl.examples import meta_train_tasks
-from mendctl.prepare import prepare
 from mendctl.provenance import stamp
-from mendctl.registry import get_backend
 from mendctl.scoring import predicted
 from mendctl.workspace import data_dir, partition_for
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("recipe")
+    ap = parser(__doc__, "bench/results/icl_gain.json")
     ap.add_argument("--queries", type=int, default=25)
-    ap.add_argument("--set", action="append", default=[], help="key=value recipe override (repeatable)")
-    ap.add_argument("--out", type=Path, default=Path("bench/results/icl_gain.json"))
     args = ap.parse_args()
-    recipe = load_recipe(args.recipe, args.set)
-    prepare(recipe, "finetune", "finetune")
+    recipe, models, template = build(args, "finetune", "finetune")
     every = recipe.finetune.model_copy(update={"train_tasks": "all"})
     candidates = sorted({*meta_train_tasks(every, data_dir(recipe), partition_for(recipe), recipe.tasks),
                          *recipe.tasks.validation})
-    backend = get_backend(recipe.backend)
-    models, template = backend.build(recipe), backend.template(recipe)
     rows = {}
     for task in candidates:
         one = recipe.model_copy(update={"tasks": recipe.tasks.model_copy(update={"validation": [task]})})
@@ -55,9 +46,9 @@ def main() -> None:
                       "validation": task in recipe.tasks.validation}
         print(task, json.dumps(rows[task]), flush=True)
     ranked = sorted(rows, key=lambda t: -rows[t]["gain"])
+    gains = [r["gain"] for r in rows.values() if r["validation"]]  # none in a recipe without validation tasks
     result = {"recipe": args.recipe, "overrides": args.set, "queries": args.queries, "tasks": rows,
-              "mean_gain_validation": statistics.fmean(rows[t]["gain"] for t in rows if rows[t]["validation"]),
-              **stamp()}
+              "mean_gain_validation": statistics.fmean(gains) if gains else None, **stamp()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print("| task | ICL F1 | zero-shot F1 | gain | ICL agrees with zero-shot | labels | now a validation task |")

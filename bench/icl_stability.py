@@ -1,31 +1,27 @@
 """How often ICL agrees with itself: the goal's agreement bar set beside ICL's own stability.
 
-    .venv/bin/python bench/icl_stability.py RECIPE [--seeds 100] [--queries 100] [--set key=value ...] [--out JSON]
+    .venv/bin/python bench/icl_stability.py RECIPE [--queries 100] [--set key=value ...] [--out JSON]
 
-For each test task and seed, ICL on the set's first `--queries` test queries (from the eval cache when
+For each test task and seed of the recipe (tasks.seeds), ICL on the set's first `--queries` test queries (from the eval cache when
 `mendctl eval --limit` scored them) is compared with ICL on the same demonstrations changed in ways
 that should not change the task: their order reversed, their order shuffled (seed 0), and the first
 (oldest) of them left out. Agreement is the share of queries where both pick the same option, as
 `mendctl eval` reports MEND's; F1 is each run's macro-F1. Chooses nothing: it measures the bar, not a
 method. Writes bench/results/icl_stability.json, or --out, after every set.
 """
-import argparse
 import json
 import random
 import statistics
-from pathlib import Path
 
 import torch
+from recipe_args import build, parser
 
 from mendctl import metrics
-from mendctl.config import load_recipe
 from mendctl.curves import baseline
-from mendctl.prepare import prepare
 from mendctl.provenance import stamp
-from mendctl.registry import get_backend
 from mendctl.render import context_ids, render_context
-from mendctl.scoring import demo_set, query_set, score
-from mendctl.workspace import data_dir, partition_for
+from mendctl.scoring import demo_sets, predicted, query_set, score
+from mendctl.workspace import data_dir
 
 VARIANTS = {
     "reversed": lambda demos: demos[::-1],
@@ -34,47 +30,34 @@ VARIANTS = {
 }
 
 
-def _f1(run, qs) -> float:
-    return metrics.macro_f1([o[p] for o, p in zip(qs.options, run.predictions)], qs.golds)
-
-
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("recipe")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[100])
+    ap = parser(__doc__, "bench/results/icl_stability.json")
     ap.add_argument("--queries", type=int, default=100)
-    ap.add_argument("--set", action="append", default=[], help="key=value recipe override (repeatable)")
-    ap.add_argument("--out", type=Path, default=Path("bench/results/icl_stability.json"))
     args = ap.parse_args()
-    recipe = load_recipe(args.recipe, args.set)
-    prepare(recipe, "eval")
-    backend = get_backend(recipe.backend)
-    models, template = backend.build(recipe), backend.template(recipe)
+    recipe, models, template = build(args, "eval")
     llm, tok, root = models.llm, models.llm_tokenizer, data_dir(recipe)
-    results = {"recipe": args.recipe, "overrides": args.set, "seeds": args.seeds, "queries": args.queries, "sets": {}}
-    for task in partition_for(recipe).test:
-        for seed in args.seeds:
-            qs = query_set(root, demo_set(root, task, recipe.tasks.k, seed, template, tok), recipe.tasks.k, template,
-                           tok, args.queries)
-            with torch.no_grad():
-                icl = baseline(recipe, models, template, qs, "icl", args.queries)
-                runs = {"zero-shot": baseline(recipe, models, template, qs, "zero-shot", args.queries)}
-                for name, change in VARIANTS.items():
-                    ids = context_ids(template, render_context(template, change(qs.demos.demos), tok), tok)
-                    prefix = llm.embed(torch.tensor(ids, dtype=torch.long, device=llm.device))
-                    runs[name] = score(llm, prefix, qs, models.gated_mlp)
-            row = {"icl_f1": _f1(icl, qs)}
-            for name, run in runs.items():
-                row[name] = {"agreement": metrics.agreement(icl.predictions, run.predictions), "f1": _f1(run, qs)}
-            results["sets"][qs.key] = row
-            print(qs.key, json.dumps(row), flush=True)
-            rows = list(results["sets"].values())
-            results["mean"] = {"icl_f1": statistics.fmean(r["icl_f1"] for r in rows),
-                               **{name: {m: statistics.fmean(r[name][m] for r in rows) for m in ("agreement", "f1")}
-                                  for name in runs}}
-            results.update(stamp())
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(results, indent=1))
+    results = {"recipe": args.recipe, "overrides": args.set, "queries": args.queries, "sets": {}}
+    for ds in demo_sets(recipe, template, tok):
+        qs = query_set(root, ds, recipe.tasks.k, template, tok, args.queries)
+        with torch.no_grad():
+            icl = baseline(recipe, models, template, qs, "icl", args.queries)
+            runs = {"zero-shot": baseline(recipe, models, template, qs, "zero-shot", args.queries)}
+            for name, change in VARIANTS.items():
+                ids = context_ids(template, render_context(template, change(ds.demos), tok), tok)
+                prefix = llm.embed(torch.tensor(ids, dtype=torch.long, device=llm.device))
+                runs[name] = score(llm, prefix, qs, models.gated_mlp)
+        row = {"icl_f1": metrics.macro_f1(predicted(icl.predictions, qs), qs.golds)}
+        for name, run in runs.items():
+            row[name] = {"agreement": metrics.agreement(icl.predictions, run.predictions), "f1": metrics.macro_f1(predicted(run.predictions, qs), qs.golds)}
+        results["sets"][qs.key] = row
+        print(qs.key, json.dumps(row), flush=True)
+        rows = list(results["sets"].values())
+        results["mean"] = {"icl_f1": statistics.fmean(r["icl_f1"] for r in rows),
+                           **{name: {m: statistics.fmean(r[name][m] for r in rows) for m in ("agreement", "f1")}
+                              for name in runs}}
+        results.update(stamp())
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=1))
     print(json.dumps(results["mean"], indent=1))
 
 

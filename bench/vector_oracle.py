@@ -13,21 +13,18 @@ Every `--every` steps both parts are scored: `fit` (the queries fitted: can K ve
 answer as ICL does at all?) and `held_out` (the other queries: does what was fitted on some queries
 of a task carry to its others?). Writes bench/results/vector_oracle.json, or --out.
 """
-import argparse
 import json
 import statistics
 from pathlib import Path
 
 import torch
+from recipe_args import build, parser
 
 from mendctl import metrics
 from mendctl.anchors import anchor_embeddings, set_anchors
-from mendctl.config import load_recipe
 from mendctl.curves import baseline
 from mendctl.losses import OptionKL
-from mendctl.prepare import prepare
 from mendctl.provenance import stamp
-from mendctl.registry import get_backend
 from mendctl.scoring import demo_set, query_set
 from mendctl.workspace import data_dir, partition_for
 
@@ -41,21 +38,15 @@ def _scores(icl: list[list[float]], losses: list[list[float]], qs, idx: list[int
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("recipe")
+    ap = parser(__doc__, "bench/results/vector_oracle.json")
     ap.add_argument("--seeds", type=int, nargs="+", default=[100])
     ap.add_argument("--queries", type=int, default=100)
     ap.add_argument("--fit-every", type=int, default=4)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--every", type=int, default=10)
     ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--set", action="append", default=[], help="key=value recipe override (repeatable)")
-    ap.add_argument("--out", type=Path, default=Path("bench/results/vector_oracle.json"))
     args = ap.parse_args()
-    recipe = load_recipe(args.recipe, args.set)
-    prepare(recipe, "eval")
-    backend = get_backend(recipe.backend)
-    models, template = backend.build(recipe), backend.template(recipe)
+    recipe, models, template = build(args, "eval")
     llm, tok, k, root = models.llm, models.llm_tokenizer, recipe.num_vectors, data_dir(recipe)
     as_t = lambda ids: torch.tensor(ids, dtype=torch.long, device=llm.device)  # noqa: E731
     kl = OptionKL()

@@ -111,16 +111,23 @@ def test_refining_from_the_anchors_runs_no_distiller_and_starts_at_their_embeddi
         tiny("llama", "distiller.anchor=none", "distill.refine_from=anchors")
 
 
-def test_refining_on_the_options_lowers_the_option_kl_on_the_demonstrations_and_is_recorded(tiny, tmp_path):
-    from mendctl.config import RecipeError
-    from mendctl.losses import OptionKL
+def _first_set_episodes(tiny):
+    """The tiny llama recipe's models, its first demonstration set, and that set's leave-one-out episodes and options."""
     from mendctl.refine import demo_options
 
     recipe = tiny("llama")
     models, template = get_backend("llama").build(recipe), get_backend("llama").template(recipe)
+    ds = demo_sets(recipe, template, models.llm_tokenizer)[0]
+    tok = models.llm_tokenizer
+    return recipe, models, template, ds, leave_one_out(template, ds.demos, tok), demo_options(template, ds.demos, tok)
+
+
+def test_refining_on_the_options_lowers_the_option_kl_on_the_demonstrations_and_is_recorded(tiny, tmp_path):
+    from mendctl.config import RecipeError
+    from mendctl.losses import OptionKL
+
+    recipe, models, template, ds, episodes, options = _first_set_episodes(tiny)
     llm, tok = models.llm, models.llm_tokenizer
-    ds = demo_sets(recipe, template, tok)[0]
-    episodes, options = leave_one_out(template, ds.demos, tok), demo_options(template, ds.demos, tok)
     assert [len(o) for o in options] == [len(d["options"]) for d in ds.demos]
     assert all(y in opts for (_, _, y), opts in zip(episodes, options))  # each demonstration's output is an option
     as_t = lambda ids: torch.tensor(ids, dtype=torch.long)  # noqa: E731
@@ -156,13 +163,9 @@ def test_refining_on_the_options_lowers_the_option_kl_on_the_demonstrations_and_
 
 def test_refining_with_the_label_ce_lowers_the_demonstrations_own_label_loss_and_is_recorded(tiny, tmp_path):
     from mendctl.config import RecipeError
-    from mendctl.refine import demo_options
 
-    recipe = tiny("llama")
-    models, template = get_backend("llama").build(recipe), get_backend("llama").template(recipe)
+    recipe, models, template, ds, episodes, options = _first_set_episodes(tiny)
     llm, tok = models.llm, models.llm_tokenizer
-    ds = demo_sets(recipe, template, tok)[0]
-    episodes, options = leave_one_out(template, ds.demos, tok), demo_options(template, ds.demos, tok)
     as_t = lambda ids: torch.tensor(ids, dtype=torch.long)  # noqa: E731
 
     def label_loss(v):  # the mean over demonstrations of the own label's mean token loss, as the CE term reads it
