@@ -28,9 +28,10 @@ def vectors_metadata(recipe: Recipe, models: Models, distiller_hash: str, templa
 def refined(recipe: Recipe) -> dict:
     """What a vectors file says of its refinement; nothing when there was none (files made before it stay valid)."""
     spec = recipe.distill
-    return ({"refine_steps": spec.refine_steps, "refine_lr": spec.refine_lr, "refine_from": spec.refine_from,
-             "refine_on": spec.refine_on, **({"refine_ce_weight": spec.refine_ce_weight} if spec.refine_ce_weight else {})}
-            if spec.refine_steps or spec.refine_from != "distiller" else {})
+    if not spec.refine_steps and spec.refine_from == "distiller":
+        return {}
+    return {"refine_steps": spec.refine_steps, "refine_lr": spec.refine_lr, "refine_from": spec.refine_from,
+            "refine_on": spec.refine_on, **({"refine_ce_weight": spec.refine_ce_weight} if spec.refine_ce_weight else {})}
 
 
 def _up_to_date(path: Path, meta: dict) -> bool:

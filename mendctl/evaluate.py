@@ -97,7 +97,8 @@ def _saved_vectors(run: EvalRun, ds: DemoSet) -> tuple[torch.Tensor | None, dict
     return vf.vectors, {"source": "file", "path": str(path), "distiller_hash": vf.metadata["distiller_hash"],
                         "refine_steps": int(vf.metadata.get("refine_steps", 0)),
                         "refine_from": vf.metadata.get("refine_from", "distiller"),
-                        "refine_on": vf.metadata.get("refine_on", "tokens")}
+                        "refine_on": vf.metadata.get("refine_on", "tokens"),
+                        "refine_ce_weight": float(vf.metadata.get("refine_ce_weight", 0))}
 
 
 def _mend_vectors(run: EvalRun, sets: list[DemoSet], console: Console) -> dict[str, MendVectors]:
@@ -123,7 +124,8 @@ def _mend_vectors(run: EvalRun, sets: list[DemoSet], console: Console) -> dict[s
             vectors, source = made[key], source | {"distiller_hash": distiller_hash,
                                                    "refine_steps": recipe.distill.refine_steps,
                                                    "refine_from": recipe.distill.refine_from,
-                                                   "refine_on": recipe.distill.refine_on}
+                                                   "refine_on": recipe.distill.refine_on,
+                                                   "refine_ce_weight": recipe.distill.refine_ce_weight}
         read = tokens_read(models, ds.context, recipe.distiller.max_length)
         llm = models.llm
         # From the anchors no distiller ran: the refinement is the whole cost.

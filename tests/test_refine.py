@@ -188,5 +188,9 @@ def test_refining_with_the_label_ce_lowers_the_demonstrations_own_label_loss_and
     result = runner.invoke(cli, ["distill", *base, "distill.refine_ce_weight=0.5"])
     assert result.exit_code == 0 and "already up to date" not in result.output, result.output
     assert load_vectors(path).metadata["refine_ce_weight"] == "0.5"
+    result = runner.invoke(cli, ["eval", *base, "distill.refine_ce_weight=0.5", "eval.methods=[mend]", "eval.cache=false"])
+    assert result.exit_code == 0, result.output
+    sources = json.loads((out / "eval" / "results.json").read_text())["vectors"]["sources"].values()
+    assert {s["refine_ce_weight"] for s in sources} == {0.5}  # read from the files distill wrote
     with pytest.raises(RecipeError, match="refine_ce_weight needs distill.refine_on: options"):
         tiny("llama", "distill.refine_steps=1", "distill.refine_ce_weight=1")
