@@ -2,12 +2,12 @@
 
     .venv/bin/python bench/icl_stability.py RECIPE [--queries 100] [--set key=value ...] [--out JSON]
 
-For each test task and seed of the recipe (tasks.seeds), ICL on the set's first `--queries` test queries (from the eval cache when
-`mendctl eval --limit` scored them) is compared with ICL on the same demonstrations changed in ways
-that should not change the task: their order reversed, their order shuffled (seed 0), and the first
-(oldest) of them left out. Agreement is the share of queries where both pick the same option, as
-`mendctl eval` reports MEND's; F1 is each run's macro-F1. Chooses nothing: it measures the bar, not a
-method. Writes bench/results/icl_stability.json, or --out, after every set.
+For each test task and seed of the recipe (tasks.seeds), ICL on the set's first `--queries` test
+queries (from the eval cache when `mendctl eval --limit` scored them) is compared with ICL on the
+same demonstrations changed in ways that should not change the task: their order reversed, their
+order shuffled (seed 0), and the first (oldest) that the context budget kept left out. Agreement is
+the share of queries where both pick the same option, as `mendctl eval` reports MEND's; F1 is each
+run's macro-F1. Chooses nothing: it measures the bar, not a method. Writes bench/results/icl_stability.json, or --out, after every set.
 """
 import json
 import random
@@ -46,9 +46,11 @@ def main() -> None:
                 ids = context_ids(template, render_context(template, change(ds.demos), tok), tok)
                 prefix = llm.embed(torch.tensor(ids, dtype=torch.long, device=llm.device))
                 runs[name] = score(llm, prefix, qs, models.gated_mlp)
-        row = {"icl_f1": metrics.macro_f1(predicted(icl.predictions, qs), qs.golds)}
+        f1 = {name: metrics.macro_f1(predicted(run.predictions, qs), qs.golds)
+              for name, run in [("icl", icl), *runs.items()]}
+        row = {"icl_f1": f1["icl"]}
         for name, run in runs.items():
-            row[name] = {"agreement": metrics.agreement(icl.predictions, run.predictions), "f1": metrics.macro_f1(predicted(run.predictions, qs), qs.golds)}
+            row[name] = {"agreement": metrics.agreement(icl.predictions, run.predictions), "f1": f1[name]}
         results["sets"][qs.key] = row
         print(qs.key, json.dumps(row), flush=True)
         rows = list(results["sets"].values())
