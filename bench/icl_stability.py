@@ -5,9 +5,10 @@
 For each test task and seed of the recipe (tasks.seeds), ICL on the set's first `--queries` test
 queries (from the eval cache when `mendctl eval --limit` scored them) is compared with ICL on the
 same demonstrations changed in ways that should not change the task: their order reversed, their
-order shuffled (seed 0), and the first (oldest) that the context budget kept left out. Agreement is
-the share of queries where both pick the same option, as `mendctl eval` reports MEND's; F1 is each
-run's macro-F1. Chooses nothing: it measures the bar, not a method. Writes bench/results/icl_stability.json, or --out, after every set.
+order shuffled (seed 0), and the first (oldest) of them left out, which changes nothing where the
+context budget had already cut it. Agreement is the share of queries where both pick the same
+option, as `mendctl eval` reports MEND's; F1 is each run's macro-F1. Chooses nothing: it measures
+the bar, not a method. Writes bench/results/icl_stability.json, or --out, after every set.
 """
 import json
 import random
