@@ -6,42 +6,37 @@
 Each `--variant` is a name and the recipe keys it sets over the recipe's (and --set's), for example
 `--variant options distill.refine_from=anchors distill.refine_steps=30 distill.refine_on=options`.
 For each, every validation set's vectors are made as `mendctl distill` makes a test set's
-(`refine.set_vectors`: the distiller or the anchors, then the refining steps on the set's own
-demonstrations) and scored against ICL on the set's first `finetune.eval_queries` queries, on
+(`refine.set_vectors`: the distiller `mendctl distill` would load, or the anchors, then the refining
+steps on the set's own demonstrations) and scored against ICL on the set's first `finetune.eval_queries` queries, on
 `finetune.eval_sets` sets a task. The validation queries are never read by the refinement. Writes
 bench/results/refine_validation.json, or --out.
 """
-import argparse
 import json
 import time
-from pathlib import Path
 
-from mendctl.checkpoint import load_distiller
+from recipe_args import parser
+
 from mendctl.config import load_recipe
 from mendctl.curves import Validation
 from mendctl.prepare import prepare
 from mendctl.provenance import stamp
 from mendctl.refine import set_vectors
 from mendctl.registry import get_backend
+from mendctl.trained import load_trained
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("recipe")
-    ap.add_argument("--set", action="append", default=[], help="key=value recipe override (repeatable)")
+    ap = parser(__doc__, "bench/results/refine_validation.json")
     ap.add_argument("--variant", action="append", nargs="+", required=True, metavar="NAME KEY=VALUE",
                     help="a name, then the keys it sets (repeatable)")
-    ap.add_argument("--out", type=Path, default=Path("bench/results/refine_validation.json"))
     args = ap.parse_args()
     results = {"recipe": args.recipe, "overrides": args.set, "variants": {}}
     validation = None
     for name, *keys in args.variant:
         recipe = load_recipe(args.recipe, [*args.set, *keys])
         prepare(recipe, "finetune", "finetune")
-        backend = get_backend(recipe.backend)
-        models, template = backend.build(recipe), backend.template(recipe)
-        if recipe.distill.checkpoint:
-            load_distiller(models.distiller, recipe.distill.checkpoint)
+        models, _ = load_trained(recipe, require=False)  # the distiller `mendctl distill` would use, if any
+        template = get_backend(recipe.backend).template(recipe)
         if validation is None:  # ICL and zero-shot do not depend on the vectors: scored once
             validation = Validation(recipe, models, template, recipe.finetune.eval_queries, recipe.finetune.eval_sets)
             results["baselines"] = validation.baselines

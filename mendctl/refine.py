@@ -33,10 +33,14 @@ def leave_one_out(template: TemplateSpec, demos: list[dict], tokenizer) -> list[
     return out
 
 
+def _option_texts(demo: dict) -> list[str]:
+    """A demonstration's options; its own output when it lists none."""
+    return demo.get("options") or [demo["output"]]
+
+
 def demo_options(template: TemplateSpec, demos: list[dict], tokenizer) -> list[list[list[int]]]:
-    """Each demonstration's options as its query's (LLM ids); its own output when it lists none."""
-    return [render_query(template, d["input"], d.get("options") or [d["output"]], tokenizer, after_context=True).options
-            for d in demos]
+    """Each demonstration's options as its query's (LLM ids)."""
+    return [render_query(template, d["input"], _option_texts(d), tokenizer, after_context=True).options for d in demos]
 
 
 def refine(llm, vectors: torch.Tensor, demos: list[dict], template: TemplateSpec, tokenizer, steps: int,
@@ -55,7 +59,7 @@ def refine(llm, vectors: torch.Tensor, demos: list[dict], template: TemplateSpec
         with torch.no_grad():
             teacher = [llm.option_losses(p, x, o) for p, x, o in zip(prefixes, xs, options)]
         student = lambda v: [llm.option_losses(v, x, o) for x, o in zip(xs, options)]  # noqa: E731
-        golds = [(d.get("options") or [d["output"]]).index(d["output"]) for d in demos] if ce_weight else []
+        golds = [_option_texts(d).index(d["output"]) for d in demos] if ce_weight else []
     else:
         kl = ForwardKL()
         with torch.no_grad():
