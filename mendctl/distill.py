@@ -9,7 +9,7 @@ from rich.progress import Progress
 from .backend import Models
 from .config import Recipe, TemplateSpec
 from .provenance import text_hash
-from .refine import set_vectors
+from .refine import recorded, refinement, refinement_of, set_vectors
 from .registry import get_backend
 from .scoring import DemoSet, demo_sets
 from .trained import load_trained
@@ -22,26 +22,19 @@ def vectors_metadata(recipe: Recipe, models: Models, distiller_hash: str, templa
             "distiller_hash": distiller_hash, "task": ds.task, "seed": ds.seed, "num_demos": len(ds.demos),
             "demos_hash": text_hash(ds.context), "template": template.model_dump(),
             # Two anchor modes give different vectors from one untrained distiller (same weights hash).
-            "anchor": recipe.distiller.anchor, **refined(recipe)}
+            "anchor": recipe.distiller.anchor, **recorded(recipe.distill)}
 
 
-def refined(recipe: Recipe) -> dict:
-    """What a vectors file says of its refinement; nothing when there was none (files made before it stay valid)."""
-    spec = recipe.distill
-    if not spec.refine_steps and spec.refine_from == "distiller":
-        return {}
-    return {"refine_steps": spec.refine_steps, "refine_lr": spec.refine_lr, "refine_from": spec.refine_from,
-            "refine_on": spec.refine_on, **({"refine_ce_weight": spec.refine_ce_weight} if spec.refine_ce_weight else {})}
-
-
-def _up_to_date(path: Path, meta: dict) -> bool:
+def _up_to_date(path: Path, meta: dict, recipe: Recipe) -> bool:
     if not path.is_file():
         return False
     try:
         have = read_metadata(path)
     except VectorsMismatch:  # damaged (say, by a copy cut short): distill it again
         return False
-    return all(have.get(k) == v for k, v in as_metadata(meta).items())
+    # A refinement key at its default is not recorded, so compare the refinements read back whole.
+    return (all(have.get(k) == v for k, v in as_metadata(meta).items())
+            and refinement_of(have) == refinement(recipe.distill))
 
 
 def run_distill(recipe: Recipe, force: bool = False, console: Console | None = None) -> list[Path]:
@@ -50,7 +43,7 @@ def run_distill(recipe: Recipe, force: bool = False, console: Console | None = N
     template = get_backend(recipe.backend).template(recipe)
     sets = demo_sets(recipe, template, models.llm_tokenizer)
     metas = [vectors_metadata(recipe, models, distiller_hash, template, ds) for ds in sets]
-    todo = [i for i, m in enumerate(metas) if force or not _up_to_date(vectors_path(recipe, sets[i].task, sets[i].seed), m)]
+    todo = [i for i, m in enumerate(metas) if force or not _up_to_date(vectors_path(recipe, sets[i].task, sets[i].seed), m, recipe)]
     if len(todo) < len(sets):
         console.print(f"{len(sets) - len(todo)} vectors file(s) already up to date (use --force to redo them)")
     with Progress(console=console) as progress:

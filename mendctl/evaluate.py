@@ -30,18 +30,18 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from . import eval_cache, flops, metrics, report
-from .compress import NOTE, SEGMENT_TOKENS, Compressed, compress
 from .backend import Models
 from .bootstrap import Paired, paired_bootstrap
+from .compress import NOTE, SEGMENT_TOKENS, Compressed, compress
 from .config import Recipe, TemplateSpec, resolved_dict
 from .distiller import tokens_read
 from .partitions import Partition
 from .provenance import models_stamp, stamp, text_hash
+from .refine import refine_flops, refinement, refinement_of, set_vectors
 from .registry import get_backend
 from .render import context_ids
 from .results import Agreement, MethodResult, SetResult, TaskResult, mean_agreement, summarize
-from .scoring import DemoSet, MethodRun, QuerySet, demo_sets, option_losses, predicted, query_set, quality, score
-from .refine import refine_flops, set_vectors
+from .scoring import DemoSet, MethodRun, QuerySet, demo_sets, option_losses, predicted, quality, query_set, score
 from .trained import UNTRAINED, load_trained
 from .vectors import VectorsMismatch, check_compatible, load_vectors
 from .workspace import data_dir, partition_for, vectors_path
@@ -95,10 +95,7 @@ def _saved_vectors(run: EvalRun, ds: DemoSet) -> tuple[torch.Tensor | None, dict
     if vf.metadata["demos_hash"] != text_hash(ds.context):
         return None, {"source": "distilled", "reason": f"{path} was made from other demonstrations"}
     return vf.vectors, {"source": "file", "path": str(path), "distiller_hash": vf.metadata["distiller_hash"],
-                        "refine_steps": int(vf.metadata.get("refine_steps", 0)),
-                        "refine_from": vf.metadata.get("refine_from", "distiller"),
-                        "refine_on": vf.metadata.get("refine_on", "tokens"),
-                        "refine_ce_weight": float(vf.metadata.get("refine_ce_weight", 0))}
+                        **refinement_of(vf.metadata)}
 
 
 def _mend_vectors(run: EvalRun, sets: list[DemoSet], console: Console) -> dict[str, MendVectors]:
@@ -121,11 +118,7 @@ def _mend_vectors(run: EvalRun, sets: list[DemoSet], console: Console) -> dict[s
         key = f"{ds.task}/{ds.seed}"
         vectors, source = saved[key]
         if vectors is None:
-            vectors, source = made[key], source | {"distiller_hash": distiller_hash,
-                                                   "refine_steps": recipe.distill.refine_steps,
-                                                   "refine_from": recipe.distill.refine_from,
-                                                   "refine_on": recipe.distill.refine_on,
-                                                   "refine_ce_weight": recipe.distill.refine_ce_weight}
+            vectors, source = made[key], source | {"distiller_hash": distiller_hash, **refinement(recipe.distill)}
         read = tokens_read(models, ds.context, recipe.distiller.max_length)
         llm = models.llm
         # From the anchors no distiller ran: the refinement is the whole cost.

@@ -17,10 +17,30 @@ import torch
 
 from . import flops
 from .anchors import anchor_embeddings, set_anchors
-from .config import Recipe, TemplateSpec
+from .config import DistillSpec, Recipe, TemplateSpec
 from .distiller import distill
 from .losses import ForwardKL, OptionKL
 from .render import context_ids, render_context, render_query
+
+REFINE_KEYS = ("refine_steps", "refine_lr", "refine_from", "refine_on", "refine_ce_weight")
+
+
+def refinement(spec: DistillSpec) -> dict:
+    """The distill keys that shape a set's vectors after (or instead of) the distiller."""
+    return {k: getattr(spec, k) for k in REFINE_KEYS}
+
+
+def refinement_of(metadata: dict[str, str]) -> dict:
+    """refinement() of the recipe that made a vectors file, from its metadata; a key it lacks was at its
+    default (files record only what differs, so those made before a key existed stay valid)."""
+    default = refinement(DistillSpec())
+    return {k: type(v)(metadata[k]) if k in metadata else v for k, v in default.items()}
+
+
+def recorded(spec: DistillSpec) -> dict:
+    """What a vectors file records of refinement(spec): the keys off their defaults."""
+    default = refinement(DistillSpec())
+    return {k: v for k, v in refinement(spec).items() if v != default[k]}
 
 
 def leave_one_out(template: TemplateSpec, demos: list[dict], tokenizer) -> list[tuple[list[int], list[int], list[int]]]:

@@ -8,10 +8,12 @@ from click.testing import CliRunner
 
 from mendctl import flops, load_vectors
 from mendctl.cli import cli
+from mendctl.config import DistillSpec
 from mendctl.losses import ForwardKL
-from mendctl.refine import leave_one_out, refine, refine_flops
+from mendctl.refine import leave_one_out, recorded, refine, refine_flops, refinement, refinement_of
 from mendctl.registry import get_backend
 from mendctl.scoring import demo_sets
+from mendctl.vectors import as_metadata
 
 
 @pytest.mark.parametrize("backend", ["llama", "t5"])
@@ -192,5 +194,17 @@ def test_refining_with_the_label_ce_lowers_the_demonstrations_own_label_loss_and
     assert result.exit_code == 0, result.output
     sources = json.loads((out / "eval" / "results.json").read_text())["vectors"]["sources"].values()
     assert {s["refine_ce_weight"] for s in sources} == {0.5}  # read from the files distill wrote
+    result = runner.invoke(cli, ["distill", *base])  # back to the KL alone: the files with the label loss are stale
+    assert result.exit_code == 0 and "already up to date" not in result.output, result.output
+    assert "refine_ce_weight" not in load_vectors(path).metadata
     with pytest.raises(RecipeError, match="refine_ce_weight needs distill.refine_on: options"):
         tiny("llama", "distill.refine_steps=1", "distill.refine_ce_weight=1")
+
+
+@pytest.mark.parametrize("keys", [{}, {"refine_steps": 30, "refine_from": "anchors", "refine_on": "options",
+                                       "refine_ce_weight": 0.1}, {"refine_steps": 5, "refine_lr": 0.01}])
+def test_a_vectors_file_records_its_refinement_so_that_it_reads_back_whole(keys):
+    spec = DistillSpec(**keys)
+    written = as_metadata(recorded(spec))
+    assert set(written) == set(keys)  # keys at their defaults are left out
+    assert refinement_of(written) == refinement(spec)
