@@ -13,7 +13,7 @@ from rich.table import Table
 from .fileio import atomic_path, write_json
 
 HEADER = ("method", "quality (%)", "FLOPs/query", "ratio to icl", "latency ms/query", "ratio", "memory",
-          "distill FLOPs/task")
+          "distill FLOPs/set")
 
 
 def _si(x: float | None) -> str:
