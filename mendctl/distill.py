@@ -30,11 +30,11 @@ def _up_to_date(path: Path, meta: dict, recipe: Recipe) -> bool:
         return False
     try:
         have = read_metadata(path)
+        # A refinement key at its default is not recorded, so compare the refinements read back whole.
+        same_refinement = refinement_of(have, str(path)) == refinement(recipe.distill)
     except VectorsMismatch:  # damaged (say, by a copy cut short): distill it again
         return False
-    # A refinement key at its default is not recorded, so compare the refinements read back whole.
-    return (all(have.get(k) == v for k, v in as_metadata(meta).items())
-            and refinement_of(have) == refinement(recipe.distill))
+    return same_refinement and all(have.get(k) == v for k, v in as_metadata(meta).items())
 
 
 def run_distill(recipe: Recipe, force: bool = False, console: Console | None = None) -> list[Path]:

@@ -90,12 +90,13 @@ def _saved_vectors(run: EvalRun, ds: DemoSet) -> tuple[torch.Tensor | None, dict
     try:
         vf = load_vectors(path)
         check_compatible(vf, run.models.llm_config_hash, run.models.llm.hidden_size, str(path))
+        refined = refinement_of(vf.metadata, str(path))
     except VectorsMismatch as e:  # unreadable, or made for another LLM: distill this set now instead
         return None, {"source": "distilled", "reason": str(e)}
     if vf.metadata["demos_hash"] != text_hash(ds.context):
         return None, {"source": "distilled", "reason": f"{path} was made from other demonstrations"}
     return vf.vectors, {"source": "file", "path": str(path), "distiller_hash": vf.metadata["distiller_hash"],
-                        **refinement_of(vf.metadata)}
+                        **refined}
 
 
 def _mend_vectors(run: EvalRun, sets: list[DemoSet], console: Console) -> dict[str, MendVectors]:

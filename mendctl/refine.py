@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
+from pydantic import ValidationError
 
 from . import flops
 from .anchors import anchor_embeddings, set_anchors
@@ -21,6 +22,7 @@ from .config import DistillSpec, Recipe, TemplateSpec
 from .distiller import distill
 from .losses import ForwardKL, OptionKL
 from .render import context_ids, render_context, render_query
+from .vectors import VectorsMismatch
 
 REFINE_KEYS = ("refine_steps", "refine_lr", "refine_from", "refine_on", "refine_ce_weight")
 
@@ -30,11 +32,14 @@ def refinement(spec: DistillSpec) -> dict:
     return {k: getattr(spec, k) for k in REFINE_KEYS}
 
 
-def refinement_of(metadata: dict[str, str]) -> dict:
-    """refinement() of the recipe that made a vectors file, from its metadata; a key it lacks was at its
-    default (files record only what differs, so those made before a key existed stay valid)."""
-    default = refinement(DistillSpec())
-    return {k: type(v)(metadata[k]) if k in metadata else v for k, v in default.items()}
+def refinement_of(metadata: dict[str, str], where: str) -> dict:
+    """refinement() of the recipe that made the vectors file `where`, from its metadata; a key it lacks
+    was at its default (files record only what differs, so those made before a key existed stay valid)."""
+    try:
+        return refinement(DistillSpec(**{k: metadata[k] for k in REFINE_KEYS if k in metadata}))
+    except ValidationError as e:
+        bad = "; ".join(f"{err['loc'][0]}={err['input']!r}: {err['msg']}" for err in e.errors())
+        raise VectorsMismatch(f"{where}: its refinement metadata is not valid ({bad})") from None
 
 
 def recorded(spec: DistillSpec) -> dict:

@@ -5,6 +5,7 @@ import statistics
 import pytest
 import torch
 from click.testing import CliRunner
+from safetensors.torch import save_file
 
 from mendctl import flops, load_vectors
 from mendctl.cli import cli
@@ -13,7 +14,7 @@ from mendctl.losses import ForwardKL
 from mendctl.refine import leave_one_out, recorded, refine, refine_flops, refinement, refinement_of
 from mendctl.registry import get_backend
 from mendctl.scoring import demo_sets
-from mendctl.vectors import as_metadata
+from mendctl.vectors import VectorsMismatch, as_metadata
 
 
 @pytest.mark.parametrize("backend", ["llama", "t5"])
@@ -197,6 +198,14 @@ def test_refining_with_the_label_ce_lowers_the_demonstrations_own_label_loss_and
     result = runner.invoke(cli, ["distill", *base])  # back to the KL alone: the files with the label loss are stale
     assert result.exit_code == 0 and "already up to date" not in result.output, result.output
     assert "refine_ce_weight" not in load_vectors(path).metadata
+    made = load_vectors(path)
+    save_file({"vectors": made.vectors}, str(path), metadata=made.metadata | {"refine_steps": "many"})
+    result = runner.invoke(cli, ["eval", *base, "eval.methods=[mend]", "eval.cache=false"])
+    assert result.exit_code == 0, result.output  # the set is distilled anew, saying why
+    sources = json.loads((out / "eval" / "results.json").read_text())["vectors"]["sources"]
+    assert "refine_steps='many'" in sources[f"{ds.task}/{ds.seed}"]["reason"]
+    result = runner.invoke(cli, ["distill", *base])
+    assert "distilled 1/1" in result.output and load_vectors(path).metadata["refine_steps"] == "1"  # that file alone
     with pytest.raises(RecipeError, match="refine_ce_weight needs distill.refine_on: options"):
         tiny("llama", "distill.refine_steps=1", "distill.refine_ce_weight=1")
 
@@ -207,4 +216,11 @@ def test_a_vectors_file_records_its_refinement_so_that_it_reads_back_whole(keys)
     spec = DistillSpec(**keys)
     written = as_metadata(recorded(spec))
     assert set(written) == set(keys)  # keys at their defaults are left out
-    assert refinement_of(written) == refinement(spec)
+    assert refinement_of(written, "f") == refinement(spec)
+
+
+def test_a_vectors_file_with_a_bad_refinement_is_named_and_treated_as_stale():
+    with pytest.raises(VectorsMismatch, match=r"f: its refinement metadata is not valid \(refine_steps='many'"):
+        refinement_of({"refine_steps": "many", "refine_on": "options"}, "f")
+    with pytest.raises(VectorsMismatch, match="refine_from='teacher'"):
+        refinement_of({"refine_from": "teacher"}, "f")
