@@ -43,17 +43,17 @@ def run_distill(recipe: Recipe, force: bool = False, console: Console | None = N
     template = get_backend(recipe.backend).template(recipe)
     sets = demo_sets(recipe, template, models.llm_tokenizer)
     metas = [vectors_metadata(recipe, models, distiller_hash, template, ds) for ds in sets]
-    todo = [i for i, m in enumerate(metas) if force or not _up_to_date(vectors_path(recipe, sets[i].task, sets[i].seed), m, recipe)]
+    paths = [vectors_path(recipe, ds.task, ds.seed) for ds in sets]
+    todo = [i for i, m in enumerate(metas) if force or not _up_to_date(paths[i], m, recipe)]
     if len(todo) < len(sets):
         console.print(f"{len(sets) - len(todo)} vectors file(s) already up to date (use --force to redo them)")
     with Progress(console=console) as progress:
         bar = progress.add_task("distilling", total=len(todo))
         vectors = set_vectors(recipe, models, template, [sets[i] for i in todo], recipe.distill.batch_size)
         for n, (i, v) in enumerate(zip(todo, vectors), 1):
-            save_vectors(vectors_path(recipe, sets[i].task, sets[i].seed), v, metas[i])
+            save_vectors(paths[i], v, metas[i])
             progress.advance(bar)  # per set: refining one takes longer than distilling a batch
             if not console.is_terminal:
                 console.print(f"distilled {n}/{len(todo)}")
-    paths = [vectors_path(recipe, ds.task, ds.seed) for ds in sets]
     console.print(f"[green]{len(paths)} vectors file(s)[/] in {recipe.output_dir / 'vectors'}")
     return paths

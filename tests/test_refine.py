@@ -219,7 +219,7 @@ def test_a_vectors_file_records_its_refinement_so_that_it_reads_back_whole(keys)
     assert refinement_of(written, "f") == refinement(spec)
 
 
-def test_a_vectors_file_with_a_bad_refinement_is_named_and_treated_as_stale():
+def test_a_vectors_file_with_a_bad_refinement_key_is_named_with_the_key():
     with pytest.raises(VectorsMismatch, match=r"f: its refinement metadata is not valid \(refine_steps='many'"):
         refinement_of({"refine_steps": "many", "refine_on": "options"}, "f")
     with pytest.raises(VectorsMismatch, match="refine_from='teacher'"):
