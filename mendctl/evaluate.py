@@ -120,12 +120,12 @@ def _mend_vectors(run: EvalRun, sets: list[DemoSet], console: Console) -> dict[s
         vectors, source = saved[key]
         if vectors is None:
             vectors, source = made[key], source | {"distiller_hash": distiller_hash, **refinement(recipe.distill)}
-        read = tokens_read(models, ds.context, recipe.distiller.max_length)
         llm = models.llm
-        # From the anchors no distiller ran: the refinement is the whole cost.
-        distilled = (flops.distill_flops(models.distiller.body.config, read, models.distiller.num_vectors,
-                                         causal=models.distiller.causal, gated_mlp=models.gated_mlp)
-                     if source["refine_from"] == "distiller" else 0.0)
+        distilled = 0.0  # from the anchors no distiller ran: the refinement is the whole cost
+        if source["refine_from"] == "distiller":
+            read = tokens_read(models, ds.context, recipe.distiller.max_length)
+            distilled = flops.distill_flops(models.distiller.body.config, read, models.distiller.num_vectors,
+                                            causal=models.distiller.causal, gated_mlp=models.gated_mlp)
         cost = distilled + refine_flops(llm.model.config, recipe.num_vectors, ds.demos, run.template,
                                         models.llm_tokenizer, source["refine_steps"], llm.is_encoder_decoder,
                                         models.gated_mlp, source["refine_on"])
