@@ -69,10 +69,11 @@ def demo_options(template: TemplateSpec, demos: list[dict], tokenizer) -> list[l
 
 
 def refine(llm, vectors: torch.Tensor, demos: list[dict], template: TemplateSpec, tokenizer, steps: int,
-           lr: float, on: str = "tokens", ce_weight: float = 0.0) -> torch.Tensor:
+           lr: float, on: str = "tokens", ce_weight: float = 0.0, after_step=None) -> torch.Tensor:
     """`vectors` [K, d] after `steps` Adam steps on the KL to ICL over the demonstrations' episodes,
     `on` their next-token distributions ("tokens") or their distributions over the options ("options"),
-    plus (options only) `ce_weight` times the mean token loss of each demonstration's own label."""
+    plus (options only) `ce_weight` times the mean token loss of each demonstration's own label.
+    `after_step(n, vectors)`, when given, sees the vectors after each step n (a curve over steps in one run)."""
     if steps == 0 or len(demos) < 2:  # one demonstration leaves no context to learn from
         return vectors
     as_t = lambda ids: torch.tensor(ids, dtype=torch.long, device=llm.device)  # noqa: E731
@@ -93,7 +94,7 @@ def refine(llm, vectors: torch.Tensor, demos: list[dict], template: TemplateSpec
     fitted = vectors.detach().to(llm.dtype).clone().requires_grad_(True)
     opt = torch.optim.Adam([fitted], lr=lr)
     with torch.enable_grad():
-        for _ in range(steps):
+        for n in range(1, steps + 1):
             now = student(fitted)
             loss = kl(teacher, now)
             if ce_weight:
@@ -101,6 +102,8 @@ def refine(llm, vectors: torch.Tensor, demos: list[dict], template: TemplateSpec
             opt.zero_grad()
             loss.backward()
             opt.step()
+            if after_step is not None:
+                after_step(n, fitted.detach().clone())
     return fitted.detach()
 
 

@@ -42,6 +42,11 @@ def test_refining_lowers_the_kl_to_icl_on_the_demonstrations_and_leaves_the_llm_
     assert kl(fitted) < 0.8 * kl(start)
     assert not fitted.requires_grad and all(torch.equal(v, llm.model.state_dict()[k]) for k, v in before.items())
     assert refine(llm, start, ds.demos[:1], template, tok, 10, 1e-2) is start  # one demonstration: no episode
+    seen = {}
+    again = refine(llm, start, ds.demos, template, tok, 10, 1e-2, after_step=lambda n, v: seen.setdefault(n, v))
+    # one run read at every step: the last is what it returns, and each step is its own copy, not a view
+    assert list(seen) == list(range(1, 11)) and torch.equal(seen[10], again)
+    assert not torch.equal(seen[3], seen[10]) and kl(seen[10]) < kl(seen[1])
     config, ed = llm.model.config, llm.is_encoder_decoder
 
     def query(prefix, x, y):
