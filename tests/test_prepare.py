@@ -21,11 +21,11 @@ RETURNS = {"teacher": {"positions": 0, "computed": 0, "folder": "-"}, "export": 
     (["teacher", "pretrain"], "pretrain"), (["export", "{tmp}", "{tmp}/d.safetensors"], None), (["distill"], None),
     (["eval"], None)], ids=lambda v: " ".join(v) if isinstance(v, list) else str(v))
 def test_each_command_prepares_once_before_its_body(argv, stage, tmp_path, monkeypatch):
-    import mendctl.prepare
+    import mendctl.data.prepare
 
     command = argv[0]
     calls = []
-    monkeypatch.setattr(mendctl.prepare, "prepare", lambda recipe, cmd, stg=None, console=None:
+    monkeypatch.setattr(mendctl.data.prepare, "prepare", lambda recipe, cmd, stg=None, console=None:
                         calls.append(("prepare", cmd, stg, recipe.output_dir)))
     module, name = BODIES[command]
     monkeypatch.setattr(importlib.import_module(f"mendctl.{module}"), name,
@@ -38,14 +38,14 @@ def test_each_command_prepares_once_before_its_body(argv, stage, tmp_path, monke
 
 
 def test_a_failing_prepare_stops_the_command_with_its_exit_code(tmp_path, monkeypatch):
-    import mendctl.evaluate
-    import mendctl.prepare
+    import mendctl.commands.eval
+    import mendctl.data.prepare
     from mendctl.data.metaicl import DataError
 
     def prepare(*a, **kw):
         raise DataError("no such task file")
 
-    monkeypatch.setattr(mendctl.prepare, "prepare", prepare)
-    monkeypatch.setattr(mendctl.evaluate, "run_eval", lambda *a, **kw: pytest.fail("the body ran"))
+    monkeypatch.setattr(mendctl.data.prepare, "prepare", prepare)
+    monkeypatch.setattr(mendctl.commands.eval, "run_eval", lambda *a, **kw: pytest.fail("the body ran"))
     result = CliRunner().invoke(cli, ["eval", str(TINY), f"output_dir={tmp_path}"])
     assert result.exit_code == 2 and "no such task file" in result.output
