@@ -317,7 +317,7 @@ def test_a_second_writer_is_refused_naming_the_holder(tmp_path):
             assert "`mendctl finetune other.yaml`, started" in text
         result = CliRunner().invoke(cli, ["data", "bigbench", str(ROOT / "data"), str(out)])
         assert result.exit_code == 2 and "in use by another mendctl run" in result.output
-    assert not (out / ".mendctl.core.lock.json").exists()
+    assert not (out / ".mendctl.lock.json").exists()
 
 
 def test_a_full_disk_leaves_no_partial_checkpoint(tmp_path, monkeypatch):

@@ -9,9 +9,9 @@ from mendctl.cli import cli
 
 TINY = Path(__file__).resolve().parent.parent / "recipes" / "tiny" / "gpt2.yaml"
 
-BODIES = {"pretrain": ("trainer", "train"), "finetune": ("trainer", "train"), "teacher": ("fill_teacher", "fill_teacher"),
+BODIES = {"pretrain": ("train", "train"), "finetune": ("train", "train"), "teacher": ("teacher", "fill_teacher"),
           "export": ("export", "export_checkpoint"), "distill": ("distill", "run_distill"),
-          "eval": ("evaluate", "run_eval")}
+          "eval": ("eval", "run_eval")}
 RETURNS = {"teacher": {"positions": 0, "computed": 0, "folder": "-"}, "export": Path("-")}
 
 
@@ -28,7 +28,7 @@ def test_each_command_prepares_once_before_its_body(argv, stage, tmp_path, monke
     monkeypatch.setattr(mendctl.data.prepare, "prepare", lambda recipe, cmd, stg=None, console=None:
                         calls.append(("prepare", cmd, stg, recipe.output_dir)))
     module, name = BODIES[command]
-    monkeypatch.setattr(importlib.import_module(f"mendctl.{module}"), name,
+    monkeypatch.setattr(importlib.import_module(f"mendctl.commands.{module}"), name,
                         lambda *a, **kw: calls.append(("body",)) or RETURNS.get(command))
     # The recipe comes first, its overrides last, the command's own arguments in between.
     args = [a.format(tmp=tmp_path) for a in argv[1:]]

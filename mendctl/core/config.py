@@ -17,7 +17,7 @@ from .task_files import DEFAULT_K, DEFAULT_SEEDS, META_TRAIN_FILE
 
 Method = Literal["zero-shot", "icl", "icl-truncated", "mend", "llmlingua"]
 METHODS = get_args(Method)
-# distiller.anchor: which K LLM token embeddings the vectors start from (mendctl/anchors.py)
+# distiller.anchor: which K LLM token embeddings the vectors start from (mendctl/models/anchors.py)
 Anchor = Literal["none", "last", "labels", "label_set", "label_set_filled"]
 ANCHORS = get_args(Anchor)
 

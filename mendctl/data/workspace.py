@@ -58,7 +58,7 @@ def data_dir(recipe: Recipe) -> Path:
         return Path(tasks.data_dir)
     if missing := missing_task_files(recipe):
         raise DataError(f"{missing[0]}: BIG-bench is not converted for this recipe yet ({len(missing)} file(s) "
-                        "missing); mendctl.prepare.prepare(recipe, command) converts it, and every command calls "
+                        "missing); mendctl.data.prepare.prepare(recipe, command) converts it, and every command calls "
                         "it when it starts")
     return converted_dir(recipe)
 
@@ -70,7 +70,7 @@ def passages_file(recipe: Recipe) -> Path:
     curves and the final table score the distiller on tasks whose text it never read."""
     path = passages_path(recipe)
     if not path.is_file():
-        raise DataError(f"{path}: the stage-1 passages are not extracted yet; mendctl.prepare.prepare(recipe, "
+        raise DataError(f"{path}: the stage-1 passages are not extracted yet; mendctl.data.prepare.prepare(recipe, "
                         "command) extracts them, and pretrain and teacher call it when they start")
     return path
 

@@ -17,7 +17,7 @@ class Distiller(nn.Module):
     demonstration set gives the same vectors whatever it is batched with.
 
     Anchored (`anchor` other than "none"): the vectors are K of the frozen LLM's own input
-    embeddings, chosen from the demonstrations by `mendctl.anchors` and passed to `forward`, plus a
+    embeddings, chosen from the demonstrations by `mendctl.models.anchors` and passed to `forward`, plus a
     correction read from the placeholders' hidden states. The correction's last layer starts at
     zero, so an untrained anchored distiller gives exactly the anchors (for `last`, truncated ICL):
     training starts from a prefix the LLM can already read instead of from vectors far off its

@@ -2,7 +2,7 @@
 
 The validation tasks (`tasks.validation`) are meta-train tasks kept out of stage 2's examples. Each
 gives `eval_sets` demonstration sets (its `_train` splits of the first recipe seeds), each with its
-first `eval_queries` test queries, scored as `mendctl eval` scores them (mendctl/scoring.py); the
+first `eval_queries` test queries, scored as `mendctl eval` scores them (mendctl/evaluation/scoring.py); the
 scores are means over every set. ICL and zero-shot do not change while the distiller trains: they
 are scored once, when the run starts.
 """
