@@ -10,6 +10,7 @@ SOURCES = {"mendctl": ROOT / "mendctl", "mendctl.backends": ROOT / "backends"}
 # never one above. "mendctl" is the top level itself: cli.py, __main__.py and the public API (__init__.py).
 ORDER = ["mendctl", "commands", "training", "evaluation", "data", "backends", "models", "core"]
 MAX_DEPTH = 9  # modules in the longest chain of module-level imports
+TOP = {"mendctl", "mendctl.cli", "mendctl.__main__"}  # the only modules outside a package
 
 
 def _modules() -> dict[str, Path]:
@@ -110,6 +111,8 @@ def _longest_chain(edges) -> list[str]:
 def test_every_package_is_on_a_layer():
     layers = {_layer(m) for m in MODULES}
     assert layers <= set(ORDER), f"put these packages in ORDER (here and in docs/architecture.md): {layers - set(ORDER)}"
+    top = {m for m in MODULES if _layer(m) == "mendctl"}
+    assert top == TOP, f"put these modules in a package (docs/architecture.md says which): {top - TOP}"
 
 
 def test_no_import_cycle_counting_imports_inside_functions():
