@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from mendctl.provenance import stamp
+from mendctl.core.provenance import stamp
 
 
 def mendctl(*args: str) -> None:

@@ -9,9 +9,9 @@ import argparse
 import json
 from pathlib import Path
 
-from mendctl.config import load_recipe
-from mendctl.evaluate import run_eval
-from mendctl.prepare import prepare
+from mendctl.core.config import load_recipe
+from mendctl.commands.eval import run_eval
+from mendctl.data.prepare import prepare
 
 
 def main() -> None:

@@ -10,7 +10,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from .config import Recipe, RecipeError, load_recipe
+from .core.config import Recipe, RecipeError, load_recipe
 from .data.metaicl import DEFAULT_K
 
 console = Console()
@@ -56,7 +56,7 @@ def _recipe(path: str, overrides: tuple[str, ...]) -> Recipe:
 
 
 def _check_positions(recipe: Recipe, path: str) -> None:
-    from .positions import recipe_problems
+    from .core.positions import recipe_problems
 
     problems = recipe_problems(recipe)
     if problems:
@@ -70,12 +70,12 @@ def _run(fn, *args, lock: Path | None = None, **kwargs):
     checkpoints they point to); 1: the run failed on its own; 130: interrupted. `--debug` adds the
     traceback; without it, nothing but the message is shown.
     """
+    from .commands.train import TrainingDiverged
+    from .core.lock import command_line, output_lock
+    from .core.vectors import VectorsMismatch
     from .data.bigbench import FetchError
     from .data.metaicl import DataError
-    from .lock import command_line, output_lock
-    from .model_sources import ModelSourceError
-    from .trainer import TrainingDiverged
-    from .vectors import VectorsMismatch
+    from .models.model_sources import ModelSourceError
 
     try:
         if lock is None:
@@ -103,7 +103,7 @@ def _run_command(recipe: Recipe, command: str, fn, *args, stage: str | None = No
                  **kwargs):
     """`_run` for a command that reads a recipe's inputs: prepare makes them first, once, under the
     same lock and with the same exit codes as the command's own body."""
-    from .prepare import prepare
+    from .data.prepare import prepare
 
     def prepared():
         prepare(recipe, command, stage, console=console)
@@ -134,7 +134,7 @@ def _stage_command(stage: str, doc: str):
     @click.option("--resume", is_flag=True, help="Continue the interrupted run from its last checkpoint.")
     @click.option("--restart", is_flag=True, help="Start over, deleting the checkpoints of an earlier run.")
     def command(recipe: str, overrides: tuple[str, ...], resume: bool, restart: bool) -> None:
-        from .trainer import train
+        from .commands.train import train
 
         if resume and restart:
             raise UserError("--resume and --restart exclude each other")
@@ -156,7 +156,7 @@ _stage_command("finetune", "Stage 2: meta-distillation finetuning on meta-train 
               help="Processes the training will be launched with (they read more positions per step).")
 def teacher(recipe: str, stage: str, overrides: tuple[str, ...], processes: int) -> None:
     """Fill the teacher cache for every example position the stage's training reads (see teacher_cache)."""
-    from .fill_teacher import fill_teacher
+    from .commands.teacher import fill_teacher
 
     r = _recipe(recipe, overrides)
     done = _run_command(r, "teacher", fill_teacher, r, stage, processes=processes, console=console, stage=stage)
@@ -171,7 +171,7 @@ def teacher(recipe: str, stage: str, overrides: tuple[str, ...], processes: int)
 @overrides_arg
 def export(recipe: str, checkpoint: str, dest: str, overrides: tuple[str, ...]) -> None:
     """Write a training checkpoint (a step_N folder) as a distiller file, e.g. the step the curves chose."""
-    from .export import export_checkpoint
+    from .commands.export import export_checkpoint
 
     r = _recipe(recipe, overrides)
     path = _run_command(r, "export", export_checkpoint, r, Path(checkpoint), Path(dest))
@@ -184,7 +184,7 @@ def export(recipe: str, checkpoint: str, dest: str, overrides: tuple[str, ...]) 
 @click.option("--force", is_flag=True, help="Rewrite vectors files that are already up to date.")
 def distill(recipe: str, overrides: tuple[str, ...], force: bool) -> None:
     """Distil each test task's demonstrations into output_dir/vectors/{task}/{seed}.safetensors."""
-    from .distill import run_distill
+    from .commands.distill import run_distill
 
     r = _recipe(recipe, overrides)
     _run_command(r, "distill", run_distill, r, force=force, console=console, lock=r.output_dir)
@@ -197,7 +197,7 @@ def distill(recipe: str, overrides: tuple[str, ...], force: bool) -> None:
               help="At most N queries per task and seed (for quick checks; results are then partial).")
 def eval_(recipe: str, overrides: tuple[str, ...], limit: int | None) -> None:
     """Compare zero-shot, ICL and MEND on the test tasks: quality, FLOPs, latency, memory."""
-    from .evaluate import run_eval
+    from .commands.eval import run_eval
 
     r = _recipe(recipe, overrides)
     _run_command(r, "eval", run_eval, r, limit=limit, console=console, lock=r.output_dir)
@@ -224,7 +224,7 @@ def validate(recipes: tuple[str, ...]) -> None:
 def ls(what: str) -> None:
     """List shipped recipes, registered backends and partitions."""
     if what in ("all", "recipes"):
-        from .shipped import recipes_dir, shipped_recipes
+        from .core.shipped import recipes_dir, shipped_recipes
 
         table = Table("recipe", "first line", title=f"recipes (in {recipes_dir()}; mendctl cp RECIPE DEST)")
         for name, path in shipped_recipes().items():
@@ -232,7 +232,7 @@ def ls(what: str) -> None:
             table.add_row(name, first)
         console.print(table)
     if what in ("all", "backends"):
-        from .registry import aliases, registered
+        from .core.registry import aliases, registered
 
         others = aliases()
         table = Table("backend", "aliases", "class", title="backends (entry points: mendctl.backends)")
@@ -240,7 +240,7 @@ def ls(what: str) -> None:
             table.add_row(name, ", ".join(a for a, target in sorted(others.items()) if target == name), value)
         console.print(table)
     if what in ("all", "partitions"):
-        from .partitions import list_partitions, load_partition
+        from .core.partitions import list_partitions, load_partition
 
         table = Table("partition", "train tasks", "test tasks", title="partitions")
         for name in list_partitions():
@@ -257,7 +257,7 @@ def cp(recipe: str, dest: str, force: bool) -> None:
     """Copy a shipped recipe (`llama/smollm2-demo`, or `smollm2-demo`) to DEST, a file or folder, to start from."""
     import shutil
 
-    from .shipped import find_recipe
+    from .core.shipped import find_recipe
 
     try:
         source = find_recipe(recipe)
@@ -289,7 +289,7 @@ def data_bigbench(paths: tuple[str, ...], tasks: str | None, fetch: bool, k: int
     `mendctl data bigbench SRC OUT`, or `mendctl data bigbench --fetch OUT`.
     """
     from .data.bigbench import convert_bigbench, fetch_bigbench
-    from .model_sources import cache_dir
+    from .models.model_sources import cache_dir
 
     if len(paths) != (1 if fetch else 2):
         raise UserError("give SRC and OUT, or --fetch and OUT")

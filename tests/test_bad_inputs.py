@@ -18,10 +18,10 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
-import mendctl.checkpoint
-import mendctl.trainer
+import mendctl.training.checkpoint
+import mendctl.commands.train
 from mendctl.cli import cli
-from mendctl.lock import output_lock
+from mendctl.core.lock import output_lock
 
 ROOT = Path(__file__).resolve().parents[1]
 GPT2 = "recipes/tiny/gpt2.yaml"
@@ -80,7 +80,7 @@ def saved_model(tmp: Path, truncate: bool = False) -> str:
     """A tiny GPT-2 saved as a local model folder, its weights optionally cut short."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from mendctl.tokenizer import byte_tokenizer
+    from mendctl.models.tokenizer import byte_tokenizer
 
     d = tmp / "damaged-llm"
     tok = byte_tokenizer()
@@ -358,7 +358,7 @@ def test_a_failure_of_the_run_itself_exits_1_and_debug_shows_the_traceback(tmp_p
 
     user = CliRunner().invoke(cli, ["--debug", "pretrain", *base(tmp_path, tmp_path / "o2"), "--resume"])
     assert user.exit_code == 2 and "Traceback" in user.output and "--resume: no checkpoint" in user.output
-    monkeypatch.setattr(mendctl.trainer, "train", boom)
+    monkeypatch.setattr(mendctl.commands.train, "train", boom)
     args = ["finetune", *base(tmp_path, tmp_path / "out")]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 1 and "the run failed: RuntimeError: boom" in result.output
@@ -369,9 +369,9 @@ def test_a_failure_of_the_run_itself_exits_1_and_debug_shows_the_traceback(tmp_p
 
 def test_divergence_is_a_failure_of_the_run(tmp_path, monkeypatch):
     def diverge(*args, **kwargs):
-        raise mendctl.trainer.TrainingDiverged("finetune: the loss became nan at step 1")
+        raise mendctl.commands.train.TrainingDiverged("finetune: the loss became nan at step 1")
 
-    monkeypatch.setattr(mendctl.trainer, "train", diverge)
+    monkeypatch.setattr(mendctl.commands.train, "train", diverge)
     result = CliRunner().invoke(cli, ["finetune", *base(tmp_path, tmp_path / "out")])
     assert result.exit_code == 1 and "the loss became nan" in result.output
 
@@ -398,7 +398,7 @@ def test_a_pickle_payload_in_a_checkpoint_is_never_run(trained, tmp_path):
 
 
 def test_an_atomic_write_cut_short_leaves_no_file(tmp_path):
-    from mendctl.fileio import atomic_path
+    from mendctl.core.fileio import atomic_path
 
     target = tmp_path / "vectors" / "x.safetensors"
     with pytest.raises(KeyboardInterrupt):

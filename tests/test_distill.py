@@ -7,7 +7,7 @@ from click.testing import CliRunner
 
 from mendctl import load_vectors
 from mendctl.cli import cli
-from mendctl.provenance import file_hash
+from mendctl.core.provenance import file_hash
 
 TEST_TASKS, SEEDS = ("tiny_sentiment", "tiny_compare"), (100, 13)
 
@@ -75,7 +75,7 @@ def test_without_a_trained_distiller_it_says_what_to_run(tmp_path):
 
 
 def test_a_damaged_vectors_file_is_refused_then_distilled_again(trained):
-    from mendctl.vectors import VectorsMismatch
+    from mendctl.core.vectors import VectorsMismatch
 
     base, out = trained
     CliRunner().invoke(cli, ["distill", *base])

@@ -10,19 +10,19 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 from rich.console import Console
 
-from mendctl.checkpoint import save_distiller
+from mendctl.training.checkpoint import save_distiller
 from mendctl.cli import cli
-from mendctl.compress import compress
-from mendctl.config import METHODS, load_recipe
+from mendctl.evaluation.compress import compress
+from mendctl.core.config import METHODS, load_recipe
 from mendctl.data.metaicl import DataError, load_split
-from mendctl.distill import run_distill
-from mendctl.scoring import demo_sets, query_set
-from mendctl.trained import UNTRAINED, load_trained
-from mendctl.evaluate import _prefix, run_eval
-from mendctl.metrics import accuracy, macro_f1
-from mendctl.registry import get_backend
-from mendctl.render import context_ids
-from mendctl.workspace import data_dir
+from mendctl.commands.distill import run_distill
+from mendctl.evaluation.scoring import demo_sets, query_set
+from mendctl.training.trained import UNTRAINED, load_trained
+from mendctl.commands.eval import _prefix, run_eval
+from mendctl.evaluation.metrics import accuracy, macro_f1
+from mendctl.core.registry import get_backend
+from mendctl.models.render import context_ids
+from mendctl.data.workspace import data_dir
 
 TINY = Path(__file__).resolve().parent.parent / "recipes" / "tiny"
 DATA = Path(__file__).resolve().parent.parent / "data" / "tiny" / "tasks"
@@ -313,7 +313,7 @@ def test_cli_eval(tmp_path):
 
 def _count_scoring(monkeypatch) -> list[int]:
     """Prefix length of every scoring pass run_eval makes."""
-    import mendctl.evaluate as evaluate
+    import mendctl.commands.eval as evaluate
 
     calls, real = [], evaluate.score
     monkeypatch.setattr(evaluate, "score", lambda llm, prefix, *a, **k: calls.append(prefix.shape[0])
@@ -380,7 +380,7 @@ def test_a_stale_cache_entry_is_never_used(tmp_path, monkeypatch, change):
 def test_paired_bootstrap_brackets_the_estimate_and_is_reproducible():
     import random
 
-    from mendctl.bootstrap import Paired, paired_bootstrap
+    from mendctl.evaluation.bootstrap import Paired, paired_bootstrap
 
     rng = random.Random(0)
     tasks = {}
@@ -405,7 +405,7 @@ def test_paired_bootstrap_brackets_the_estimate_and_is_reproducible():
 def test_batched_metric_equals_the_metric_on_every_resample(classification):
     import numpy as np
 
-    from mendctl.bootstrap import batch_metric
+    from mendctl.evaluation.bootstrap import batch_metric
 
     rng = np.random.default_rng(0)
     pred, gold = rng.integers(0, 4, 30), rng.integers(0, 3, 30)  # label 3: predicted, never gold

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from mendctl.data.bigbench import list_tasks, task_name_from_path
-from mendctl.partitions import TASK_TYPES, Partition, list_partitions, load_partition
+from mendctl.core.partitions import TASK_TYPES, Partition, list_partitions, load_partition
 
 METAICL = [
     "class_to_class",

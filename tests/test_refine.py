@@ -7,14 +7,15 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
-from mendctl import flops, load_vectors
+from mendctl import load_vectors
+from mendctl.evaluation import flops
 from mendctl.cli import cli
-from mendctl.config import DistillSpec
-from mendctl.losses import ForwardKL
-from mendctl.refine import leave_one_out, recorded, refine, refine_flops, refinement, refinement_of
-from mendctl.registry import get_backend
-from mendctl.scoring import demo_sets
-from mendctl.vectors import VectorsMismatch, as_metadata
+from mendctl.core.config import DistillSpec
+from mendctl.training.losses import ForwardKL
+from mendctl.training.refine import leave_one_out, recorded, refine, refine_flops, refinement, refinement_of
+from mendctl.core.registry import get_backend
+from mendctl.evaluation.scoring import demo_sets
+from mendctl.core.vectors import VectorsMismatch, as_metadata
 
 
 @pytest.mark.parametrize("backend", ["llama", "t5"])
@@ -89,8 +90,8 @@ def test_distill_and_eval_refine_record_it_and_count_its_cost(tmp_path):
 
 
 def test_refining_from_the_anchors_runs_no_distiller_and_starts_at_their_embeddings(tmp_path, tiny):
-    from mendctl.anchors import anchor_embeddings, set_anchors
-    from mendctl.config import RecipeError
+    from mendctl.models.anchors import anchor_embeddings, set_anchors
+    from mendctl.core.config import RecipeError
 
     out = tmp_path / "run"
     base = ["recipes/tiny/llama.yaml", f"output_dir={out}", "distiller.anchor=labels"]
@@ -121,7 +122,7 @@ def test_refining_from_the_anchors_runs_no_distiller_and_starts_at_their_embeddi
 
 def _first_set_episodes(tiny):
     """The tiny llama recipe's models, its first demonstration set, and that set's leave-one-out episodes and options."""
-    from mendctl.refine import demo_options
+    from mendctl.training.refine import demo_options
 
     recipe = tiny("llama")
     models, template = get_backend("llama").build(recipe), get_backend("llama").template(recipe)
@@ -131,8 +132,8 @@ def _first_set_episodes(tiny):
 
 
 def test_refining_on_the_options_lowers_the_option_kl_on_the_demonstrations_and_is_recorded(tiny, tmp_path):
-    from mendctl.config import RecipeError
-    from mendctl.losses import OptionKL
+    from mendctl.core.config import RecipeError
+    from mendctl.training.losses import OptionKL
 
     recipe, models, template, ds, episodes, options = _first_set_episodes(tiny)
     llm, tok = models.llm, models.llm_tokenizer
@@ -170,7 +171,7 @@ def test_refining_on_the_options_lowers_the_option_kl_on_the_demonstrations_and_
 
 
 def test_refining_with_the_label_ce_lowers_the_demonstrations_own_label_loss_and_is_recorded(tiny, tmp_path):
-    from mendctl.config import RecipeError
+    from mendctl.core.config import RecipeError
 
     recipe, models, template, ds, episodes, options = _first_set_episodes(tiny)
     llm, tok = models.llm, models.llm_tokenizer

@@ -35,7 +35,7 @@ def test_validate_imports_neither_torch_nor_transformers():
 def test_ls_lists_shipped_recipes_from_any_folder(tmp_path):
     result = run_cli(["ls"], tmp_path)
     assert result.returncode == 0, result.stderr
-    for word in ("tiny/gpt2", "llama/smollm2-demo", "backends.gpt2:Backend", "class_to_class"):
+    for word in ("tiny/gpt2", "llama/smollm2-demo", "mendctl.backends.gpt2:Backend", "class_to_class"):
         assert word in result.stdout
     assert "imported: []" in result.stdout
 
@@ -68,9 +68,11 @@ def test_cp_unknown_names_suggest_the_closest(tmp_path, name, message):
 
 
 def test_the_explicit_package_list_names_every_package():
-    # pyproject lists packages by hand (to map mendctl.recipes onto recipes/): a new one must be added there.
+    # pyproject lists packages by hand (to map recipes/ and backends/ into mendctl): a new one must be added there.
     setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
-    found = {p.parent.relative_to(ROOT).as_posix().replace("/", ".")
-             for top in ("mendctl", "backends") for p in (ROOT / top).rglob("__init__.py")}
+    found = {p.parent.relative_to(ROOT).as_posix().replace("/", ".") for p in (ROOT / "mendctl").rglob("__init__.py")}
+    found |= {"mendctl." + p.parent.relative_to(ROOT).as_posix().replace("/", ".")
+              for p in (ROOT / "backends").rglob("__init__.py")}
     assert found | {"mendctl.recipes"} == set(setuptools["packages"])
-    assert setuptools["package-dir"]["mendctl.recipes"] == "recipes"
+    assert setuptools["package-dir"] == {"mendctl.recipes": "recipes", "mendctl.backends": "backends"}
+    assert all(p.startswith("mendctl") for p in setuptools["packages"])  # no top-level package but mendctl
