@@ -14,12 +14,12 @@ import statistics
 import torch
 from recipe_args import build, parser
 
-from mendctl import metrics
+from mendctl.evaluation import metrics
 from mendctl.data.metaicl import load_split
-from mendctl.provenance import stamp
-from mendctl.render import context_ids, render_query
-from mendctl.scoring import QuerySet, demo_set, predicted, score
-from mendctl.workspace import data_dir
+from mendctl.core.provenance import stamp
+from mendctl.models.render import context_ids, render_query
+from mendctl.evaluation.scoring import QuerySet, demo_set, predicted, score
+from mendctl.data.workspace import data_dir
 
 
 def dev_queries(root, ds, k, template, tok) -> QuerySet:

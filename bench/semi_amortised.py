@@ -18,16 +18,16 @@ import time
 import torch
 from recipe_args import parser
 
-from mendctl import flops
-from mendctl.anchors import anchor_embeddings
-from mendctl.config import load_recipe
-from mendctl.curves import Validation
-from mendctl.distiller import distill, tokens_read
-from mendctl.prepare import prepare
-from mendctl.provenance import stamp
-from mendctl.refine import refine, refine_flops
-from mendctl.registry import get_backend
-from mendctl.trained import load_trained
+from mendctl.evaluation import flops
+from mendctl.models.anchors import anchor_embeddings
+from mendctl.core.config import load_recipe
+from mendctl.training.curves import Validation
+from mendctl.models.distiller import distill, tokens_read
+from mendctl.data.prepare import prepare
+from mendctl.core.provenance import stamp
+from mendctl.training.refine import refine, refine_flops
+from mendctl.core.registry import get_backend
+from mendctl.training.trained import load_trained
 
 
 def main() -> None:

@@ -18,11 +18,11 @@ import statistics
 import torch
 from recipe_args import build, parser
 
-from mendctl import metrics
-from mendctl.provenance import stamp
-from mendctl.render import context_ids, render_context, render_query
-from mendctl.scoring import demo_set, predicted, query_set, score
-from mendctl.workspace import data_dir
+from mendctl.evaluation import metrics
+from mendctl.core.provenance import stamp
+from mendctl.models.render import context_ids, render_context, render_query
+from mendctl.evaluation.scoring import demo_set, predicted, query_set, score
+from mendctl.data.workspace import data_dir
 
 
 class Patch:
