@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .config import Recipe, RecipeError, load_recipe
@@ -23,7 +24,7 @@ class UserError(click.ClickException):
     exit_code = 2
 
     def show(self, file=None) -> None:
-        err_console.print(f"[red]error:[/] {self.message}", highlight=False, soft_wrap=True)
+        err_console.print(f"[red]error:[/] {escape(self.message)}", highlight=False, soft_wrap=True)
 
 
 # Errors of the user's own files (the path is in the message): a missing, unwritable or full place.
@@ -39,7 +40,8 @@ def _debug() -> bool:
 def _fail(message: str, code: int, hint: str = "") -> None:
     if _debug():
         traceback.print_exc()
-    err_console.print(f"[red]error:[/] {message}{hint}", highlight=False, soft_wrap=True)
+    # escaped: a message may hold brackets (a pip extra, a list) that rich would read as markup and drop
+    err_console.print(f"[red]error:[/] {escape(message)}{escape(hint)}", highlight=False, soft_wrap=True)
     sys.exit(code)
 
 
