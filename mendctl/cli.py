@@ -8,10 +8,11 @@ from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .core.config import Recipe, RecipeError, load_recipe
-from .data.metaicl import DEFAULT_K
+from .data.metaicl import DEFAULT_K, DEFAULT_SEEDS
 
 console = Console()
 err_console = Console(stderr=True)
@@ -23,7 +24,7 @@ class UserError(click.ClickException):
     exit_code = 2
 
     def show(self, file=None) -> None:
-        err_console.print(f"[red]error:[/] {self.message}", highlight=False, soft_wrap=True)
+        err_console.print(f"[red]error:[/] {escape(self.message)}", highlight=False, soft_wrap=True)
 
 
 # Errors of the user's own files (the path is in the message): a missing, unwritable or full place.
@@ -39,7 +40,8 @@ def _debug() -> bool:
 def _fail(message: str, code: int, hint: str = "") -> None:
     if _debug():
         traceback.print_exc()
-    err_console.print(f"[red]error:[/] {message}{hint}", highlight=False, soft_wrap=True)
+    # escaped: a message may hold brackets (a pip extra, a list) that rich would read as markup and drop
+    err_console.print(f"[red]error:[/] {escape(message)}{escape(hint)}", highlight=False, soft_wrap=True)
     sys.exit(code)
 
 
@@ -299,6 +301,39 @@ def data_bigbench(paths: tuple[str, ...], tasks: str | None, fetch: bool, k: int
     report = _run(convert_bigbench, source, Path(paths[-1]), tasks=tasks.split(",") if tasks else None, k=k,
                   progress=True, lock=Path(paths[-1]))
     console.print(report.summary())
+
+
+@data.command("metaicl")
+@click.argument("data_dir", metavar="DIR")
+@click.option("--partition", help="One partition, shipped name or JSON file (default: the seven of MetaICL).")
+@click.option("--k", default=DEFAULT_K, show_default=True, help="Demonstrations per set in the file names.")
+@click.option("--seeds", default=",".join(map(str, DEFAULT_SEEDS)), show_default=True,
+              help="Comma-separated seeds of the demonstration sets.")
+def data_metaicl(data_dir: str, partition: str | None, k: int, seeds: str) -> None:
+    """Check a folder made by MetaICL's preprocessing scripts against one partition, or all seven.
+
+    Names the tasks, seeds and splits that are missing; exit code 2 when anything is.
+    """
+    from .data.metaicl_check import check_partition
+    from .core.partitions import METAICL_PARTITIONS, load_partition
+
+    if not Path(data_dir).is_dir():
+        raise UserError(f"{data_dir}: not a folder (MetaICL's scripts write data/ in their checkout)")
+    try:
+        seed_list = tuple(int(s) for s in seeds.split(","))
+    except ValueError:
+        raise UserError(f"--seeds {seeds!r}: not a comma-separated list of integers") from None
+    try:
+        partitions = [load_partition(p) for p in ([partition] if partition else METAICL_PARTITIONS)]
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    checks = [check_partition(Path(data_dir), p, k=k, seeds=seed_list) for p in partitions]
+    for check in checks:
+        console.print("\n".join(check.lines()), highlight=False, soft_wrap=True, markup=False)
+    if len(checks) > 1:
+        console.print(f"{sum(c.complete for c in checks)} of {len(checks)} partitions complete")
+    if not all(c.complete for c in checks):
+        sys.exit(2)
 
 
 def main() -> None:

@@ -69,6 +69,13 @@ def text_file(tmp: Path, content: bytes) -> str:
     return f"pretrain.text=[{recipe(tmp, content, 'docs.jsonl')}]"
 
 
+def text_dataset(tmp: Path) -> str:
+    """A local dataset folder for pretrain.hf_dataset: one JSON-lines file of a train split."""
+    (tmp / "ds").mkdir()
+    (tmp / "ds" / "train.jsonl").write_text(json.dumps({"text": "a document " * 20}) + "\n")
+    return str(tmp / "ds")
+
+
 def damaged_config(tmp: Path) -> str:
     d = tmp / "damaged-model"
     d.mkdir()
@@ -180,6 +187,16 @@ CASES = [
      "docs.jsonl:2: not UTF-8 text"),
     ("pretrain-text-not-string", lambda t, o: ["pretrain", *base(t, o, text_file(t, b'{"text": 3}\n'))], 2,
      'docs.jsonl:1: expected a JSON object with a "text" field holding a string'),
+    ("hf-dataset-folder-missing", lambda t, o: ["pretrain", *base(
+        t, o, "pretrain.text=null", f"pretrain.hf_dataset={t}/none")], 2, "hf_dataset folder does not exist"),
+    ("hf-dataset-split-unknown", lambda t, o: ["pretrain", *base(
+        t, o, "pretrain.text=null", f"pretrain.hf_dataset={text_dataset(t)}", "pretrain.hf_split=nosuch")], 2,
+     "split 'nosuch': Bad split: nosuch"),
+    ("data-metaicl-dir-missing", lambda t, o: ["data", "metaicl", str(t / "none")], 2, "none: not a folder"),
+    ("data-metaicl-partition-unknown", lambda t, o: ["data", "metaicl", str(t), "--partition", "qa_to_q"], 2,
+     "Did you mean 'qa_to_qa'"),
+    ("data-metaicl-incomplete", lambda t, o: ["data", "metaicl", str(t), "--partition", "qa_to_qa"], 2,
+     "meta-test tasks missing (22)"),
     # output folders
     ("output-dir-is-a-file", lambda t, o: ["finetune", *base(t, o.parent / "file", )], 2,
      "exists and is not a folder"),
@@ -317,7 +334,7 @@ def test_a_second_writer_is_refused_naming_the_holder(tmp_path):
             assert "`mendctl finetune other.yaml`, started" in text
         result = CliRunner().invoke(cli, ["data", "bigbench", str(ROOT / "data"), str(out)])
         assert result.exit_code == 2 and "in use by another mendctl run" in result.output
-    assert not (out / ".mendctl.lock.json").exists()
+    assert not (out / ".mendctl.core.lock.json").exists()
 
 
 def test_a_full_disk_leaves_no_partial_checkpoint(tmp_path, monkeypatch):

@@ -160,19 +160,19 @@ def test_streamed_dataset_is_read_in_order_and_skipped_on_resume(monkeypatch, ti
 
     opened = []
 
-    def fake_stream(dataset_id, split):
-        opened.append((dataset_id, split))
+    def fake_stream(dataset_id, split, config):
+        opened.append((dataset_id, split, config))
         return iter([f"document number {i} " * 5 for i in range(100)])
 
     monkeypatch.setattr(examples, "iter_hf", fake_stream)
-    recipe = tiny("gpt2", "pretrain.text=null", "pretrain.hf_dataset=allenai/c4")
+    recipe = tiny("gpt2", "pretrain.text=null", "pretrain.hf_dataset=allenai/c4", "pretrain.hf_config=en")
     tok = get_backend("gpt2").build(recipe).llm_tokenizer
     source = examples.TextExamples(recipe.pretrain, tok, 0, False)
     first = [source.get(p) for p in range(3)]
     assert tok.decode(first[2].ctx).startswith("document number 2")
     resumed = examples.TextExamples(recipe.pretrain, tok, 0, False)
     assert resumed.get(2) == first[2]  # a fresh stream skips what the first run consumed
-    assert opened == [("allenai/c4", "train")] * 2
+    assert opened == [("allenai/c4", "train", "en")] * 2
 
 
 @pytest.mark.parametrize("extra", [(), ("finetune.ema=0.9",)])  # with ema, the average resumes too

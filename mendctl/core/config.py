@@ -249,7 +249,9 @@ class TrainSpec(Strict):
 class PretrainSpec(TrainSpec):
     lr: float = Field(5e-5, gt=0)
     text: list[ExistingPath] | None = Field(None, description=".txt files, folders of them, or .jsonl with a text field")
-    hf_dataset: str | None = Field(None, description="a Hugging Face dataset id, streamed (needs a network)")
+    hf_dataset: str | None = Field(None, description="a Hugging Face dataset id, streamed (needs a network), or a "
+                                   "local dataset folder read the same way; needs mendctl[hf-data]")
+    hf_config: str | None = Field(None, description="the dataset's configuration (C4: en); none: its default")
     hf_split: str = "train"
     bigbench_passages: int | None = Field(None, ge=1, description="this many passages of BIG-bench tasks in no test list")
     max_length: int = Field(1024, ge=8)
@@ -260,6 +262,10 @@ class PretrainSpec(TrainSpec):
         chosen = [self.text is not None, self.hf_dataset is not None, self.bigbench_passages is not None]
         if sum(chosen) != 1:
             raise ValueError("set exactly one of text, hf_dataset, bigbench_passages")
+        if self.hf_config is not None and self.hf_dataset is None:
+            raise ValueError("hf_config names a configuration of hf_dataset: set hf_dataset")
+        if self.hf_dataset is not None and _is_local_path(self.hf_dataset):
+            _existing(Path(self.hf_dataset).expanduser(), "hf_dataset folder")
         return self
 
 

@@ -27,6 +27,10 @@ CLASSIFICATION = "classification"
 MULTI_CHOICE = "multi-choice"
 TASK_TYPES = (CLASSIFICATION, MULTI_CHOICE)
 
+# MetaICL's seven partitions, as the paper names them; the others shipped are mendctl's own.
+METAICL_PARTITIONS = ("hr_to_lr", "class_to_class", "non_class_to_class", "qa_to_qa", "non_qa_to_qa", "non_nli_to_nli",
+                      "non_paraphrase_to_paraphrase")
+
 _DATA_DIR = "partitions"
 # A task name becomes a folder and file name (data_dir/{task}/..., output_dir/vectors/{task}/...):
 # one path component, not hidden, no separators or control characters, so that a partition file

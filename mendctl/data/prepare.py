@@ -21,7 +21,8 @@ COMMANDS = ("pretrain", "finetune", "teacher", "distill", "eval", "export")
 
 
 def reads(recipe: Recipe, command: str, stage: str | None = None) -> set[str]:
-    """What of prepare's making `command` reads: "tasks" (the converted task folder) and/or "passages".
+    """What of prepare's making `command` reads: "tasks" (the converted task folder), "passages", and
+    "datasets" (the package that streams pretrain.hf_dataset).
 
     `stage` is the teacher's (pretrain or finetune); the training commands are their own stage."""
     if command not in COMMANDS:
@@ -31,6 +32,8 @@ def reads(recipe: Recipe, command: str, stage: str | None = None) -> set[str]:
     if stage == "pretrain" and recipe.pretrain is not None:
         if recipe.pretrain.bigbench_passages:
             out.add("passages")
+        if recipe.pretrain.hf_dataset:
+            out.add("datasets")  # nothing to make: the package that streams it, checked before any model loads
         # The learning curves score the validation tasks; the teacher filler draws no curves.
         if recipe.pretrain.eval_every and command == "pretrain":
             out.add("tasks")
@@ -43,6 +46,10 @@ def prepare(recipe: Recipe, command: str, stage: str | None = None, console: Con
     """Makes what `command` reads and is not there yet; export reads nothing of it."""
     console = console or Console(stderr=True)
     wanted = reads(recipe, command, stage)
+    if "datasets" in wanted:
+        from .data.text import require_datasets
+
+        require_datasets()  # first: no conversion is waited for before it fails
     # Task files given as tasks.data_dir are the user's: nothing to make.
     if "tasks" in wanted and recipe.tasks is not None and recipe.tasks.bigbench is not None:
         _convert(recipe, console)

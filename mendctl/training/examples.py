@@ -100,7 +100,7 @@ class TextExamples:
     def _next_streamed(self, position: int) -> list[int]:
         # A stream cannot be indexed: positions must come in order; a resumed run skips ahead.
         if self._stream is None or position < self._streamed:
-            self._stream, self._streamed = iter_hf(self.spec.hf_dataset, self.spec.hf_split), 0
+            self._stream, self._streamed = iter_hf(self.spec.hf_dataset, self.spec.hf_split, self.spec.hf_config), 0
         while True:
             ids = self._ids(next(self._stream))
             if len(ids) >= 8:

@@ -216,7 +216,7 @@ def teacher_key(recipe, stage: str, models, template) -> dict:
         from ..data.workspace import passages_file
 
         if spec.hf_dataset:
-            text = f"hf:{spec.hf_dataset}:{spec.hf_split}"
+            text = f"hf:{spec.hf_dataset}:{spec.hf_split}" + (f":{spec.hf_config}" if spec.hf_config else "")
         else:
             text = _files_hash(spec.text if spec.text else [passages_file(recipe)])
         key |= {"text": text, "max_length": spec.max_length, "demo_fraction": spec.demo_fraction}
