@@ -186,7 +186,7 @@ def write(results: dict, out: Path, console: Console) -> None:
     with atomic_path(out / "results.md") as tmp:
         tmp.write_text(markdown(results))
     shown = table(results)
-    if Measurement.get(console, console.options, shown).maximum <= console.width:
+    if Measurement.get(console, console.options.update_width(10_000), shown).maximum <= console.width:
         console.print(shown)
     else:
         for line in vertical(results):
