@@ -369,8 +369,9 @@ class Recipe(Strict):
     @model_validator(mode="after")
     def _refining_settings_fit(self) -> "Recipe":
         seen = {}
-        for where, spec in [("distill", self.distill)] + [
-                (f"distill.variants[{i}]", self.distill.model_copy(update=v.keys())) for i, v in enumerate(self.distill.variants)]:
+        variants = [(f"distill.variants[{i}]", self.distill.model_copy(update=v.keys()))
+                    for i, v in enumerate(self.distill.variants)]
+        for where, spec in [("distill", self.distill), *variants]:
             if spec.refine_from == "anchors" and self.distiller.anchor == "none":
                 raise ValueError(f"{where}.refine_from: anchors needs anchors: set distiller.anchor")
             if spec.refine_on != "tokens" and not spec.refine_steps:

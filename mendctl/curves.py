@@ -3,8 +3,8 @@
 The validation tasks (`tasks.validation`) are meta-train tasks kept out of stage 2's examples. Each
 gives `eval_sets` demonstration sets (its `_train` splits of the first recipe seeds), each with its
 first `eval_queries` test queries, scored as `mendctl eval` scores them (mendctl/scoring.py); each
-score is a mean over a task's sets, then over the tasks, as `mendctl eval` averages. ICL and zero-shot do not change while the distiller trains: they
-are scored once, when the run starts.
+score is a mean over a task's sets, then over the tasks, as `mendctl eval` averages. ICL and
+zero-shot do not change while the distiller trains: they are scored once, when the run starts.
 """
 from __future__ import annotations
 

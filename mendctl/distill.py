@@ -13,8 +13,8 @@ from .provenance import text_hash
 from .refine import recorded, refinement, refinement_of, set_vectors
 from .registry import get_backend
 from .scoring import DemoSet, demo_sets
-from .trained import UNTRAINED, load_trained
-from .variants import METHOD, method_of, needing_distiller, variants
+from .trained import load_trained
+from .variants import METHOD, made_by, method_of, needing_distiller, variants
 from .vectors import VectorsMismatch, as_metadata, read_metadata, save_vectors
 from .workspace import vectors_path
 
@@ -49,12 +49,12 @@ def run_distill(recipe: Recipe, force: bool = False, console: Console | None = N
     paths = []
     for variant in variants(recipe):
         vrecipe = variant.recipe
-        made_by = UNTRAINED if vrecipe.distill.refine_from == "anchors" else distiller_hash  # no distiller ran
-        metas = [vectors_metadata(vrecipe, models, made_by, template, ds) for ds in sets]
+        metas = [vectors_metadata(vrecipe, models, made_by(vrecipe.distill, distiller_hash), template, ds)
+                 for ds in sets]
         vpaths = [vectors_path(recipe, ds.task, ds.seed, variant.folder) for ds in sets]
         todo = [i for i, m in enumerate(metas) if force or not _up_to_date(vpaths[i], m, vrecipe)]
         if len(todo) < len(sets):
-            console.print(f"{len(sets) - len(todo)} vectors file(s) in {variant.folder} already up to date "
+            console.print(f"{len(sets) - len(todo)} vectors file(s) already up to date in {variant.folder} "
                           "(use --force to redo them)")
         with Progress(console=console) as progress:
             bar = progress.add_task(f"distilling {variant.folder}", total=len(todo))

@@ -19,8 +19,9 @@ What each method puts before the query (the prefix):
 The first three do not depend on the distiller: their scores are cached (eval_cache.py), so a new
 distiller costs only its own scoring; their latency is timed again on a sample, so that it stands
 beside the vectors rows' measured in the same run. Each vectors row minus ICL, minus zero-shot and
-minus each later vectors row comes with a bootstrap interval over tasks and queries (bootstrap.py). The scoring itself is shared with the trainer's curves (scoring.py); the
-results' shape and means are results.py's, the table and files report.py's.
+minus each later vectors row comes with a bootstrap interval over tasks and queries (bootstrap.py).
+The scoring itself is shared with the trainer's curves (scoring.py); the results' shape and means
+are results.py's, the table and files report.py's.
 """
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ from .render import context_ids
 from .results import Agreement, MethodResult, SetResult, TaskResult, mean_agreement, summarize
 from .scoring import DemoSet, MethodRun, QuerySet, demo_sets, option_losses, predicted, quality, query_set, score
 from .trained import UNTRAINED, load_trained
-from .variants import METHOD, Variant, method_of, needing_distiller, ordered, row_name, variants
+from .variants import METHOD, Variant, made_by, method_of, needing_distiller, ordered, row_name, variants
 from .vectors import VectorsMismatch, check_compatible, load_vectors
 from .workspace import data_dir, partition_for, vectors_path
 
@@ -113,22 +114,22 @@ def _variant_vectors(run: EvalRun, variant: Variant, sets: list[DemoSet], consol
     if todo and distiller_hash == UNTRAINED and recipe.distill.refine_from == "distiller":
         first = saved[f"{todo[0].task}/{todo[0].seed}"][1]["reason"]
         raise FileNotFoundError(
-            f"`mend` needs vectors in {variant.folder} for {len(todo)} demonstration set(s) ({first}) and there is "
-            f"no trained distiller under {recipe.output_dir}: run `mendctl finetune` and `mendctl distill` first, "
+            f"`mend` needs the vectors in {variant.folder}/ of {len(todo)} demonstration set(s) ({first}) and there "
+            f"is no trained distiller under {recipe.output_dir}: run `mendctl finetune` and `mendctl distill` first, "
             "set distill.checkpoint, or leave mend out of eval.methods")
     stale = {s["distiller_hash"] for v, s in saved.values() if v is not None} - {distiller_hash, UNTRAINED}
     if stale and distiller_hash != UNTRAINED:
         console.print(f"[yellow]warning[/]: some vectors files in {variant.folder} were made by another distiller "
                       f"than {distiller_hash}: run `mendctl distill --force` to remake them")
     made = _distill_now(run, recipe, todo)
-    made_by = UNTRAINED if recipe.distill.refine_from == "anchors" else distiller_hash
     out = {}
     for ds in sets:
         key = f"{ds.task}/{ds.seed}"
         vectors, source = saved[key]
         if vectors is None:
             done = refinement(recipe.distill)
-            vectors, source = made[key], source | {"distiller_hash": made_by, **done, METHOD: method_of(done)}
+            vectors, source = made[key], source | {"distiller_hash": made_by(recipe.distill, distiller_hash), **done,
+                                                METHOD: method_of(done)}
         llm = models.llm
         distilled = 0.0  # from the anchors no distiller ran: the refinement is the whole cost
         if source["refine_from"] == "distiller":

@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .config import DistillSpec, Recipe
+from .trained import UNTRAINED
 
 METHOD = "method"  # the metadata key of a vectors file
 ORDER = ("mend", "mend+fit", "fitted")  # the trained distiller first
@@ -30,6 +31,11 @@ def method_of(refinement: dict) -> str:
     if refinement["refine_from"] == "anchors":
         return "fitted"
     return "mend+fit" if refinement["refine_steps"] else "mend"
+
+
+def made_by(spec: DistillSpec, distiller_hash: str) -> str:
+    """The distiller hash vectors made with `spec` record: none ran when they start from the anchors."""
+    return UNTRAINED if spec.refine_from == "anchors" else distiller_hash
 
 
 def row_name(method: str, steps: int) -> str:

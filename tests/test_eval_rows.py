@@ -99,7 +99,7 @@ def test_a_file_made_before_the_method_was_recorded_gets_it_from_its_refinement(
         save_file({"vectors": tensor}, str(f), metadata=meta)
     console = _quiet()
     run_distill(recipe, console=console)  # still up to date: nothing to remake
-    assert "4 vectors file(s) in vectors already up to date" in console.file.getvalue()
+    assert "4 vectors file(s) already up to date in vectors" in console.file.getvalue()
     assert "method" not in read_metadata(files[0])
     assert list(run_eval(recipe, limit=2, console=_quiet())["aggregate"]) == ["fitted@1"]
 
