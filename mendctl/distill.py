@@ -63,7 +63,7 @@ def run_distill(recipe: Recipe, force: bool = False, console: Console | None = N
                 save_vectors(vpaths[i], v, metas[i])
                 progress.advance(bar)  # per set: refining one takes longer than distilling a batch
                 if not console.is_terminal:
-                    console.print(f"distilled {variant.folder} {n}/{len(todo)}")
+                    console.print(f"distilled {n}/{len(todo)} ({variant.folder})")
         console.print(f"[green]{len(vpaths)} vectors file(s)[/] ({metas[0][METHOD]}) in "
                       f"{recipe.output_dir / variant.folder}")
         paths += vpaths
