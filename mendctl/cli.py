@@ -185,7 +185,8 @@ def export(recipe: str, checkpoint: str, dest: str, overrides: tuple[str, ...]) 
 @overrides_arg
 @click.option("--force", is_flag=True, help="Rewrite vectors files that are already up to date.")
 def distill(recipe: str, overrides: tuple[str, ...], force: bool) -> None:
-    """Distil each test task's demonstrations into output_dir/vectors/{task}/{seed}.safetensors."""
+    """Distil each test task's demonstrations into output_dir/vectors/{task}/{seed}.safetensors (and each
+    of distill.variants into its own output_dir/vectors-... folder)."""
     from .commands.distill import run_distill
 
     r = _recipe(recipe, overrides)
@@ -198,7 +199,8 @@ def distill(recipe: str, overrides: tuple[str, ...], force: bool) -> None:
 @click.option("--limit", type=click.IntRange(min=1), default=None,
               help="At most N queries per task and seed (for quick checks; results are then partial).")
 def eval_(recipe: str, overrides: tuple[str, ...], limit: int | None) -> None:
-    """Compare zero-shot, ICL and MEND on the test tasks: quality, FLOPs, latency, memory."""
+    """Compare zero-shot, ICL and the vectors rows (mend, mend+fit@N, fitted@N) on the test tasks: quality,
+    FLOPs, latency, memory."""
     from .commands.eval import run_eval
 
     r = _recipe(recipe, overrides)

@@ -152,6 +152,14 @@ CASES = [
     ("llm-context-over-positions", lambda t, o: ["eval", *base(
         t, o, "llm.random_init=null", f"llm.source={positions_dir(t, 256)}")], 2,
      "leave no room for an option in the LLM's 256 positions"),
+    ("distill-variant-same-as-section", lambda t, o: ["distill", *base(t, o, "distill.variants=[{refine_steps: 0}]")],
+     2, "distill.variants[0] makes the same vectors as distill"),
+    ("distill-variant-unknown-key", lambda t, o: ["distill", *base(t, o, "distill.variants=[{checkpoint: x}]")],
+     2, "distill.variants[0].checkpoint: Extra inputs are not permitted"),
+    ("distill-variant-options-without-steps", lambda t, o: ["distill", *base(
+        t, o, "distill.variants=[{refine_on: options}]")], 2,
+     "distill.variants[0].refine_on: options needs distill.variants[0].refine_steps above 0"),
+    ("eval-retime-negative", lambda t, o: ["eval", *base(t, o, "eval.retime_queries=-1")], 2, "eval.retime_queries"),
     ("llm-config-damaged", lambda t, o: ["validate", recipe(t, (ROOT / GPT2).read_text().replace(
         "  random_init: {layers: 2, hidden: 64, heads: 2}", f"  source: {damaged_config(t)}", 1))], 2,
      "llm.source: cannot read"),

@@ -85,7 +85,7 @@ def test_a_damaged_vectors_file_is_refused_then_distilled_again(trained):
         load_vectors(damaged)
     evaluated = CliRunner().invoke(cli, ["eval", *base, "--limit", "2", "eval.methods=[mend]"])
     assert evaluated.exit_code == 0, evaluated.output
-    sources = json.loads((out / "eval" / "results.json").read_text())["vectors"]["sources"]
+    sources = json.loads((out / "eval" / "results.json").read_text())["vectors"]["mend"]["sources"]
     assert sources["tiny_sentiment/100"]["source"] == "distilled"
     assert "not a readable safetensors file" in sources["tiny_sentiment/100"]["reason"]
     assert [k for k, v in sources.items() if v["source"] == "file"] == ["tiny_sentiment/13", "tiny_compare/100",

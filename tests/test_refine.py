@@ -84,9 +84,10 @@ def test_distill_and_eval_refine_record_it_and_count_its_cost(tmp_path):
                                      "eval.cache=false"])
         assert result.exit_code == 0, result.output
         costs[steps] = json.loads((out / "eval" / "results.json").read_text())
-    per_set = [c["aggregate"]["mend"]["distill_flops_per_set"] for c in (costs[0], costs[3])]
+    per_set = [costs[0]["aggregate"]["mend"]["distill_flops_per_set"],
+               costs[3]["aggregate"]["mend+fit@3"]["distill_flops_per_set"]]
     assert per_set[1] > per_set[0] > 0
-    assert {s["refine_steps"] for s in costs[3]["vectors"]["sources"].values()} == {3}
+    assert {s["refine_steps"] for s in costs[3]["vectors"]["mend+fit@3"]["sources"].values()} == {3}
 
 
 def test_refining_from_the_anchors_runs_no_distiller_and_starts_at_their_embeddings(tmp_path, tiny):
@@ -115,7 +116,8 @@ def test_refining_from_the_anchors_runs_no_distiller_and_starts_at_their_embeddi
     result = runner.invoke(cli, ["eval", *base, "distill.refine_from=anchors", "distill.refine_steps=0",
                                  "eval.methods=[mend]", "eval.cache=false"])
     assert result.exit_code == 0, result.output
-    assert json.loads((out / "eval" / "results.json").read_text())["aggregate"]["mend"]["distill_flops_per_set"] == 0
+    aggregate = json.loads((out / "eval" / "results.json").read_text())["aggregate"]
+    assert list(aggregate) == ["fitted@0"] and aggregate["fitted@0"]["distill_flops_per_set"] == 0
     with pytest.raises(RecipeError, match="refine_from: anchors needs anchors"):
         tiny("llama", "distiller.anchor=none", "distill.refine_from=anchors")
 
@@ -199,7 +201,7 @@ def test_refining_with_the_label_ce_lowers_the_demonstrations_own_label_loss_and
     assert load_vectors(path).metadata["refine_ce_weight"] == "0.5"
     result = runner.invoke(cli, ["eval", *base, "distill.refine_ce_weight=0.5", "eval.methods=[mend]", "eval.cache=false"])
     assert result.exit_code == 0, result.output
-    sources = json.loads((out / "eval" / "results.json").read_text())["vectors"]["sources"].values()
+    sources = json.loads((out / "eval" / "results.json").read_text())["vectors"]["fitted@1"]["sources"].values()
     assert {s["refine_ce_weight"] for s in sources} == {0.5}  # read from the files distill wrote
     result = runner.invoke(cli, ["distill", *base])  # back to the KL alone: the files with the label loss are stale
     assert result.exit_code == 0 and "already up to date" not in result.output, result.output
@@ -208,7 +210,7 @@ def test_refining_with_the_label_ce_lowers_the_demonstrations_own_label_loss_and
     save_file({"vectors": made.vectors}, str(path), metadata=made.metadata | {"refine_steps": "many"})
     result = runner.invoke(cli, ["eval", *base, "eval.methods=[mend]", "eval.cache=false"])
     assert result.exit_code == 0, result.output  # the set is distilled anew, saying why
-    sources = json.loads((out / "eval" / "results.json").read_text())["vectors"]["sources"]
+    sources = json.loads((out / "eval" / "results.json").read_text())["vectors"]["fitted@1"]["sources"]
     assert "refine_steps='many'" in sources[f"{ds.task}/{ds.seed}"]["reason"]
     result = runner.invoke(cli, ["distill", *base])
     assert "distilled 1/1" in result.output and load_vectors(path).metadata["refine_steps"] == "1"  # that file alone

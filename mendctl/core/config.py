@@ -306,6 +306,19 @@ class FinetuneSpec(TrainSpec):
         return self
 
 
+class DistillVariant(Strict):
+    """Another set of vectors for the same demonstrations: the distill section with these keys changed."""
+
+    refine_steps: int | None = Field(None, ge=0)
+    refine_lr: float | None = Field(None, gt=0)
+    refine_from: Literal["distiller", "anchors"] | None = None
+    refine_on: Literal["tokens", "options"] | None = None
+    refine_ce_weight: float | None = Field(None, ge=0)
+
+    def keys(self) -> dict:
+        return self.model_dump(exclude_none=True)
+
+
 class DistillSpec(Strict):
     batch_size: int = Field(8, ge=1)
     checkpoint: ExistingPath | None = Field(None, description="distiller to use; default output_dir/finetune, else output_dir/pretrain")
@@ -321,6 +334,9 @@ class DistillSpec(Strict):
     refine_ce_weight: float = Field(
         0.0, ge=0, description="weight of the vectors' mean token loss of each demonstration's own label beside "
         "that KL (as finetune.ce_weight; needs refine_on: options): ICL's errors on its demonstrations are not copied")
+    variants: list[DistillVariant] = Field(
+        default_factory=list, description="more vectors of the same sets, each the distill section with these "
+        "refine_* keys changed, in its own folder (mendctl/variants.py); eval scores each as its own row")
 
 
 class EvalSpec(Strict):
@@ -330,6 +346,9 @@ class EvalSpec(Strict):
     cache: bool = Field(True, description="reuse zero-shot / icl / icl-truncated scores from the cache")
     bootstrap_samples: int = Field(1000, ge=0, description="paired bootstrap resamples for the CIs; 0 = none")
     bootstrap_seed: int = 0
+    retime_queries: int = Field(8, ge=0, description="queries of each set on which a method scored from the cache is "
+                                "timed again in this run, so that its latency stands beside the others' (0 = keep "
+                                "the cached latency)")
 
 
 class Recipe(Strict):
@@ -355,12 +374,20 @@ class Recipe(Strict):
 
     @model_validator(mode="after")
     def _refining_settings_fit(self) -> "Recipe":
-        if self.distill.refine_from == "anchors" and self.distiller.anchor == "none":
-            raise ValueError("distill.refine_from: anchors needs anchors: set distiller.anchor")
-        if self.distill.refine_on != "tokens" and not self.distill.refine_steps:
-            raise ValueError("distill.refine_on: options needs distill.refine_steps above 0")
-        if self.distill.refine_ce_weight and self.distill.refine_on != "options":
-            raise ValueError("distill.refine_ce_weight needs distill.refine_on: options")
+        seen = {}
+        variants = [(f"distill.variants[{i}]", self.distill.model_copy(update=v.keys()))
+                    for i, v in enumerate(self.distill.variants)]
+        for where, spec in [("distill", self.distill), *variants]:
+            if spec.refine_from == "anchors" and self.distiller.anchor == "none":
+                raise ValueError(f"{where}.refine_from: anchors needs anchors: set distiller.anchor")
+            if spec.refine_on != "tokens" and not spec.refine_steps:
+                raise ValueError(f"{where}.refine_on: options needs {where}.refine_steps above 0")
+            if spec.refine_ce_weight and spec.refine_on != "options":
+                raise ValueError(f"{where}.refine_ce_weight needs {where}.refine_on: options")
+            same = tuple(getattr(spec, k) for k in DistillVariant.model_fields)
+            if same in seen:
+                raise ValueError(f"{where} makes the same vectors as {seen[same]}")
+            seen[same] = where
         return self
 
     @model_validator(mode="after")

@@ -43,7 +43,9 @@ def missing_task_files(recipe: Recipe) -> list[Path]:
     tasks, out, partition = _tasks(recipe), converted_dir(recipe), partition_for(recipe)
     needed = [split_path(out, t, tasks.k, seed, split) for t in partition.test for seed in tasks.seeds
               for split in ("train", "test")]
-    needed += [split_path(out, t, tasks.k, tasks.seeds[0], split) for t in tasks.validation for split in ("train", "test")]
+    sets = max([s.eval_sets for s in (recipe.pretrain, recipe.finetune) if s is not None], default=1)
+    needed += [split_path(out, t, tasks.k, seed, split) for t in tasks.validation for seed in tasks.seeds[:sets]
+               for split in ("train", "test")]
     if recipe.finetune is not None:
         needed += [task_file(out, t, recipe.finetune.train_file) for t in partition.train]
     if converts_every_task(recipe):
@@ -120,6 +122,6 @@ def trained_distiller(recipe: Recipe) -> Path | None:
     return _first_weights(recipe.distill.checkpoint, recipe, ["finetune", "pretrain"])
 
 
-def vectors_path(recipe: Recipe, task: str, seed: int) -> Path:
-    check_task_name(task)  # vectors are written only inside output_dir/vectors
-    return recipe.output_dir / "vectors" / task / f"{seed}.safetensors"
+def vectors_path(recipe: Recipe, task: str, seed: int, folder: str = "vectors") -> Path:
+    check_task_name(task)  # vectors are written only inside output_dir/<folder>
+    return recipe.output_dir / folder / task / f"{seed}.safetensors"

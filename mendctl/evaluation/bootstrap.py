@@ -1,10 +1,13 @@
-"""Paired bootstrap confidence interval for the difference in quality between two methods.
+"""Bootstrap confidence interval for the difference in quality between two methods, over tasks.
 
-Both methods were scored on the same queries, so each resample draws one set of query indices per
-(task, seed) and scores both methods on it: the interval reflects which queries happened to be in
-the test set, not the (shared) noise of each method separately. The statistic is aggregated as the
-results are: the metric per (task, seed), the mean over seeds, then over tasks. All resamples are
-scored at once with numpy; `batch_metric` computes exactly metrics.macro_f1 / metrics.accuracy.
+The statistic is aggregated as the results are: the metric per (task, seed), the mean over seeds,
+then over tasks. Each resample draws the tasks with replacement, then, within each task, one set
+of query indices, which every seed of the task and both methods are scored on: the seeds of a task
+share their test queries (the MetaICL layout), and both methods answered the same ones. The interval
+so reflects which tasks and which of their queries happened to be tested; the seeds (which
+demonstrations were drawn) enter through the mean over them, not as a resampled level. A task drawn
+twice in one resample reuses its one draw of queries. All resamples are scored at once with numpy;
+`batch_metric` computes exactly metrics.macro_f1 / metrics.accuracy.
 """
 from __future__ import annotations
 
@@ -48,14 +51,32 @@ class Paired:
                 - batch_metric(as_ids(self.b), gold, self.classification))
 
 
-def _aggregate(tasks: dict[str, list[Paired]], diff) -> np.ndarray:
-    return np.mean([np.mean([diff(p) for p in seeds], axis=0) for seeds in tasks.values()], axis=0)
+RESAMPLED = ("tasks with replacement, then each task's queries with replacement, the same indices for every "
+             "seed of the task and both methods")
+MIN_TASKS, MIN_QUERIES = 2, 20  # below either an interval says little: it is reported as too few, not printed
 
 
-def paired_bootstrap(tasks: dict[str, list[Paired]], samples: int, seed: int, level: float = 0.95) -> dict:
-    """Estimate of metric(a) - metric(b) and its percentile bootstrap interval, reproducible with `seed`."""
+def too_few(tasks: int, queries: int) -> str | None:
+    """Why `tasks` tasks with at least `queries` queries each are too few for an interval, or None."""
+    if tasks < MIN_TASKS:
+        return f"too few tasks: {tasks} < {MIN_TASKS}"
+    if queries < MIN_QUERIES:
+        return f"too few queries: {queries} < {MIN_QUERIES} per set"
+    return None
+
+
+def task_bootstrap(tasks: list[list[Paired]], samples: int, seed: int, level: float = 0.95) -> dict:
+    """Estimate of metric(a) - metric(b) and its percentile interval over resampled tasks and queries
+    (module docstring), reproducible with `seed`; `tasks` holds each task's seeds."""
     rng = np.random.default_rng(seed)
-    stats = _aggregate(tasks, lambda p: p.difference(rng.integers(0, len(p.golds), (samples, len(p.golds)))))
-    estimate = _aggregate(tasks, lambda p: p.difference(np.arange(len(p.golds))[None]))[0]
+    per_task = []
+    for seeds in tasks:
+        draws: dict[int, np.ndarray] = {}  # seeds with as many queries share one draw (they share the queries)
+        for n in sorted({len(p.golds) for p in seeds}):
+            draws[n] = rng.integers(0, n, (samples, n))
+        per_task.append(np.mean([p.difference(draws[len(p.golds)]) for p in seeds], axis=0))
+    picks = rng.integers(0, len(tasks), (samples, len(tasks)))
+    stats = np.stack(per_task)[picks, np.arange(samples)[:, None]].mean(axis=1)
+    estimate = np.mean([np.mean([p.difference(np.arange(len(p.golds))[None])[0] for p in seeds]) for seeds in tasks])
     low, high = np.percentile(stats, [100 * (1 - level) / 2, 100 * (1 + level) / 2])
     return {"estimate": float(estimate), "low": float(low), "high": float(high)}

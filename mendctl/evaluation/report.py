@@ -8,12 +8,18 @@ from __future__ import annotations
 from pathlib import Path
 
 from rich.console import Console
+from rich.measure import Measurement
 from rich.table import Table
 
 from ..core.fileio import atomic_path, write_json
 
 HEADER = ("method", "quality (%)", "FLOPs/query", "ratio to icl", "latency ms/query", "ratio", "memory",
-          "distill FLOPs/set")
+          "one-off FLOPs/set")
+# The terminal's headers: short enough that the table fits 80 columns; LEGEND says what they mean.
+SHORT = ("method", "qual%", "FLOPs/q", "F/icl", "ms/q", "t/icl", "memory", "once/set")
+LEGEND = ("qual%: macro-F1 or accuracy, mean over seeds then tasks. FLOPs/q, ms/q: LLM forward FLOPs and "
+          "latency per query; F/icl, t/icl: the same as a ratio to icl's. once/set: one-off FLOPs per "
+          "demonstration set (distiller pass + fitting steps; llmlingua's compression).")
 
 
 def _si(x: float | None) -> str:
@@ -29,27 +35,67 @@ def _ratio(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f}x"
 
 
-def _memory(n: int, estimated: bool) -> str:
+def _memory(n: int) -> str:
     unit, scale = next(((u, s) for u, s in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)) if n >= s), ("B", 1))
-    return f"{n / scale:.1f} {unit}" + (" (est.)" if estimated else "")
+    return f"{n / scale:.1f} {unit}"
+
+
+def _latency_mark(a: dict) -> str:
+    """"*": scores from the cache, latency timed now on a sample; "c": the latency from the cache too."""
+    if not a["from_cache"]:
+        return ""
+    return "*" if a["timed_queries"] else "c"
 
 
 def rows(results: dict) -> list[tuple[str, ...]]:
-    estimated = results["memory_kind"] == "estimated"
     out = []
     for m, a in results["aggregate"].items():
         out.append((m, f"{100 * a['score']:.1f}", _si(a["flops_per_query"]), _ratio(a.get("flops_ratio_to_icl")),
-                    f"{a['latency_ms_per_query']:.2f}" + (" (cached)" if a["from_cache"] else ""),
-                    _ratio(a.get("latency_ratio_to_icl")), _memory(a["memory_bytes"], estimated),
+                    f"{a['latency_ms_per_query']:.2f}{_latency_mark(a)}",
+                    _ratio(a.get("latency_ratio_to_icl")), _memory(a["memory_bytes"]),
                     _si(a.get("distill_flops_per_set", a.get("compress_flops_per_set")))))
     return out
 
 
+def title(results: dict) -> str:
+    return f"eval: {results['partition']} ({results['device']})" + (" PARTIAL" if results.get("partial") else "")
+
+
 def table(results: dict) -> Table:
-    t = Table(*HEADER, title=f"eval: {results['partition']} ({results['device']})")
+    t = Table(title=title(results), box=None, padding=(0, 1), pad_edge=False, header_style="bold")
+    for i, name in enumerate(SHORT):
+        t.add_column(name, justify="left" if i == 0 else "right", no_wrap=True)
     for row in rows(results):
         t.add_row(*row)
     return t
+
+
+def vertical(results: dict) -> list[str]:
+    """The table as one block per method: for a console too narrow for its columns."""
+    lines = [title(results)]
+    for row in rows(results):
+        lines += [row[0]] + [f"  {name}: {value}" for name, value in zip(SHORT[1:], row[1:])]
+    return lines
+
+
+def notes(results: dict) -> list[str]:
+    """What the table's marks mean, the partial-run warning, and how the latencies were measured."""
+    out = []
+    if results.get("partial"):
+        out.append(f"PARTIAL: {results['partial_reason']}; the scores and intervals are not the full test sets'")
+    agg = results["aggregate"].values()
+    if any(a["from_cache"] and a["timed_queries"] for a in agg):
+        timed = ", ".join(f"{m} {a['timed_queries']}" for m, a in results["aggregate"].items()
+                          if a["from_cache"] and a["timed_queries"])
+        out.append(f"*: scores from the baseline cache; latency (and GPU memory) timed in this run on a sample "
+                   f"of queries ({timed})")
+    if any(a["from_cache"] and not a["timed_queries"] for a in agg):
+        out.append("c: scores and latency from the baseline cache, the latency as measured when the entry was "
+                   "computed (eval.retime_queries: 0)")
+    if results["memory_kind"] == "estimated":
+        out.append("memory: analytic estimate of the KV cache and activations of the longest query, weights "
+                   "excluded (no allocator counter on CPU)")
+    return out
 
 
 def models_line(results: dict) -> str:
@@ -62,45 +108,44 @@ def models_line(results: dict) -> str:
             f"{m['distiller_hash']}; LLM tokenizer: {specials}")
 
 
-def mend_vs_icl_line(results: dict) -> str:
-    c = results["mend_vs_icl"]
-    return f"MEND vs ICL: agreement {100 * c['agreement']:.1f}%, mean KL(icl || mend) {c['mean_kl']:.4f}"
+def vs_icl_lines(results: dict) -> list[str]:
+    return [f"{row} vs icl: agreement {100 * c['agreement']:.1f}%, mean KL(icl || {row}) {c['mean_kl']:.4f}"
+            for row, c in results.get("vs_icl", {}).items()]
 
 
 def bootstrap_lines(results: dict) -> list[str]:
     if "bootstrap" not in results:
         return []
     b = results["bootstrap"]
-    return [f"MEND - {key.removeprefix('mend_minus_')}: {100 * c['estimate']:+.1f} points, "
-            f"{100 * b['level']:.0f}% CI [{100 * c['low']:+.1f}, {100 * c['high']:+.1f}] "
-            f"(paired bootstrap over queries, {b['samples']} resamples, seed {b['seed']})"
-            for key, c in b.items() if key.startswith("mend_minus_")]
+    level = f"{100 * b['level']:.0f}% CI"
+    out = [f"{d['a']} - {d['b']}: {100 * d['estimate']:+.1f} points, "
+           + (f"{level} n/a ({d['too_few']})" if "too_few" in d else
+              f"{level} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]")
+           for d in b["differences"]]
+    return out + [f"(bootstrap: {b['resampled']}; {b['samples']} resamples, seed {b['seed']})"] if out else []
 
 
 def markdown(results: dict) -> str:
-    lines = [f"# mendctl eval: {results['partition']}", "",
-             f"device: {results['device']}; limit: {results['limit'] or 'none'} queries per task and seed; "
-             f"seeds: {results['seeds']}; K = {results['num_vectors']}", "", models_line(results), "",
+    q = results["queries"]
+    lines = [f"# mendctl eval: {results['partition']}" + (" (PARTIAL)" if results.get("partial") else ""), "",
+             f"device: {results['device']}; limit: {results['limit'] or 'none'} queries per task and seed "
+             f"({q['scored']} of {q['available']} scored); seeds: {results['seeds']}; K = {results['num_vectors']}",
+             "", models_line(results), "",
              "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     lines += ["| " + " | ".join(row) + " |" for row in rows(results)]
-    if "mend_vs_icl" in results:
-        lines += ["", mend_vs_icl_line(results)]
+    lines += ["", *notes(results)]
+    if "vs_icl" in results:
+        lines += ["", *vs_icl_lines(results)]
     if "llmlingua" in results:
-        lines += ["", f"llmlingua: {results['llmlingua']['implementation']}; its distill FLOPs column is the "
+        lines += ["", f"llmlingua: {results['llmlingua']['implementation']}; its one-off FLOPs column is the "
                       "compression's scoring cost"]
     lines += [""] + bootstrap_lines(results) if "bootstrap" in results else []
-    if any(a["from_cache"] for a in results["aggregate"].values()):
-        lines += ["", "(cached): scores and latency read from the baseline cache; the latency is the one measured "
-                      "when the entry was computed"]
     methods = list(results["aggregate"])
     lines += ["", "## Per task (mean over seeds, %)", "", "| task | metric | " + " | ".join(methods) + " |",
               "|" + "---|" * (len(methods) + 2)]
     for name, task in results["tasks"].items():
         scores = " | ".join(f"{100 * task['scores'][m]:.1f}" for m in methods)
         lines.append(f"| {name} | {task['metric']} | {scores} |")
-    if results["memory_kind"] == "estimated":
-        lines += ["", "memory (est.): analytic estimate of the KV cache and activations of the longest query, "
-                      "weights excluded (no allocator counter on CPU); see docs/evaluation.md"]
     return "\n".join(lines) + "\n"
 
 
@@ -124,12 +169,15 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def vectors_note(results: dict) -> str:
-    sources = [s["source"] for s in results["vectors"]["sources"].values()]
-    note = f"mend vectors: {sources.count('file')} file(s) from {results['vectors']['dir']}"
-    if "distilled" in sources:
-        note += f", {sources.count('distilled')} set(s) distilled on the fly (run `mendctl distill` to save them)"
-    return note
+def vectors_notes(results: dict) -> list[str]:
+    out = []
+    for row, v in results["vectors"].items():
+        sources = [s["source"] for s in v["sources"].values()]
+        note = f"{row} vectors: {sources.count('file')} file(s) from {v['dir']}"
+        if "distilled" in sources:
+            note += f", {sources.count('distilled')} set(s) made on the fly (run `mendctl distill` to save them)"
+        out.append(note)
+    return out
 
 
 def write(results: dict, out: Path, console: Console) -> None:
@@ -137,12 +185,14 @@ def write(results: dict, out: Path, console: Console) -> None:
     write_json(out / "results.json", results)
     with atomic_path(out / "results.md") as tmp:
         tmp.write_text(markdown(results))
-    console.print(table(results))
-    if "mend_vs_icl" in results:
-        console.print(mend_vs_icl_line(results))
-    for line in bootstrap_lines(results):
-        console.print(line)
-    if "vectors" in results:
-        console.print(vectors_note(results))
+    shown = table(results)
+    if Measurement.get(console, console.options.update_width(10_000), shown).maximum <= console.width:
+        console.print(shown)
+    else:
+        for line in vertical(results):
+            console.print(line, highlight=False)
+    for line in [LEGEND, *notes(results), *vs_icl_lines(results), *bootstrap_lines(results),
+                 *(vectors_notes(results) if "vectors" in results else [])]:
+        console.print(line, highlight=False)
     plot(results, out / "quality_vs_cost.png")
     console.print(f"results in {out / 'results.json'} and {out / 'results.md'}, plot {out / 'quality_vs_cost.png'}")

@@ -27,7 +27,8 @@ class MethodResult:
     memory_bytes: int
     predictions: list[int]  # option index per query
     from_cache: bool
-    distill_flops: float | None = None   # mend: distilling the set, once
+    timed_queries: int  # queries whose latency this run measured: a sample for a method scored from the cache
+    distill_flops: float | None = None   # vectors rows: distilling and/or fitting the set, once
     compress_flops: float | None = None  # llmlingua: compressing the set, once
 
     def as_dict(self) -> dict:
@@ -48,14 +49,15 @@ class SetResult:
 
     n_queries: int
     demos_hash: str
+    available: int  # queries in the set's test file (more than n_queries under --limit)
     methods: dict[str, MethodResult] = field(default_factory=dict)
-    mend_vs_icl: Agreement | None = None
+    vs_icl: dict[str, Agreement] = field(default_factory=dict)  # each vectors row against ICL
 
     def as_dict(self) -> dict:
-        out = {"n_queries": self.n_queries, "demos_hash": self.demos_hash,
+        out = {"n_queries": self.n_queries, "available": self.available, "demos_hash": self.demos_hash,
                "methods": {m: r.as_dict() for m, r in self.methods.items()}}
-        if self.mend_vs_icl is not None:
-            out["mend_vs_icl"] = asdict(self.mend_vs_icl)
+        if self.vs_icl:
+            out["vs_icl"] = {m: asdict(a) for m, a in self.vs_icl.items()}
         return out
 
 
@@ -81,7 +83,8 @@ class MethodSummary:
     flops_per_query: float
     latency_ms_per_query: float
     memory_bytes: int  # the largest of any set
-    from_cache: bool   # every set's: its latency was then measured when the entry was made, maybe in another run
+    from_cache: bool   # every set's scores were read from the cache
+    timed_queries: int  # queries whose latency this run measured, over all sets (0: the cached latency)
     distill_flops_per_set: float | None = None
     compress_flops_per_set: float | None = None
     flops_ratio_to_icl: float | None = None  # when icl ran
@@ -101,12 +104,16 @@ def summarize(tasks: dict[str, TaskResult], methods: list[str]) -> dict[str, Met
     def mean(method: str, key: str) -> float:
         return mean_over_seeds_then_tasks(tasks, lambda s: getattr(s.methods[method], key))
 
+    def once(method: str, key: str) -> float | None:
+        return mean(method, key) if getattr(every[0].methods[method], key) is not None else None
+
     out = {m: MethodSummary(score=mean(m, "score"), flops_per_query=mean(m, "flops_per_query"),
                             latency_ms_per_query=mean(m, "latency_ms_per_query"),
                             memory_bytes=max(s.methods[m].memory_bytes for s in every),
                             from_cache=all(s.methods[m].from_cache for s in every),
-                            distill_flops_per_set=mean(m, "distill_flops") if m == "mend" else None,
-                            compress_flops_per_set=mean(m, "compress_flops") if m == "llmlingua" else None)
+                            timed_queries=sum(s.methods[m].timed_queries for s in every),
+                            distill_flops_per_set=once(m, "distill_flops"),
+                            compress_flops_per_set=once(m, "compress_flops"))
            for m in methods}
     if "icl" in out:
         for row in out.values():
@@ -115,6 +122,6 @@ def summarize(tasks: dict[str, TaskResult], methods: list[str]) -> dict[str, Met
     return out
 
 
-def mean_agreement(tasks: dict[str, TaskResult]) -> Agreement:
-    return Agreement(**{k: mean_over_seeds_then_tasks(tasks, lambda s, k=k: getattr(s.mend_vs_icl, k))
+def mean_agreement(tasks: dict[str, TaskResult], row: str) -> Agreement:
+    return Agreement(**{k: mean_over_seeds_then_tasks(tasks, lambda s, k=k: getattr(s.vs_icl[row], k))
                         for k in ("agreement", "mean_kl")})

@@ -48,6 +48,7 @@ class QuerySet:
     options: list[list[str]]  # option texts, for the metric
     golds: list[str]
     where: list[str]          # file:line of each query, for error messages
+    available: int | None = None  # queries in the test file, of which `limit` kept the first
 
     @property
     def key(self) -> str:
@@ -75,14 +76,15 @@ def demo_set(root: Path, task: str, k: int, seed: int, template: TemplateSpec, t
 
 
 def query_set(root: Path, ds: DemoSet, k: int, template: TemplateSpec, tokenizer, limit: int | None) -> QuerySet:
-    rows = load_split(root, ds.task, k, ds.seed, "test")[:limit]
+    every = load_split(root, ds.task, k, ds.seed, "test")
+    rows = every[:limit]
     for row in rows:
         if not row["options"]:
             raise DataError(f"{row['_where']}: no options to score (MetaICL scoring needs a list of options)")
     queries, alone = ([render_query(template, r["input"], r["options"], tokenizer, after_context=after) for r in rows]
                       for after in (True, False))
     return QuerySet(ds, queries, alone, [r["options"] for r in rows], [r["output"] for r in rows],
-                    [r["_where"] for r in rows])
+                    [r["_where"] for r in rows], len(every))
 
 
 def _sync(device: torch.device) -> None:

@@ -2,9 +2,9 @@
 
 The validation tasks (`tasks.validation`) are meta-train tasks kept out of stage 2's examples. Each
 gives `eval_sets` demonstration sets (its `_train` splits of the first recipe seeds), each with its
-first `eval_queries` test queries, scored as `mendctl eval` scores them (mendctl/evaluation/scoring.py); the
-scores are means over every set. ICL and zero-shot do not change while the distiller trains: they
-are scored once, when the run starts.
+first `eval_queries` test queries, scored as `mendctl eval` scores them (mendctl/evaluation/scoring.py); each
+score is a mean over a task's sets, then over the tasks, as `mendctl eval` averages. ICL and
+zero-shot do not change while the distiller trains: they are scored once, when the run starts.
 """
 from __future__ import annotations
 
@@ -55,9 +55,16 @@ class Validation:
             self.icl, self.zero_shot = ([baseline(recipe, models, template, qs, method, queries) for qs in self.sets]
                                         for method in ("icl", "zero-shot"))
         # Zero-shot's distance to ICL is the bar: vectors that carry the demonstrations sit closer.
-        self.baselines = {"val_icl_f1": statistics.fmean(map(_f1, self.icl, self.sets)),
-                          "val_zero_shot_f1": statistics.fmean(map(_f1, self.zero_shot, self.sets)),
+        self.baselines = {"val_icl_f1": self._mean(map(_f1, self.icl, self.sets)),
+                          "val_zero_shot_f1": self._mean(map(_f1, self.zero_shot, self.sets)),
                           **self._against_icl(self.zero_shot, "val_zero_shot_")}
+
+    def _mean(self, values) -> float:
+        """The mean over each task's sets, then over the tasks."""
+        per_task: dict[str, list[float]] = {}
+        for qs, value in zip(self.sets, values):
+            per_task.setdefault(qs.demos.task, []).append(value)
+        return statistics.fmean(statistics.fmean(v) for v in per_task.values())
 
     def _score(self, prefix: torch.Tensor, qs: QuerySet) -> MethodRun:
         return score(self.models.llm, prefix, qs, self.models.gated_mlp)
@@ -74,11 +81,11 @@ class Validation:
     def score(self, vectors: list[torch.Tensor]) -> dict:
         """MEND's macro-F1, agreement with ICL and KL(ICL || MEND), each a mean over the validation tasks."""
         mend = [self._score(v, qs) for v, qs in zip(vectors, self.sets)]
-        return {"val_mend_f1": statistics.fmean(map(_f1, mend, self.sets)), **self._against_icl(mend, "val_"),
+        return {"val_mend_f1": self._mean(map(_f1, mend, self.sets)), **self._against_icl(mend, "val_"),
                 **self.baselines}
 
     def _against_icl(self, runs: list[MethodRun], prefix: str) -> dict:
-        mean = statistics.fmean
+        mean = self._mean
         return {f"{prefix}agreement": mean(metrics.agreement(i.predictions, r.predictions) for i, r in zip(self.icl, runs)),
                 f"{prefix}kl": mean(metrics.mean_kl(i.losses, r.losses) for i, r in zip(self.icl, runs))}
 
