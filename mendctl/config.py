@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal, get_args
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .bounded import TooDeep, compose_yaml, load_yaml
 from .data.metaicl import DEFAULT_K, DEFAULT_SEEDS, META_TRAIN_FILE
 
 Method = Literal["zero-shot", "icl", "icl-truncated", "mend", "llmlingua"]
@@ -424,7 +425,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ValueError(f"override {text!r} names no key" if not key.strip() else f"override {text!r}: empty key part")
     try:
         # YAML parsing gives numbers, booleans, lists and null the way they read in a recipe.
-        value = yaml.safe_load(raw) if raw != "" else ""
+        shown = text if len(text) <= 60 else text[:57] + "..."
+        value = load_yaml(raw, f"override {shown!r}") if raw != "" else ""
     except yaml.YAMLError as e:
         raise ValueError(f"override {text!r}: invalid YAML value ({getattr(e, 'problem', e)})") from None
     return path, value
@@ -528,8 +530,11 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
         line = raw[: e.start].count(b"\n") + 1
         raise RecipeError(str(path), [(f"{path}:{line}", "", "not UTF-8 text")]) from None
     try:
-        root = yaml.compose(text)
+        root = compose_yaml(text, str(path))
         data = yaml.safe_load(text) or {}
+    except TooDeep as e:  # its message starts with the file (and line) at fault
+        loc, _, msg = str(e).removeprefix(str(path)).partition(": ")
+        raise RecipeError(str(path), [(f"{path}{loc}", "", msg)]) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         loc = f"{path}:{mark.line + 1}" if mark else str(path)
