@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import Progress
 
 from .backend import Models
@@ -55,5 +56,5 @@ def run_distill(recipe: Recipe, force: bool = False, console: Console | None = N
             progress.advance(bar)  # per set: refining one takes longer than distilling a batch
             if not console.is_terminal:
                 console.print(f"distilled {n}/{len(todo)}")
-    console.print(f"[green]{len(paths)} vectors file(s)[/] in {recipe.output_dir / 'vectors'}")
+    console.print(f"[green]{len(paths)} vectors file(s)[/] in {escape(str(recipe.output_dir / 'vectors'))}")
     return paths

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from . import eval_cache, flops, metrics, report
@@ -194,7 +195,7 @@ def _evaluate_set(run: EvalRun, qs: QuerySet, mend: dict[str, MendVectors], prog
     classification = run.partition.is_classification(qs.demos.task)
     result, scored = SetResult(len(qs.queries), text_hash(qs.demos.context)), {}
     for method in run.methods:
-        progress.update(bar, description=f"{qs.demos.task} seed {qs.demos.seed} {method}")
+        progress.update(bar, description=escape(f"{qs.demos.task} seed {qs.demos.seed} {method}"))
         scored[method], prefix_tokens, cached = _run_method(run, method, qs, mend, lambda n: progress.advance(bar, n))
         s = scored[method]
         result.methods[method] = MethodResult(
@@ -205,7 +206,7 @@ def _evaluate_set(run: EvalRun, qs: QuerySet, mend: dict[str, MendVectors], prog
             compress_flops=s.prefix_flops if method == "llmlingua" else None)
         if not progress.console.is_terminal:  # the bar is invisible in a log file: one line per method
             progress.console.print(f"eval {qs.demos.task} seed {qs.demos.seed} {method}: "
-                                   f"{100 * result.methods[method].score:.1f}")
+                                   f"{100 * result.methods[method].score:.1f}", markup=False)
     if {"icl", "mend"} <= set(run.methods):
         result.mend_vs_icl = Agreement(metrics.agreement(scored["icl"].predictions, scored["mend"].predictions),
                                        metrics.mean_kl(scored["icl"].losses, scored["mend"].losses))

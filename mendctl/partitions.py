@@ -21,6 +21,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Callable
 
+from .bounded import loads_json
 from .suggest import did_you_mean
 
 CLASSIFICATION = "classification"
@@ -104,7 +105,13 @@ def load_partition(name_or_path: str | Path) -> Partition:
         path = Path(text).expanduser()
         if not path.is_file():
             raise ValueError(f"partition file {path} does not exist")
-        return _parse(path.stem, _read_json(path, path.read_text(encoding="utf-8")), str(path))
+        raw = path.read_bytes()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = raw[: e.start].count(b"\n") + 1
+            raise ValueError(f"{path}:{line}: not UTF-8 text") from None
+        return _parse(path.stem, _read_json(path, text), str(path))
 
     names = list_partitions()
     if text not in names:
@@ -130,7 +137,7 @@ def _unknown_name_message(name: str, names: list[str]) -> str:
 
 def _read_json(source: object, raw: str) -> Any:
     try:
-        return json.loads(raw)
+        return loads_json(raw, str(source))
     except json.JSONDecodeError as exc:
         raise ValueError(f"{source}: not valid JSON ({exc})") from exc
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .fileio import atomic_path, write_json
@@ -46,7 +47,7 @@ def rows(results: dict) -> list[tuple[str, ...]]:
 
 
 def table(results: dict) -> Table:
-    t = Table(*HEADER, title=f"eval: {results['partition']} ({results['device']})")
+    t = Table(*HEADER, title=escape(f"eval: {results['partition']} ({results['device']})"))
     for row in rows(results):
         t.add_row(*row)
     return t
@@ -143,6 +144,7 @@ def write(results: dict, out: Path, console: Console) -> None:
     for line in bootstrap_lines(results):
         console.print(line)
     if "vectors" in results:
-        console.print(vectors_note(results))
+        console.print(vectors_note(results), markup=False)
     plot(results, out / "quality_vs_cost.png")
-    console.print(f"results in {out / 'results.json'} and {out / 'results.md'}, plot {out / 'quality_vs_cost.png'}")
+    console.print(f"results in {out / 'results.json'} and {out / 'results.md'}, plot {out / 'quality_vs_cost.png'}",
+                  markup=False)

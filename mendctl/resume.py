@@ -67,8 +67,10 @@ def trim_metrics(path: Path, resume_step: int) -> str | None:
     """
     if not path.exists():
         return None
+    from .fileio import atomic_path, write_text
+
     if resume_step == 0:  # a fresh run: nothing of an earlier one is kept, readable or not
-        path.write_text("")
+        write_text(path, "")
         return None
     lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
     keep, note = [], None
@@ -84,8 +86,6 @@ def trim_metrics(path: Path, resume_step: int) -> str | None:
             raise DamagedCheckpoint(f"{path}:{n}: not a metrics record; fix or delete the line") from None
         if step <= resume_step:
             keep.append(line)
-    from .fileio import atomic_path
-
     with atomic_path(path) as tmp:
         tmp.write_text("".join(line + "\n" for line in keep))
     return note

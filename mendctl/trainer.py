@@ -24,6 +24,7 @@ from accelerate.optimizer import AcceleratedOptimizer
 from accelerate.scheduler import AcceleratedScheduler
 from accelerate.utils import set_seed
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
 from transformers import get_linear_schedule_with_warmup
@@ -37,6 +38,7 @@ from .config import Recipe, TemplateSpec
 from .curves import Validation, plot
 from .distiller import distiller_inputs
 from .examples import Example, TaskExamples, TextExamples
+from .fileio import open_append
 from .losses import ForwardKL, OptionKL, SparseKL, TargetCE
 from .registry import get_backend
 from .resume import trim_metrics, verify_checkpoint
@@ -274,10 +276,11 @@ def _prepare(stage: Stage, trackers: list[str], console: Console) -> Run:
 def _init_weights(stage: Stage, models: Models, console: Console) -> None:
     if stage.start_from is not None:
         load_distiller(models.distiller, stage.start_from, for_vectors=False)
-        console.print(f"Starting from {stage.start_from}")
+        console.print(f"Starting from {stage.start_from}", markup=False)
     elif stage.follows is not None:
         console.print("[yellow]No stage-1 distiller in "
-                      f"{stage.recipe.stage_dir(stage.follows)}: finetuning starts from the initial distiller.[/]")
+                      f"{escape(str(stage.recipe.stage_dir(stage.follows)))}: finetuning starts from the initial "
+                      "distiller.[/]")
 
 
 def _resume(run: Run, console: Console) -> int:
@@ -293,7 +296,7 @@ def _resume(run: Run, console: Console) -> int:
                          f"set {stage.name}.steps to at least {step}")
     accelerator.load_state(str(done[-1]))
     if run.main:
-        console.print(f"Resuming from {done[-1]} (step {step}/{stage.spec.steps})")
+        console.print(f"Resuming from {done[-1]} (step {step}/{stage.spec.steps})", markup=False)
     run.last_good = done[-1]
     return step
 
@@ -302,8 +305,8 @@ def _metrics_log(path: Path, resume_step: int, console: Console):
     """metrics.jsonl opened for append; on resume, lines after the checkpoint are dropped."""
     note = trim_metrics(path, resume_step)
     if note:
-        console.print(f"[yellow]note[/]: {note}")
-    return path.open("a")
+        console.print(f"[yellow]note[/]: {escape(note)}")
+    return open_append(path)
 
 
 def _progress(console: Console, enabled: bool) -> Progress:
@@ -395,7 +398,7 @@ def _save_interrupted(run: Run, step: int, rng: dict, console: Console) -> None:
     if run.accelerator.num_processes == 1 and step > 0 and (last is None or read_state(last)["step"] != step):
         _set_rng_state(rng)
         saved = _checkpoint(run, step)
-        console.print(f"[yellow]interrupted[/]: step {step} saved to {saved}")
+        console.print(f"[yellow]interrupted[/]: step {step} saved to {escape(str(saved))}")
 
 
 def _finish(run: Run, step: int, console: Console) -> Path:
@@ -409,7 +412,7 @@ def _finish(run: Run, step: int, console: Console) -> Path:
         with run.kept():
             path = save_distiller(run.stage.out, run.accelerator.unwrap_model(run.distiller), run.stage.recipe,
                                   {**run.info, "steps": step, "ema": run.stage.spec.ema})
-        console.print(f"[green]{run.stage.name} done[/]: {path}")
+        console.print(f"[green]{run.stage.name} done[/]: {escape(str(path))}")
     if run.tracking:
         run.accelerator.end_training()
     return path

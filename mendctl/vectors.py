@@ -11,10 +11,9 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from . import __version__
-from .fileio import atomic_path
+from .fileio import save_safetensors
 
 FORMAT_VERSION = "1"
 REQUIRED = ("format_version", "llm_id", "llm_config_hash", "distiller_hash", "num_vectors", "dtype", "task",
@@ -48,8 +47,7 @@ def save_vectors(path: Path, vectors: torch.Tensor, metadata: dict) -> None:
     missing = [k for k in REQUIRED if k not in meta]
     if missing:
         raise ValueError(f"vectors metadata lacks {missing}")
-    with atomic_path(Path(path)) as tmp:
-        save_file({"vectors": vectors.detach().cpu().contiguous()}, str(tmp), metadata=meta)
+    save_safetensors(Path(path), {"vectors": vectors.detach().cpu().contiguous()}, meta)
 
 
 def _open(path: Path):

@@ -14,7 +14,8 @@ FLOORS = {
         "examples", "losses", "averaging", "teacher_cache", "checkpoint", "resume", "curves", "stage", "padding",
         "scoring", "metrics", "bootstrap", "flops", "compress", "eval_cache", "results", "report",
         "workspace", "prepare", "trained", "vectors", "provenance", "fileio", "lock"},
-    4: {"__init__", "config", "positions", "partitions", "data", "registry", "shipped", "suggest"},
+    4: {"__init__", "config", "positions", "partitions", "data", "registry", "shipped", "suggest",
+        "bounded"},
 }
 FLOOR = {module: floor for floor, modules in FLOORS.items() for module in modules}
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..bounded import loads_json
+
 
 # MetaICL's settings, which the schema's defaults, the BIG-bench converter and the file names share:
 # k demonstrations per set, drawn with each of the seeds; a meta-train task's file holds up to
@@ -32,7 +34,7 @@ def read_jsonl(path: Path, require: tuple[str, ...] = ()) -> list[dict]:
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = loads_json(line, f"{path}:{n}")
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{n}: malformed JSON ({e.msg})") from None
             if not isinstance(row, dict):
