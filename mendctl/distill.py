@@ -14,7 +14,7 @@ from .refine import recorded, refinement, refinement_of, set_vectors
 from .registry import get_backend
 from .scoring import DemoSet, demo_sets
 from .trained import load_trained
-from .vectors import VectorsMismatch, as_metadata, read_metadata, save_vectors
+from .vectors import BadVectors, VectorsMismatch, as_metadata, check_tensor, load_vectors, save_vectors
 from .workspace import vectors_path
 
 
@@ -30,10 +30,12 @@ def _up_to_date(path: Path, meta: dict, recipe: Recipe) -> bool:
     if not path.is_file():
         return False
     try:
-        have = read_metadata(path)
+        vf = load_vectors(path)  # its tensor checked too: nan, another K or shape is not up to date
+        check_tensor(vf.vectors, vf.metadata, str(path), recipe.num_vectors)
+        have = vf.metadata
         # A refinement key at its default is not recorded, so compare the refinements read back whole.
         same_refinement = refinement_of(have, str(path)) == refinement(recipe.distill)
-    except VectorsMismatch:  # damaged (say, by a copy cut short): distill it again
+    except (VectorsMismatch, BadVectors):  # damaged (say, by a copy cut short): distill it again
         return False
     return same_refinement and all(have.get(k) == v for k, v in as_metadata(meta).items())
 

@@ -44,7 +44,7 @@ from .render import context_ids
 from .results import Agreement, MethodResult, SetResult, TaskResult, mean_agreement, summarize
 from .scoring import DemoSet, MethodRun, QuerySet, demo_sets, option_losses, predicted, quality, query_set, score
 from .trained import UNTRAINED, load_trained
-from .vectors import VectorsMismatch, check_compatible, load_vectors
+from .vectors import VectorsMismatch, check_compatible, check_tensor, load_vectors
 from .workspace import data_dir, partition_for, vectors_path
 
 
@@ -89,7 +89,8 @@ def _saved_vectors(run: EvalRun, ds: DemoSet) -> tuple[torch.Tensor | None, dict
     if not path.is_file():
         return None, {"source": "distilled", "reason": f"no file {path}"}
     try:
-        vf = load_vectors(path)
+        vf = load_vectors(path)  # a file whose tensor is damaged (nan, another shape) is refused: BadVectors
+        check_tensor(vf.vectors, vf.metadata, str(path), run.recipe.num_vectors)
         check_compatible(vf, run.models.llm_config_hash, run.models.llm.hidden_size, str(path))
         refined = refinement_of(vf.metadata, str(path))
     except VectorsMismatch as e:  # unreadable, or made for another LLM: distill this set now instead
