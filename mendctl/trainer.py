@@ -34,14 +34,14 @@ from .averaging import WeightAverage
 from .backend import Models
 from .checkpoint import (BEST, checkpoints, keep_trainable_in_checkpoints, load_distiller, read_state,
                          save_checkpoint, save_distiller, write_distiller)
-from .config import Recipe, TemplateSpec
+from .config import Recipe, TemplateSpec, resolved_dict
 from .curves import Validation, plot
 from .distiller import distiller_inputs
 from .examples import Example, TaskExamples, TextExamples
 from .fileio import open_append
 from .losses import ForwardKL, OptionKL, SparseKL, TargetCE
 from .registry import get_backend
-from .resume import trim_metrics, verify_checkpoint
+from .resume import check_same_recipe, trim_metrics, verify_checkpoint
 from .stage import Stage, build_stage
 from .teacher_cache import CachedTeacher, open_teacher, teacher_logits
 
@@ -290,7 +290,9 @@ def _resume(run: Run, console: Console) -> int:
     if not done:
         raise FileNotFoundError(f"--resume: no checkpoint in {stage.checkpoints}")
     verify_checkpoint(done[-1], accelerator.num_processes, averaged=run.average is not None)
-    step = read_state(done[-1])["step"]
+    state = read_state(done[-1])
+    check_same_recipe(state, resolved_dict(stage.recipe), stage.name, done[-1])
+    step = state["step"]
     if step > stage.spec.steps:
         raise ValueError(f"--resume: {done[-1]} is at step {step}, beyond {stage.name}.steps={stage.spec.steps}; "
                          f"set {stage.name}.steps to at least {step}")
@@ -386,8 +388,9 @@ def _checkpoint(run: Run, at: int) -> Path:
     # The cache first: a resumed run must find every teacher row the checkpointed steps computed.
     if run.objective.cached:
         run.objective.cached.cache.flush()
-    return save_checkpoint(run.accelerator, run.stage.checkpoints, at, {"step": at, "position": at * run.per_step},
-                           run.stage.spec.keep_last)
+    # The resolved recipe too: --resume compares it with its own (resume.check_same_recipe).
+    state = {"step": at, "position": at * run.per_step, "recipe": resolved_dict(run.stage.recipe)}
+    return save_checkpoint(run.accelerator, run.stage.checkpoints, at, state, run.stage.spec.keep_last)
 
 
 def _save_interrupted(run: Run, step: int, rng: dict, console: Console) -> None:
