@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import re
+import unicodedata
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -37,9 +38,12 @@ _TASK_NAME = re.compile(r"[^/\\\x00-\x1f.][^/\\\x00-\x1f]*")
 
 def check_task_name(task: object, source: str = "task name") -> str:
     """`task` if it is a safe single path component; else a ValueError naming `source`."""
-    if not isinstance(task, str) or not _TASK_NAME.fullmatch(task):
+    # Cc: control characters (C0, DEL, C1); Cf: invisible formatting, bidi overrides among them (a name
+    # that reads `test` and is `tset`), zero-width spaces.
+    if not isinstance(task, str) or not _TASK_NAME.fullmatch(task) or any(
+            unicodedata.category(c) in ("Cc", "Cf") for c in task):
         raise ValueError(f"{source}: {task!r} is not a valid task name (one folder name: no '/', '\\', "
-                         "leading '.', or control characters)")
+                         "leading '.', control or bidi characters)")
     return task
 
 

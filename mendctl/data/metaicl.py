@@ -88,4 +88,10 @@ def task_file(data_dir: Path, task: str, pattern: str) -> Path:
 
 
 def load_split(data_dir: Path, task: str, k: int, seed: int, split: str) -> list[dict]:
-    return read_examples(split_path(data_dir, task, k, seed, split))
+    path = split_path(data_dir, task, k, seed, split)
+    rows = read_examples(path)
+    # A demonstration set is k examples: fewer or more, and every result that says k would be wrong.
+    if split == "train" and len(rows) != k:
+        raise DataError(f"{path}: {len(rows)} demonstrations, but tasks.k is {k} (the file name says {k} too); "
+                        "convert the task again or fix the file")
+    return rows
