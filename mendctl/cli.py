@@ -40,9 +40,9 @@ _INTERRUPTED = {
 }
 
 
-def _interrupted() -> None:
+def _interrupted(name: str | None = None) -> None:
     ctx = click.get_current_context(silent=True)
-    name = ctx.info_name if ctx is not None else None
+    name = name or (ctx.info_name if ctx is not None else None)
     advice = _INTERRUPTED.get(name, "nothing was finished; run the command again")
     err_console.print(f"[yellow]interrupted[/]: {advice}", highlight=False, soft_wrap=True)
     sys.exit(130)
@@ -55,10 +55,11 @@ class _Commands(click.Group):
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        args = list(sys.argv[1:] if args is None else args)
         try:
             rv = super().main(args, prog_name, complete_var, False, **extra)
         except (KeyboardInterrupt, click.Abort, EOFError):
-            _interrupted()
+            _interrupted(next((a for a in args if a in self.commands), None))
         except click.ClickException as e:
             e.show()
             sys.exit(e.exit_code)
