@@ -165,12 +165,26 @@ def save_safetensors(path: Path, tensors: dict, metadata: dict[str, str] | None 
     """A safetensors file written atomically, byte for byte the same for the same tensors and metadata.
 
     safetensors writes its JSON header from a hash map, in an order that changes from run to run; the
-    header is written here again with its keys sorted (its offsets are relative to the data, which
-    stays as it is)."""
-    from safetensors.torch import save
+    header is written again here with its keys sorted (its offsets are relative to the data, which stays
+    where it is)."""
+    from safetensors.torch import save_file
 
-    blob = save(tensors, metadata=metadata)
-    n = int.from_bytes(blob[:8], "little")
-    header = json.dumps(json.loads(blob[8:8 + n]), sort_keys=True, separators=(",", ":")).encode()
+    size = sum(t.numel() * t.element_size() for t in tensors.values()) + sum(
+        len(k) + len(v) for k, v in (metadata or {}).items())
+    with atomic_path(path, size) as tmp:
+        save_file(tensors, str(tmp), metadata)
+        _sort_header(tmp)
+
+
+def _sort_header(path: Path) -> None:
+    with open(path, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.dumps(json.loads(f.read(n)), sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(header) <= n:  # the same keys and values in another order: it fits where the old one was
+            f.seek(8)
+            f.write(header + b" " * (n - len(header)))
+            return
+        f.seek(8 + n)
+        data = f.read()
     header += b" " * (-len(header) % 8)  # the data starts 8-byte aligned, as safetensors writes it
-    write_bytes(path, len(header).to_bytes(8, "little") + header + blob[8 + n:])
+    path.write_bytes(len(header).to_bytes(8, "little") + header + data)
