@@ -31,7 +31,9 @@ def _load(path: Path) -> None:
 
         load_file(str(path))
     elif path.suffix == ".json":
-        json.loads(path.read_text())
+        from .bounded import loads_json
+
+        loads_json(path.read_text(encoding="utf-8"), str(path))
     else:
         from accelerate.utils import load
 
