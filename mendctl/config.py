@@ -38,6 +38,7 @@ def _a_number(v):
 Int = Annotated[int, PydanticStrict()]
 Float = Annotated[float, BeforeValidator(_a_number)]
 Bool = Annotated[bool, PydanticStrict()]  # true or false, not 1 or "yes"
+MAX_SEED = 2**32 - 1  # numpy's random seeds stop there
 
 
 class Strict(BaseModel):
@@ -224,8 +225,8 @@ class TasksSpec(Strict):
         # Two equal seeds are one demonstration set counted twice in every mean.
         if twice := sorted({s for s in v if v.count(s) > 1}):
             raise ValueError(f"lists a seed more than once: {twice}")
-        if negative := [s for s in v if s < 0]:
-            raise ValueError(f"seeds are 0 or more: {negative}")
+        if out := [s for s in v if not 0 <= s <= MAX_SEED]:
+            raise ValueError(f"seeds are from 0 to {MAX_SEED}: {out}")
         return v
 
     def check_validation_in(self, train_tasks: str) -> None:
@@ -360,13 +361,13 @@ class EvalSpec(Strict):
     batch_size: Int = Field(8, ge=1, description="distillation batch when vectors are made on the fly")
     cache: Bool = Field(True, description="reuse zero-shot / icl / icl-truncated scores from the cache")
     bootstrap_samples: Int = Field(1000, ge=0, description="paired bootstrap resamples for the CIs; 0 = none")
-    bootstrap_seed: Int = Field(0, ge=0)
+    bootstrap_seed: Int = Field(0, ge=0, le=MAX_SEED)
 
 
 class Recipe(Strict):
     backend: str
     output_dir: Path
-    seed: Int = Field(0, ge=0)
+    seed: Int = Field(0, ge=0, le=MAX_SEED)
     num_vectors: Int = Field(ge=1, le=4096, description="K, the number of distilled vectors")
     llm: ModelSpec
     distiller: DistillerSpec

@@ -231,6 +231,8 @@ CASES = [
      "finetune.steps: Input should be a valid integer"),
     ("seeds-duplicate", lambda t, o: ["eval", *base(t, o, "tasks.seeds=[100,100]")], 2,
      "command line: tasks.seeds: lists a seed more than once: [100]"),
+    ("seed-beyond-numpy", lambda t, o: ["finetune", *base(t, o, "seed=4294967296")], 2,
+     "seed: Input should be less than or equal to 4294967295"),
     ("bootstrap-seed-negative", lambda t, o: ["eval", *base(t, o, "eval.bootstrap_seed=-5")], 2,
      "eval.bootstrap_seed: Input should be greater than or equal to 0"),
     ("pretrain-text-empty", lambda t, o: ["pretrain", *base(t, o, "pretrain.text=[]")], 2,
