@@ -751,3 +751,22 @@ def test_stamping_runs_no_git_command_that_writes(monkeypatch):
     git_hash()
     assert calls and all(args[:2] == ["git", "--no-optional-locks"] and env == "0" for args, env in calls)
     assert (index.stat().st_mtime_ns if index.exists() else None) == before
+
+
+def test_ctrl_c_while_the_command_line_loads_exits_130(monkeypatch, capsys):
+    import builtins
+
+    from mendctl import entry
+
+    real = builtins.__import__
+
+    def interrupted(name, globals=None, locals=None, fromlist=(), level=0):
+        if name == "cli" and level == 1:  # `from .cli import main` in entry.py
+            raise KeyboardInterrupt
+        return real(name, globals, locals, fromlist, level)
+
+    monkeypatch.setattr(builtins, "__import__", interrupted)
+    with pytest.raises(SystemExit) as e:
+        entry.main()
+    err = capsys.readouterr().err
+    assert e.value.code == 130 and err.startswith("interrupted:") and "Traceback" not in err
