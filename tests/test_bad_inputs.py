@@ -19,10 +19,10 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
-import mendctl.checkpoint
-import mendctl.trainer
+import mendctl.training.checkpoint
+import mendctl.commands.train
 from mendctl.cli import cli
-from mendctl.lock import output_lock
+from mendctl.core.lock import output_lock
 
 ROOT = Path(__file__).resolve().parents[1]
 GPT2 = "recipes/tiny/gpt2.yaml"
@@ -75,6 +75,13 @@ def text_file(tmp: Path, content: bytes) -> str:
     return f"pretrain.text=[{recipe(tmp, content, 'docs.jsonl')}]"
 
 
+def text_dataset(tmp: Path) -> str:
+    """A local dataset folder for pretrain.hf_dataset: one JSON-lines file of a train split."""
+    (tmp / "ds").mkdir()
+    (tmp / "ds" / "train.jsonl").write_text(json.dumps({"text": "a document " * 20}) + "\n")
+    return str(tmp / "ds")
+
+
 def damaged_config(tmp: Path) -> str:
     d = tmp / "damaged-model"
     d.mkdir()
@@ -86,7 +93,7 @@ def saved_model(tmp: Path, truncate: bool = False) -> str:
     """A tiny GPT-2 saved as a local model folder, its weights optionally cut short."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from mendctl.tokenizer import byte_tokenizer
+    from mendctl.models.tokenizer import byte_tokenizer
 
     d = tmp / "damaged-llm"
     tok = byte_tokenizer()
@@ -151,6 +158,14 @@ CASES = [
     ("llm-context-over-positions", lambda t, o: ["eval", *base(
         t, o, "llm.random_init=null", f"llm.source={positions_dir(t, 256)}")], 2,
      "leave no room for an option in the LLM's 256 positions"),
+    ("distill-variant-same-as-section", lambda t, o: ["distill", *base(t, o, "distill.variants=[{refine_steps: 0}]")],
+     2, "distill.variants[0] makes the same vectors as distill"),
+    ("distill-variant-unknown-key", lambda t, o: ["distill", *base(t, o, "distill.variants=[{checkpoint: x}]")],
+     2, "distill.variants[0].checkpoint: Extra inputs are not permitted"),
+    ("distill-variant-options-without-steps", lambda t, o: ["distill", *base(
+        t, o, "distill.variants=[{refine_on: options}]")], 2,
+     "distill.variants[0].refine_on: options needs distill.variants[0].refine_steps above 0"),
+    ("eval-retime-negative", lambda t, o: ["eval", *base(t, o, "eval.retime_queries=-1")], 2, "eval.retime_queries"),
     ("llm-config-damaged", lambda t, o: ["validate", recipe(t, (ROOT / GPT2).read_text().replace(
         "  random_init: {layers: 2, hidden: 64, heads: 2}", f"  source: {damaged_config(t)}", 1))], 2,
      "llm.source: cannot read"),
@@ -186,6 +201,16 @@ CASES = [
      "docs.jsonl:2: not UTF-8 text"),
     ("pretrain-text-not-string", lambda t, o: ["pretrain", *base(t, o, text_file(t, b'{"text": 3}\n'))], 2,
      'docs.jsonl:1: expected a JSON object with a "text" field holding a string'),
+    ("hf-dataset-folder-missing", lambda t, o: ["pretrain", *base(
+        t, o, "pretrain.text=null", f"pretrain.hf_dataset={t}/none")], 2, "hf_dataset folder does not exist"),
+    ("hf-dataset-split-unknown", lambda t, o: ["pretrain", *base(
+        t, o, "pretrain.text=null", f"pretrain.hf_dataset={text_dataset(t)}", "pretrain.hf_split=nosuch")], 2,
+     "split 'nosuch': Bad split: nosuch"),
+    ("data-metaicl-dir-missing", lambda t, o: ["data", "metaicl", str(t / "none")], 2, "none: not a folder"),
+    ("data-metaicl-partition-unknown", lambda t, o: ["data", "metaicl", str(t), "--partition", "qa_to_q"], 2,
+     "Did you mean 'qa_to_qa'"),
+    ("data-metaicl-incomplete", lambda t, o: ["data", "metaicl", str(t), "--partition", "qa_to_qa"], 2,
+     "meta-test tasks missing (22)"),
     # output folders
     ("output-dir-is-a-file", lambda t, o: ["finetune", *base(t, o.parent / "file", )], 2,
      "exists and is not a folder"),
@@ -309,7 +334,7 @@ VECTORS = {  # cases whose output_dir holds a planted vectors file for tiny_sent
 
 
 def plant_vectors(out: Path, tensor: torch.Tensor) -> None:
-    from mendctl.vectors import FORMAT_VERSION, REQUIRED
+    from mendctl.core.vectors import FORMAT_VERSION, REQUIRED
 
     path = out / "vectors" / "tiny_sentiment" / "100.safetensors"
     path.parent.mkdir(parents=True)
@@ -420,7 +445,7 @@ def _state(stage: Path, state) -> None:
 
 
 def test_resume_names_every_changed_key_and_allows_the_listed_ones(trained, tmp_path):
-    from mendctl.resume import MAY_CHANGE_ON_RESUME, recipe_changes
+    from mendctl.training.resume import MAY_CHANGE_ON_RESUME, recipe_changes
 
     out, result = _resume(trained, tmp_path, lambda d: None, "pretrain.steps=3", "pretrain.lr=0.5", "seed=3",
                           "pretrain.keep_last=5", "pretrain.trackers=[tensorboard]", "eval.bootstrap_samples=7")
@@ -466,7 +491,7 @@ def test_a_second_writer_is_refused_naming_the_holder(tmp_path):
             assert "`mendctl finetune other.yaml`, started" in text
         result = CliRunner().invoke(cli, ["data", "bigbench", str(ROOT / "data"), str(out)])
         assert result.exit_code == 2 and "in use by another mendctl run" in result.output
-    assert not (out / ".mendctl.lock.json").exists()
+    assert not (out / ".mendctl.core.lock.json").exists()
 
 
 def test_a_full_disk_leaves_no_partial_checkpoint(tmp_path, monkeypatch):
@@ -507,7 +532,7 @@ def test_a_failure_of_the_run_itself_exits_1_and_debug_shows_the_traceback(tmp_p
 
     user = CliRunner().invoke(cli, ["--debug", "pretrain", *base(tmp_path, tmp_path / "o2"), "--resume"])
     assert user.exit_code == 2 and "Traceback" in user.output and "--resume: no checkpoint" in user.output
-    monkeypatch.setattr(mendctl.trainer, "train", boom)
+    monkeypatch.setattr(mendctl.commands.train, "train", boom)
     args = ["finetune", *base(tmp_path, tmp_path / "out")]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 1 and "the run failed: RuntimeError: boom" in result.output
@@ -518,9 +543,9 @@ def test_a_failure_of_the_run_itself_exits_1_and_debug_shows_the_traceback(tmp_p
 
 def test_divergence_is_a_failure_of_the_run(tmp_path, monkeypatch):
     def diverge(*args, **kwargs):
-        raise mendctl.trainer.TrainingDiverged("finetune: the loss became nan at step 1")
+        raise mendctl.commands.train.TrainingDiverged("finetune: the loss became nan at step 1")
 
-    monkeypatch.setattr(mendctl.trainer, "train", diverge)
+    monkeypatch.setattr(mendctl.commands.train, "train", diverge)
     result = CliRunner().invoke(cli, ["finetune", *base(tmp_path, tmp_path / "out")])
     assert result.exit_code == 1 and "the loss became nan" in result.output
 
@@ -547,7 +572,7 @@ def test_a_pickle_payload_in_a_checkpoint_is_never_run(trained, tmp_path):
 
 
 def test_an_atomic_write_cut_short_leaves_no_file(tmp_path):
-    from mendctl.fileio import atomic_path
+    from mendctl.core.fileio import atomic_path
 
     target = tmp_path / "vectors" / "x.safetensors"
     with pytest.raises(KeyboardInterrupt):
@@ -585,7 +610,7 @@ def test_a_link_in_the_output_folder_is_refused_and_its_target_untouched(where, 
 
 
 def test_writers_replace_no_link_and_append_through_none(tmp_path):
-    from mendctl.fileio import LinkRefused, open_append, write_json
+    from mendctl.core.fileio import LinkRefused, open_append, write_json
 
     victim = tmp_path / "victim"
     victim.write_text("precious\n")
@@ -609,7 +634,7 @@ def test_export_and_cp_refuse_a_link_at_dest_even_with_force(tmp_path):
 
 
 def test_a_folder_where_a_file_goes_is_named(tmp_path):
-    from mendctl.fileio import write_json
+    from mendctl.core.fileio import write_json
 
     (tmp_path / "results.json").mkdir()
     with pytest.raises(IsADirectoryError, match="a folder is in the place of this file"):
@@ -619,7 +644,7 @@ def test_a_folder_where_a_file_goes_is_named(tmp_path):
 # --------------------------------------------------------------------------- a full disk
 
 def test_a_full_disk_is_refused_before_writing_naming_the_folder_and_bytes(tmp_path, monkeypatch):
-    monkeypatch.setattr("mendctl.fileio.free_bytes", lambda folder: 10)
+    monkeypatch.setattr("mendctl.core.fileio.free_bytes", lambda folder: 10)
     out = tmp_path / "out"
     result = CliRunner().invoke(cli, ["finetune", *base(tmp_path, out)])
     text = " ".join(result.output.split())
@@ -646,7 +671,7 @@ def test_a_library_s_own_words_for_a_full_disk_exit_2(error, tmp_path, monkeypat
 
 
 def test_an_enospc_of_any_writer_names_its_folder(tmp_path):
-    from mendctl.fileio import DiskFull, atomic_path
+    from mendctl.core.fileio import DiskFull, atomic_path
 
     with pytest.raises(DiskFull, match=f"{tmp_path / 'eval'}: No space left on device"):
         with atomic_path(tmp_path / "eval" / "results.json"):
@@ -656,7 +681,7 @@ def test_an_enospc_of_any_writer_names_its_folder(tmp_path):
 
 # --------------------------------------------------------------------------- Ctrl-C: 130 at any point
 
-@pytest.mark.parametrize("where", ["mendctl.cli.load_recipe", "mendctl.prepare.prepare", "mendctl.evaluate.run_eval"])
+@pytest.mark.parametrize("where", ["mendctl.cli.load_recipe", "mendctl.data.prepare.prepare", "mendctl.commands.eval.run_eval"])
 def test_ctrl_c_at_any_point_exits_130_with_advice_the_command_takes(where, tmp_path, monkeypatch):
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
@@ -699,7 +724,7 @@ def test_a_distiller_whose_metadata_is_damaged_is_named(recipe_meta, phrase, tra
 
 
 def test_distiller_and_vectors_files_are_byte_reproducible(tmp_path):
-    from mendctl.fileio import save_safetensors
+    from mendctl.core.fileio import save_safetensors
 
     tensors = {f"t{i}": torch.full((2, 3), float(i)) for i in range(5)}
     meta = {f"key{i}": str(i) for i in range(30)}
@@ -718,7 +743,7 @@ def test_distiller_and_vectors_files_are_byte_reproducible(tmp_path):
 # --------------------------------------------------------------------------- the rest
 
 def test_a_stray_folder_among_checkpoints_is_not_taken_for_one(tmp_path):
-    from mendctl.checkpoint import STATE, checkpoints
+    from mendctl.training.checkpoint import STATE, checkpoints
 
     for name in ("step_0000002", "step_backup", "step_", "step_3x"):
         (tmp_path / name).mkdir()
@@ -727,7 +752,7 @@ def test_a_stray_folder_among_checkpoints_is_not_taken_for_one(tmp_path):
 
 
 def test_output_dir_with_a_tilde_is_in_the_home_folder():
-    from mendctl.config import load_recipe
+    from mendctl.core.config import load_recipe
 
     assert load_recipe(ROOT / GPT2, ["output_dir=~/mendctl-x"]).output_dir == Path.home() / "mendctl-x"
 
@@ -735,7 +760,7 @@ def test_output_dir_with_a_tilde_is_in_the_home_folder():
 def test_stamping_runs_no_git_command_that_writes(monkeypatch):
     import subprocess
 
-    from mendctl.provenance import git_hash
+    from mendctl.core.provenance import git_hash
 
     calls = []
     real = subprocess.run

@@ -39,9 +39,9 @@ from typing import Any
 
 from rich.progress import track
 
-from ..bounded import loads_json
-from ..partitions import check_task_name, family
-from ..suggest import did_you_mean
+from ..core.bounded import loads_json
+from ..core.partitions import check_task_name, family
+from ..core.suggest import did_you_mean
 from .metaicl import DEFAULT_K, DEFAULT_SEEDS, DataError, META_TRAIN_FILE, META_TRAIN_SEED, META_TRAIN_SIZE, split_name, \
     task_file
 
