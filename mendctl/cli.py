@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -14,8 +15,10 @@ from rich.table import Table
 from .core.config import Recipe, RecipeError, load_recipe
 from .data.metaicl import DEFAULT_K, DEFAULT_SEEDS
 
-console = Console()
-err_console = Console(stderr=True)
+# emoji off: `random-init:llama:` is a model name, not an emoji code. User text (paths, names, labels,
+# messages that quote them) goes through escape(): `[/b]` in a label is text, not markup.
+console = Console(emoji=False)
+err_console = Console(stderr=True, emoji=False)
 
 
 class UserError(click.ClickException):
@@ -25,6 +28,42 @@ class UserError(click.ClickException):
 
     def show(self, file=None) -> None:
         err_console.print(f"[red]error:[/] {escape(self.message)}", highlight=False, soft_wrap=True)
+
+
+# What a Ctrl-C leaves, per command: the advice must be one the command takes.
+_INTERRUPTED = {
+    "pretrain": "the last finished step is checkpointed; continue with --resume",
+    "finetune": "the last finished step is checkpointed; continue with --resume",
+    "distill": "the vectors files written so far are kept; run distill again to make the rest",
+    "eval": "no results were written; run eval again (baseline scores already cached are kept)",
+    "teacher": "the teacher rows written so far are kept in the cache; run it again to fill the rest",
+}
+
+
+def _interrupted(name: str | None = None) -> None:
+    ctx = click.get_current_context(silent=True)
+    name = name or (ctx.info_name if ctx is not None else None)
+    advice = _INTERRUPTED.get(name, "nothing was finished; run the command again")
+    err_console.print(f"[yellow]interrupted[/]: {advice}", highlight=False, soft_wrap=True)
+    sys.exit(130)
+
+
+class _Commands(click.Group):
+    """The command group, with the exit code rule at the very top: Ctrl-C at any point (loading a module,
+    reading the recipe, click's own prompt) exits 130 with one line, never a traceback or `Aborted!`."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        args = list(sys.argv[1:] if args is None else args)
+        try:
+            rv = super().main(args, prog_name, complete_var, False, **extra)
+        except (KeyboardInterrupt, click.Abort, EOFError):
+            _interrupted(next((a for a in args if a in self.commands), None))
+        except click.ClickException as e:
+            e.show()
+            sys.exit(e.exit_code)
+        sys.exit(rv if isinstance(rv, int) else 0)
 
 
 # Errors of the user's own files (the path is in the message): a missing, unwritable or full place.
@@ -51,7 +90,7 @@ def _recipe(path: str, overrides: tuple[str, ...]) -> Recipe:
         _check_positions(recipe, path)
         return recipe
     except RecipeError as e:
-        err_console.print(f"[red]invalid recipe[/] {e}", highlight=False, soft_wrap=True)
+        err_console.print(f"[red]invalid recipe[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except OSError as e:
         _fail(f"{e.filename or path}: {e.strerror or e}", 2)
@@ -73,6 +112,7 @@ def _run(fn, *args, lock: Path | None = None, **kwargs):
     traceback; without it, nothing but the message is shown.
     """
     from .commands.train import TrainingDiverged
+    from .core.fileio import disk_full, says_disk_full
     from .core.lock import command_line, output_lock
     from .core.vectors import VectorsMismatch
     from .data.bigbench import FetchError
@@ -85,17 +125,20 @@ def _run(fn, *args, lock: Path | None = None, **kwargs):
         with output_lock(lock, command_line()):
             return fn(*args, **kwargs)
     except KeyboardInterrupt:
-        err_console.print("[yellow]interrupted[/]: the last checkpoint is kept; continue with --resume")
-        sys.exit(130)
+        _interrupted()
     except (TrainingDiverged, FetchError) as e:
         _fail(str(e), 1)
     except (DataError, VectorsMismatch, FileNotFoundError, FileExistsError, ValueError, ModelSourceError) as e:
         _fail(str(e), 2)
     except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):  # the folder it was writing into, and what is free there
+            _fail(str(disk_full(Path(e.filename).parent if e.filename else lock or Path.cwd())), 2)
         if e.errno in _USER_ERRNOS:
             _fail(f"{e.filename or 'a file'}: {e.strerror}", 2)
         _fail(f"{type(e).__name__}: {e}", 1, hint="" if _debug() else " (rerun with --debug for the traceback)")
     except Exception as e:  # a bug or a failure of the run itself, not of the user's input
+        if says_disk_full(e):  # a library's own words for a full disk (safetensors, torch's zip writer)
+            _fail(f"{disk_full(lock or Path.cwd())} ({type(e).__name__}: {str(e)[:200]})", 2)
         if _debug():
             raise
         _fail(f"the run failed: {type(e).__name__}: {e}", 1, hint=" (rerun with --debug for the traceback)")
@@ -118,7 +161,7 @@ recipe_arg = click.argument("recipe", type=click.Path(dir_okay=False))
 overrides_arg = click.argument("overrides", nargs=-1)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="mendctl")
 @click.option("--debug", is_flag=True, help="Show the traceback of an error.")
 def cli(debug: bool) -> None:
@@ -163,7 +206,7 @@ def teacher(recipe: str, stage: str, overrides: tuple[str, ...], processes: int)
     r = _recipe(recipe, overrides)
     done = _run_command(r, "teacher", fill_teacher, r, stage, processes=processes, console=console, stage=stage)
     console.print(f"[green]teacher cache[/]: {done['positions']} positions, {done['computed']} computed, "
-                  f"in {done['folder']}")
+                  f"in {escape(str(done['folder']))}")
 
 
 @cli.command()
@@ -171,13 +214,16 @@ def teacher(recipe: str, stage: str, overrides: tuple[str, ...], processes: int)
 @click.argument("checkpoint", type=click.Path(exists=True))
 @click.argument("dest", type=click.Path(dir_okay=False))
 @overrides_arg
-def export(recipe: str, checkpoint: str, dest: str, overrides: tuple[str, ...]) -> None:
+@click.option("--force", is_flag=True, help="Overwrite DEST if it exists.")
+def export(recipe: str, checkpoint: str, dest: str, overrides: tuple[str, ...], force: bool) -> None:
     """Write a training checkpoint (a step_N folder) as a distiller file, e.g. the step the curves chose."""
     from .commands.export import export_checkpoint
 
+    if os.path.lexists(dest) and not force:
+        raise UserError(f"{dest} exists: pass --force to overwrite it")
     r = _recipe(recipe, overrides)
     path = _run_command(r, "export", export_checkpoint, r, Path(checkpoint), Path(dest))
-    console.print(f"[green]distiller[/]: {path} (load it with distill.checkpoint={path})")
+    console.print(f"[green]distiller[/]: {escape(str(path))} (load it with distill.checkpoint={escape(str(path))})")
 
 
 @cli.command()
@@ -215,10 +261,10 @@ def validate(recipes: tuple[str, ...]) -> None:
     for path in recipes:
         try:
             _check_positions(load_recipe(path), path)
-            console.print(f"[green]ok[/] {path}")
+            console.print(f"[green]ok[/] {escape(path)}")
         except RecipeError as e:
             failed += 1
-            err_console.print(f"[red]invalid recipe[/] {e}", highlight=False, soft_wrap=True)
+            err_console.print(f"[red]invalid recipe[/] {escape(str(e))}", highlight=False, soft_wrap=True)
     if failed:
         sys.exit(2)
 
@@ -233,7 +279,7 @@ def ls(what: str) -> None:
         table = Table("recipe", "first line", title=f"recipes (in {recipes_dir()}; mendctl cp RECIPE DEST)")
         for name, path in shipped_recipes().items():
             first = path.read_text().splitlines()[0].lstrip("# ") if path.stat().st_size else ""
-            table.add_row(name, first)
+            table.add_row(escape(name), escape(first))
         console.print(table)
     if what in ("all", "backends"):
         from .core.registry import aliases, registered
@@ -249,7 +295,7 @@ def ls(what: str) -> None:
         table = Table("partition", "train tasks", "test tasks", title="partitions")
         for name in list_partitions():
             p = load_partition(name)
-            table.add_row(name, str(len(p.train)), str(len(p.test)))
+            table.add_row(escape(name), str(len(p.train)), str(len(p.test)))
         console.print(table)
 
 
@@ -259,8 +305,7 @@ def ls(what: str) -> None:
 @click.option("--force", is_flag=True, help="Overwrite DEST if it exists.")
 def cp(recipe: str, dest: str, force: bool) -> None:
     """Copy a shipped recipe (`llama/smollm2-demo`, or `smollm2-demo`) to DEST, a file or folder, to start from."""
-    import shutil
-
+    from .core.fileio import write_bytes
     from .core.shipped import find_recipe
 
     try:
@@ -268,13 +313,15 @@ def cp(recipe: str, dest: str, force: bool) -> None:
     except ValueError as e:
         raise UserError(str(e)) from None
     target = Path(dest) / source.name if Path(dest).is_dir() else Path(dest)
-    if target.exists() and not force:
+    if os.path.lexists(target) and not force:
         raise UserError(f"{target} exists: pass --force to overwrite it")
     try:
-        shutil.copyfile(source, target)
+        write_bytes(target, source.read_bytes())  # a new file renamed into place: a link at DEST is refused
+    except ValueError as e:
+        raise UserError(str(e)) from None
     except OSError as e:
         raise UserError(f"{e.filename or target}: {e.strerror or e}") from None
-    console.print(f"[green]copied[/] {source} to {target}")
+    console.print(f"[green]copied[/] {escape(str(source))} to {escape(str(target))}")
 
 
 @cli.group()
@@ -302,7 +349,7 @@ def data_bigbench(paths: tuple[str, ...], tasks: str | None, fetch: bool, k: int
     source = _run(fetch_bigbench, cache_dir() / "bigbench") if fetch else Path(paths[0])
     report = _run(convert_bigbench, source, Path(paths[-1]), tasks=tasks.split(",") if tasks else None, k=k,
                   progress=True, lock=Path(paths[-1]))
-    console.print(report.summary())
+    console.print(report.summary(), markup=False)
 
 
 @data.command("metaicl")
@@ -339,4 +386,7 @@ def data_metaicl(data_dir: str, partition: str | None, k: int, seeds: str) -> No
 
 
 def main() -> None:
-    cli(prog_name="mendctl")
+    try:
+        cli(prog_name="mendctl")
+    except KeyboardInterrupt:  # between click's handlers: as late as the last line
+        sys.exit(130)

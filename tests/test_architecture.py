@@ -7,10 +7,10 @@ ROOT = Path(__file__).resolve().parents[1]
 SOURCES = {"mendctl": ROOT / "mendctl", "mendctl.backends": ROOT / "backends"}
 
 # The packages from the top down: a module imports its own package or one further down this list,
-# never one above. "mendctl" is the top level itself: cli.py, __main__.py and the public API (__init__.py).
+# never one above. "mendctl" is the top level itself: cli.py, entry.py, __main__.py and the public API (__init__.py).
 ORDER = ["mendctl", "commands", "training", "evaluation", "data", "backends", "models", "core"]
 MAX_DEPTH = 9  # modules in the longest chain of module-level imports
-TOP = {"mendctl", "mendctl.cli", "mendctl.__main__"}  # the only modules outside a package
+TOP = {"mendctl", "mendctl.cli", "mendctl.__main__", "mendctl.entry"}  # the only modules outside a package
 
 
 def _modules() -> dict[str, Path]:

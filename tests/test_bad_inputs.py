@@ -11,6 +11,7 @@ import errno
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -53,6 +54,11 @@ def spoil_line(data: Path, task: str, file: str, line: int, text: bytes) -> Path
     lines[line - 1] = text
     path.write_bytes(b"\n".join(lines) + b"\n")
     return path
+
+
+BIDI_NAME = "tiny_\u202ecolor"  # a right-to-left override: it reads "tiny_roloc"
+ZERO_WIDTH_NAME = "tiny\u200bcolor"
+NOT_UTF8_PARTITION = b'{"train": ["a\xff"], "test": ["b"]}'
 
 
 def positions_dir(tmp: Path, n_positions: int) -> str:
@@ -228,7 +234,113 @@ CASES = [
     ("no-pretrain-section", lambda t, o: ["pretrain", *base(t, o, "pretrain=null")], 2,
      "the recipe has no `pretrain` section"),
     ("eval-limit-zero", lambda t, o: ["eval", *base(t, o), "--limit", "0"], 2, "Invalid value for '--limit'"),
+    # bounded parsing: each refused at once (the table's time limit below holds them to it)
+    ("recipe-alias-bomb", lambda t, o: ["validate", recipe(t, alias_bomb())], 2, "its aliases expand to more than"),
+    ("recipe-nested-deep", lambda t, o: ["validate", recipe(t, "seed: " + "[" * 20000 + "\n")], 2,
+     "nested 20000 levels deep"),
+    ("recipe-self-alias", lambda t, o: ["validate", recipe(t, "seed: &a [*a]\n")], 2, "refers to a node that holds it"),
+    ("override-nested-deep", lambda t, o: ["finetune", *base(t, o, "seed=" + "[" * 20000)], 2,
+     "nested 20000 levels deep"),
+    ("partition-nested-deep", lambda t, o: ["finetune", *base(t, o, f"tasks.partition={recipe(t, '[' * 20000, 'p.json')}")],
+     2, "p.json: nested 20000 levels deep"),
+    ("task-line-nested-deep", lambda t, o: ["eval", *base(t, o, f"tasks.data_dir={tasks_copy(t)}")], 2,
+     "tiny_sentiment_4_100_train.jsonl:2: nested 20000 levels deep"),
+    # strict types and ranges
+    ("steps-bool", lambda t, o: ["finetune", *base(t, o, "finetune.steps=true")], 2,
+     "finetune.steps: Input should be a valid integer"),
+    ("lr-bool", lambda t, o: ["finetune", *base(t, o, "finetune.lr=yes")], 2,
+     "finetune.lr: Input should be a number, not true"),
+    ("flag-number", lambda t, o: ["finetune", *base(t, o, "finetune.keep_best=1")], 2,
+     "finetune.keep_best: Input should be a valid boolean"),
+    ("steps-text", lambda t, o: ["finetune", *base(t, o, "finetune.steps='3'")], 2,
+     "finetune.steps: Input should be a valid integer"),
+    ("seeds-duplicate", lambda t, o: ["eval", *base(t, o, "tasks.seeds=[100,100]")], 2,
+     "command line: tasks.seeds: lists a seed more than once: [100]"),
+    ("seed-beyond-numpy", lambda t, o: ["finetune", *base(t, o, "seed=4294967296")], 2,
+     "seed: Input should be less than or equal to 4294967295"),
+    ("bootstrap-seed-negative", lambda t, o: ["eval", *base(t, o, "eval.bootstrap_seed=-5")], 2,
+     "eval.bootstrap_seed: Input should be greater than or equal to 0"),
+    ("pretrain-text-empty", lambda t, o: ["pretrain", *base(t, o, "pretrain.text=[]")], 2,
+     "pretrain.text: List should have at least 1 item"),
+    ("task-name-bidi", lambda t, o: ["distill", *base(
+        t, o, f"tasks.partition={partition(t, ['tiny_color'], [BIDI_NAME])}")], 2, "is not a valid task name"),
+    ("task-name-zero-width", lambda t, o: ["eval", *base(
+        t, o, f"tasks.partition={partition(t, ['tiny_color'], [ZERO_WIDTH_NAME])}")], 2, "is not a valid task name"),
+    ("output-dir-bidi", lambda t, o: ["finetune", *base(t, o.parent / BIDI_NAME)], 2,
+     "holds control or invisible formatting characters"),
+    ("partition-not-utf8", lambda t, o: ["finetune", *base(
+        t, o, f"tasks.partition={recipe(t, NOT_UTF8_PARTITION, 'p.json')}")], 2, "p.json:1: not UTF-8 text"),
+    ("demonstrations-fewer-than-k", lambda t, o: ["eval", *base(
+        t, o, f"tasks.data_dir={short_demos(t)}", "eval.methods=[zero-shot]")], 2,
+     "tiny_sentiment_4_100_train.jsonl: 2 demonstrations, but tasks.k is 4"),
+    # user text is never markup, nor an emoji
+    ("override-markup", lambda t, o: ["finetune", *base(t, o, "seed=[/x]]")], 2,
+     "command line: override 'seed=[/x]]': invalid YAML value"),
+    ("label-markup", lambda t, o: ["eval", *base(t, o, f"tasks.data_dir={tasks_copy(t)}")], 2,
+     "the output '[/b]' is not among the options"),
+    ("path-markup", lambda t, o: ["finetune", *base(t, Path(recipe(t, "a file", "[red]file")) / "sub")], 2,
+     "[red]file exists and is not a folder"),
+    ("path-emoji", lambda t, o: ["validate", recipe(t, "seed: true\n", "random-init:llama:seed=0.yaml")], 2,
+     "random-init:llama:seed=0.yaml"),
+    # files that are not what they should be
+    ("bigbench-not-bigbench", lambda t, o: ["data", "bigbench", str(ROOT / "recipes"), str(o)], 2,
+     "no BIG-bench task in it"),
+    ("bigbench-task-not-json", lambda t, o: ["data", "bigbench", bigbench_dir(t, b"{not json"), str(o)], 2,
+     "task.json: malformed JSON"),
+    ("bigbench-task-not-object", lambda t, o: ["data", "bigbench", bigbench_dir(t, b'{"examples": 3}'), str(o)], 2,
+     "not a BIG-bench task"),
+    ("export-dest-exists", lambda t, o: ["export", GPT2, str(t), str(t / "file")], 2, "exists: pass --force"),
+    ("vectors-all-nan", lambda t, o: ["eval", *base(t, o, "eval.methods=[mend]")], 2,
+     "100.safetensors: 256 of its 256 values are not finite"),
+    ("vectors-other-k", lambda t, o: ["eval", *base(t, o, "eval.methods=[mend]")], 2,
+     "100.safetensors: holds 8 vectors, the recipe has num_vectors=4"),
+    ("vectors-one", lambda t, o: ["eval", *base(t, o, "eval.methods=[mend]")], 2,
+     "100.safetensors: holds 1 vectors, the recipe has num_vectors=4"),
+    ("vectors-3d", lambda t, o: ["eval", *base(t, o, "eval.methods=[mend]")], 2,
+     "100.safetensors: the vectors tensor has shape [1, 4, 64], not [K, hidden]"),
+    ("vectors-integer", lambda t, o: ["eval", *base(t, o, "eval.methods=[mend]")], 2,
+     "100.safetensors: the vectors are int64"),
 ]
+
+
+def alias_bomb() -> str:
+    """1.5 KB of YAML whose aliases expand to 9^9 values."""
+    lines = ["a0: &a0 [1, 1, 1, 1, 1, 1, 1, 1, 1]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)]
+    return "\n".join(lines) + "\n"
+
+
+def short_demos(tmp: Path) -> Path:
+    data = tasks_copy(tmp)
+    path = data / "tiny_sentiment" / "tiny_sentiment_4_100_train.jsonl"
+    path.write_text("".join(line + "\n" for line in path.read_text().splitlines()[:2]))
+    return data
+
+
+def bigbench_dir(tmp: Path, task_json: bytes) -> str:
+    d = tmp / "bb" / "some_task"
+    d.mkdir(parents=True)
+    (d / "task.json").write_bytes(task_json)
+    return str(tmp / "bb")
+
+
+VECTORS = {  # cases whose output_dir holds a planted vectors file for tiny_sentiment, seed 100
+    "vectors-all-nan": torch.full((4, 64), float("nan")),
+    "vectors-other-k": torch.zeros(8, 64),
+    "vectors-one": torch.zeros(1, 64),
+    "vectors-3d": torch.zeros(1, 4, 64),
+    "vectors-integer": torch.zeros(4, 64, dtype=torch.int64),
+}
+
+
+def plant_vectors(out: Path, tensor: torch.Tensor) -> None:
+    from mendctl.core.vectors import FORMAT_VERSION, REQUIRED
+
+    path = out / "vectors" / "tiny_sentiment" / "100.safetensors"
+    path.parent.mkdir(parents=True)
+    meta = {k: "x" for k in REQUIRED} | {"format_version": FORMAT_VERSION, "num_vectors": str(tensor.shape[0]),
+                                         "dtype": str(tensor.dtype).removeprefix("torch."), "template": "{}"}
+    save_file({"vectors": tensor}, str(path), meta)
 
 
 def other_recipe_weights(tmp: Path) -> str:
@@ -238,6 +350,9 @@ def other_recipe_weights(tmp: Path) -> str:
 
 
 SPOIL = {  # cases whose task data is damaged after tasks_copy
+    "task-line-nested-deep": ("tiny_sentiment", "tiny_sentiment_4_100_train.jsonl", b"[" * 20000),
+    "label-markup": ("tiny_sentiment", "tiny_sentiment_4_100_train.jsonl",
+                     b'{"input": "x", "output": "[/b]", "options": ["a", "b"]}'),
     "task-file-not-utf8": ("tiny_color", "tiny_color_16384_100_train.jsonl", b'{"input": "\xff", "output": "x"}'),
     "task-input-not-string": ("tiny_color", "tiny_color_16384_100_train.jsonl", b'{"input": ["a"], "output": "x"}'),
     "task-malformed-json": ("tiny_sentiment", "tiny_sentiment_4_100_train.jsonl", b'{"input": "x", "output": '),
@@ -262,12 +377,17 @@ def test_bad_input(name, setup, code, phrase, tmp_path):
         task, file, text = SPOIL[name]
         line = 3 if "16384" in file else 2
         spoil_line(tmp_path / "data", task, file, line, text)
+    if name in VECTORS:
+        plant_vectors(out, VECTORS[name])
     before = snapshot(tmp_path, out)
+    start = time.process_time()
     result = CliRunner().invoke(cli, argv)
     assert result.exit_code == code, result.output
     assert phrase in " ".join(result.output.split()), result.output
-    assert "Traceback" not in result.output
+    assert "Traceback" not in result.output and "Aborted!" not in result.output
     assert snapshot(tmp_path, out) == before, "something was written outside output_dir"
+    if name.startswith(("recipe-alias", "recipe-nested", "recipe-self", "override-nested")):
+        assert time.process_time() - start < 2, "bounded parsing took too long"
 
 
 # --------------------------------------------------------------------------- faults of a run
@@ -305,7 +425,36 @@ RESUME_CASES = [
     ("fewer-steps-than-done", lambda d: None, ["pretrain.steps=1"], 2, "is at step 2, beyond pretrain.steps=1"),
     ("metrics-damaged-inside", lambda d: (d / "metrics.jsonl").write_text('{"step": 1\n{"step": 2}\n'),
      ["pretrain.steps=3"], 2, "metrics.jsonl:1: not a metrics record"),
+    ("step-negative", lambda d: _state(d, {"step": -2}), ["pretrain.steps=3"], 2,
+     "trainer_state.json is damaged: step is -2, not a count of 0 or more"),
+    ("step-bool", lambda d: _state(d, {"step": True}), ["pretrain.steps=3"], 2, "step is True, not a count"),
+    ("step-not-the-folders", lambda d: _state(d, {"step": 1}), ["pretrain.steps=3"], 2,
+     "is damaged: step 1 in the folder of step 2"),
+    ("state-deeply-nested", lambda d: _state(d, "[" * 20000), ["pretrain.steps=3"], 2, "nested 20000 levels deep"),
+    ("optimizer-not-a-state", lambda d: torch.save({"x": 1}, d / "checkpoints/step_0000002/optimizer.bin"),
+     ["pretrain.steps=3"], 2, "optimizer.bin is damaged (ValueError: not an optimizer state)"),
+    ("recipe-changed-lr", lambda d: None, ["pretrain.steps=3", "pretrain.lr=0.5"], 2,
+     "the recipe differs from the one"),
+    ("recipe-changed-k", lambda d: None, ["pretrain.steps=3", "num_vectors=8"], 2, "num_vectors: 4 -> 8"),
 ]
+
+
+def _state(stage: Path, state) -> None:
+    path = stage / "checkpoints/step_0000002/trainer_state.json"
+    path.write_text(state if isinstance(state, str) else json.dumps(state))
+
+
+def test_resume_names_every_changed_key_and_allows_the_listed_ones(trained, tmp_path):
+    from mendctl.training.resume import MAY_CHANGE_ON_RESUME, recipe_changes
+
+    out, result = _resume(trained, tmp_path, lambda d: None, "pretrain.steps=3", "pretrain.lr=0.5", "seed=3",
+                          "pretrain.keep_last=5", "pretrain.trackers=[tensorboard]", "eval.bootstrap_samples=7")
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2, result.output
+    assert "pretrain.lr: 0.001 -> 0.5; seed: 0 -> 3. Only pretrain.steps" in text
+    assert "keep_last:" not in text and "trackers:" not in text and "eval." not in text
+    assert set(MAY_CHANGE_ON_RESUME) == {"steps", "save_every", "keep_last", "eval_every", "trackers"}
+    assert recipe_changes({"finetune": {"lr": 1}}, {"finetune": {"lr": 2}}, "pretrain") == []
 
 
 @pytest.mark.parametrize("name, damage, extra, code, phrase", RESUME_CASES, ids=[c[0] for c in RESUME_CASES])
@@ -431,3 +580,218 @@ def test_an_atomic_write_cut_short_leaves_no_file(tmp_path):
             tmp.write_bytes(b"half")
             raise KeyboardInterrupt
     assert list(target.parent.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- links: nothing is written through one
+
+LINKED = [  # (where in output_dir a link is planted, command)
+    (".mendctl.lock.json", "finetune"),
+    (".mendctl.lock", "pretrain"),
+    ("finetune/metrics.jsonl", "finetune"),
+    ("pretrain", "pretrain"),
+    ("vectors/tiny_sentiment/100.safetensors", "distill"),
+    ("eval/results.json", "eval"),
+]
+
+
+@pytest.mark.parametrize("where, command", LINKED, ids=[w for w, _ in LINKED])
+def test_a_link_in_the_output_folder_is_refused_and_its_target_untouched(where, command, tmp_path):
+    out = tmp_path / "out"
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    link = out / where
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(victim)
+    result = CliRunner().invoke(cli, [command, *base(tmp_path, out)])
+    assert result.exit_code == 2, result.output
+    assert f"{link} is a symbolic link" in " ".join(result.output.split()), result.output
+    assert "Traceback" not in result.output
+    assert victim.read_text() == "precious\n" and link.is_symlink()
+
+
+def test_writers_replace_no_link_and_append_through_none(tmp_path):
+    from mendctl.core.fileio import LinkRefused, open_append, write_json
+
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    for name in ("a.json", "b.jsonl"):
+        (tmp_path / name).symlink_to(victim)
+    with pytest.raises(LinkRefused, match="a.json is a symbolic link"):
+        write_json(tmp_path / "a.json", {"x": 1})
+    with pytest.raises(LinkRefused, match="b.jsonl is a symbolic link"):
+        open_append(tmp_path / "b.jsonl")
+    assert victim.read_text() == "precious\n"
+
+
+def test_export_and_cp_refuse_a_link_at_dest_even_with_force(tmp_path):
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    dest = tmp_path / "dest.yaml"
+    dest.symlink_to(victim)
+    result = CliRunner().invoke(cli, ["cp", "smollm2-demo", str(dest), "--force"])
+    assert result.exit_code == 2 and "is a symbolic link" in result.output, result.output
+    assert victim.read_text() == "precious\n"
+
+
+def test_a_folder_where_a_file_goes_is_named(tmp_path):
+    from mendctl.core.fileio import write_json
+
+    (tmp_path / "results.json").mkdir()
+    with pytest.raises(IsADirectoryError, match="a folder is in the place of this file"):
+        write_json(tmp_path / "results.json", {})
+
+
+# --------------------------------------------------------------------------- a full disk
+
+def test_a_full_disk_is_refused_before_writing_naming_the_folder_and_bytes(tmp_path, monkeypatch):
+    monkeypatch.setattr("mendctl.core.fileio.free_bytes", lambda folder: 10)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, ["finetune", *base(tmp_path, out)])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2, result.output
+    assert f"{out}: No space left on device (" in text and "bytes needed, 10 free)" in text
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("error", [
+    RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 40064 vs 39952"),
+    RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed"),
+    Exception('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left" })'),
+], ids=["torch-zip", "torch-write", "safetensors"])
+def test_a_library_s_own_words_for_a_full_disk_exit_2(error, tmp_path, monkeypatch):
+    def full(self, path, **kwargs):
+        raise error
+
+    monkeypatch.setattr("accelerate.Accelerator.save_state", full)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, ["pretrain", *base(tmp_path, out, "pretrain.save_every=1")])
+    assert result.exit_code == 2, result.output
+    assert f"{out / 'pretrain' / 'checkpoints'}: No space left on device" in " ".join(result.output.split())
+    assert "Traceback" not in result.output
+
+
+def test_an_enospc_of_any_writer_names_its_folder(tmp_path):
+    from mendctl.core.fileio import DiskFull, atomic_path
+
+    with pytest.raises(DiskFull, match=f"{tmp_path / 'eval'}: No space left on device"):
+        with atomic_path(tmp_path / "eval" / "results.json"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert list((tmp_path / "eval").iterdir()) == []
+
+
+# --------------------------------------------------------------------------- Ctrl-C: 130 at any point
+
+@pytest.mark.parametrize("where", ["mendctl.cli.load_recipe", "mendctl.data.prepare.prepare", "mendctl.commands.eval.run_eval"])
+def test_ctrl_c_at_any_point_exits_130_with_advice_the_command_takes(where, tmp_path, monkeypatch):
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(where, interrupt)
+    result = CliRunner().invoke(cli, ["eval", *base(tmp_path, tmp_path / "out")])
+    assert result.exit_code == 130, result.output
+    assert "interrupted" in result.output and "--resume" not in result.output
+    assert "Traceback" not in result.output and "Aborted!" not in result.output
+
+
+def test_click_s_abort_exits_130(monkeypatch, tmp_path):
+    import click
+
+    def abort(*args, **kwargs):
+        raise click.Abort
+
+    monkeypatch.setattr("mendctl.cli.load_recipe", abort)
+    result = CliRunner().invoke(cli, ["finetune", *base(tmp_path, tmp_path / "out")])
+    assert result.exit_code == 130 and "continue with --resume" in result.output
+    assert "Aborted!" not in result.output
+
+
+# --------------------------------------------------------------------------- distiller files
+
+@pytest.mark.parametrize("recipe_meta, phrase", [
+    ("{not json", "the recipe in its metadata is not JSON"),
+    ("[1, 2]", "the recipe in its metadata is damaged (a list, not a mapping)"),
+    ('{"distiller": "x"}', "distiller is a str, not a mapping"),
+    ("[" * 20000, "nested 20000 levels deep"),
+], ids=["not-json", "a-list", "distiller-a-string", "nested-deep"])
+def test_a_distiller_whose_metadata_is_damaged_is_named(recipe_meta, phrase, trained, tmp_path):
+    from safetensors.torch import load_file
+
+    weights = tmp_path / "d.safetensors"
+    save_file(load_file(trained / "pretrain" / "distiller.safetensors"), str(weights), {"recipe": recipe_meta})
+    result = CliRunner().invoke(cli, ["distill", *base(tmp_path, tmp_path / "out", f"distill.checkpoint={weights}")])
+    assert result.exit_code == 2, result.output
+    assert phrase in " ".join(result.output.split()) and "Traceback" not in result.output
+
+
+def test_distiller_and_vectors_files_are_byte_reproducible(tmp_path):
+    from mendctl.core.fileio import save_safetensors
+
+    tensors = {f"t{i}": torch.full((2, 3), float(i)) for i in range(5)}
+    meta = {f"key{i}": str(i) for i in range(30)}
+    save_safetensors(tmp_path / "a.safetensors", tensors, meta)
+    save_safetensors(tmp_path / "b.safetensors", dict(reversed(tensors.items())), dict(reversed(meta.items())))
+    a = (tmp_path / "a.safetensors").read_bytes()
+    assert a == (tmp_path / "b.safetensors").read_bytes()
+    n = int.from_bytes(a[:8], "little")
+    header = json.loads(a[8:8 + n])
+    assert list(header["__metadata__"]) == sorted(meta) and list(header) == sorted(header)
+    from safetensors.torch import load_file
+
+    assert torch.equal(load_file(tmp_path / "a.safetensors")["t3"], tensors["t3"])
+
+
+# --------------------------------------------------------------------------- the rest
+
+def test_a_stray_folder_among_checkpoints_is_not_taken_for_one(tmp_path):
+    from mendctl.training.checkpoint import STATE, checkpoints
+
+    for name in ("step_0000002", "step_backup", "step_", "step_3x"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / STATE).write_text('{"step": 2}')
+    assert [p.name for p in checkpoints(tmp_path)] == ["step_0000002"]
+
+
+def test_output_dir_with_a_tilde_is_in_the_home_folder():
+    from mendctl.core.config import load_recipe
+
+    assert load_recipe(ROOT / GPT2, ["output_dir=~/mendctl-x"]).output_dir == Path.home() / "mendctl-x"
+
+
+def test_stamping_runs_no_git_command_that_writes(monkeypatch):
+    import subprocess
+
+    from mendctl.core.provenance import git_hash
+
+    calls = []
+    real = subprocess.run
+
+    def run(args, **kwargs):
+        calls.append((args, kwargs.get("env", {}).get("GIT_OPTIONAL_LOCKS")))
+        return real(args, **kwargs)
+
+    monkeypatch.setattr(subprocess, "run", run)
+    index = Path(real(["git", "rev-parse", "--git-path", "index"], cwd=ROOT, capture_output=True, text=True).stdout.strip())
+    index = index if index.is_absolute() else ROOT / index
+    before = index.stat().st_mtime_ns if index.exists() else None
+    git_hash()
+    assert calls and all(args[:2] == ["git", "--no-optional-locks"] and env == "0" for args, env in calls)
+    assert (index.stat().st_mtime_ns if index.exists() else None) == before
+
+
+def test_ctrl_c_while_the_command_line_loads_exits_130(monkeypatch, capsys):
+    import builtins
+
+    from mendctl import entry
+
+    real = builtins.__import__
+
+    def interrupted(name, globals=None, locals=None, fromlist=(), level=0):
+        if name == "cli" and level == 1:  # `from .cli import main` in entry.py
+            raise KeyboardInterrupt
+        return real(name, globals, locals, fromlist, level)
+
+    monkeypatch.setattr(builtins, "__import__", interrupted)
+    with pytest.raises(SystemExit) as e:
+        entry.main()
+    err = capsys.readouterr().err
+    assert e.value.code == 130 and err.startswith("interrupted:") and "Traceback" not in err

@@ -93,3 +93,23 @@ def test_a_damaged_vectors_file_is_refused_then_distilled_again(trained):
     again = CliRunner().invoke(cli, ["distill", *base])
     assert "3 vectors file(s) already up to date" in again.output
     assert load_vectors(damaged).vectors.shape == (4, 64)
+
+
+def test_a_file_of_nan_or_of_another_k_is_not_up_to_date_and_eval_refuses_it(trained):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    base, out = trained
+    CliRunner().invoke(cli, ["distill", *base])
+    for path, tensor in ((_files(out)[("tiny_sentiment", 100)], torch.full((4, 64), float("nan"))),
+                         (_files(out)[("tiny_compare", 13)], torch.zeros(8, 64))):
+        with safe_open(str(path), "pt") as f:
+            meta = dict(f.metadata()) | {"num_vectors": str(tensor.shape[0])}
+        save_file({"vectors": tensor}, str(path), meta)
+    refused = CliRunner().invoke(cli, ["eval", *base, "--limit", "2", "eval.methods=[mend]"])
+    assert refused.exit_code == 2, refused.output
+    assert "100.safetensors: 256 of its 256 values are not finite" in " ".join(refused.output.split())
+    again = CliRunner().invoke(cli, ["distill", *base])
+    assert "2 vectors file(s) already up to date" in again.output
+    assert all(load_vectors(p).vectors.shape == (4, 64) and torch.isfinite(load_vectors(p).vectors).all()
+               for p in _files(out).values())

@@ -5,12 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import Progress
 
 from ..core.config import Recipe, TemplateSpec
 from ..core.provenance import text_hash
 from ..core.registry import get_backend
-from ..core.vectors import VectorsMismatch, as_metadata, read_metadata, save_vectors
+from ..core.vectors import BadVectors, VectorsMismatch, as_metadata, check_tensor, load_vectors, save_vectors
 from ..data.workspace import vectors_path
 from ..evaluation.scoring import DemoSet, demo_sets
 from ..models.backend import Models
@@ -32,10 +33,12 @@ def _up_to_date(path: Path, meta: dict, recipe: Recipe) -> bool:
     if not path.is_file():
         return False
     try:
-        have = read_metadata(path)
+        vf = load_vectors(path)  # its tensor checked too: nan, another K or shape is not up to date
+        check_tensor(vf.vectors, vf.metadata, str(path), recipe.num_vectors)
+        have = vf.metadata
         # A refinement key at its default is not recorded, so compare the refinements read back whole.
         same_refinement = refinement_of(have, str(path)) == refinement(recipe.distill)
-    except VectorsMismatch:  # damaged (say, by a copy cut short): distill it again
+    except (VectorsMismatch, BadVectors):  # damaged (say, by a copy cut short): distill it again
         return False
     # The method follows from the refinement compared above: files written before it was recorded stay valid.
     return same_refinement and all(have.get(k) == v for k, v in as_metadata(meta).items() if k != METHOD)
@@ -55,7 +58,7 @@ def run_distill(recipe: Recipe, force: bool = False, console: Console | None = N
         todo = [i for i, m in enumerate(metas) if force or not _up_to_date(vpaths[i], m, vrecipe)]
         if len(todo) < len(sets):
             console.print(f"{len(sets) - len(todo)} vectors file(s) already up to date in {variant.folder} "
-                          "(use --force to redo them)")
+                          "(use --force to redo them)", markup=False)
         with Progress(console=console) as progress:
             bar = progress.add_task(f"distilling {variant.folder}", total=len(todo))
             vectors = set_vectors(vrecipe, models, template, [sets[i] for i in todo], recipe.distill.batch_size)
@@ -65,6 +68,6 @@ def run_distill(recipe: Recipe, force: bool = False, console: Console | None = N
                 if not console.is_terminal:
                     console.print(f"distilled {n}/{len(todo)} ({variant.folder})")
         console.print(f"[green]{len(vpaths)} vectors file(s)[/] ({metas[0][METHOD]}) in "
-                      f"{recipe.output_dir / variant.folder}")
+                      f"{escape(str(recipe.output_dir / variant.folder))}")
         paths += vpaths
     return paths

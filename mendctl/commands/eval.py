@@ -31,13 +31,14 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..core.config import Recipe, TemplateSpec, resolved_dict
 from ..core.partitions import Partition
 from ..core.provenance import models_stamp, stamp, text_hash
 from ..core.registry import get_backend
-from ..core.vectors import VectorsMismatch, check_compatible, load_vectors
+from ..core.vectors import VectorsMismatch, check_compatible, check_tensor, load_vectors
 from ..data.workspace import data_dir, partition_for, vectors_path
 from ..evaluation import eval_cache, flops, metrics, report
 from ..evaluation.bootstrap import RESAMPLED, Paired, task_bootstrap, too_few
@@ -95,7 +96,8 @@ def _saved_vectors(run: EvalRun, variant: Variant, ds: DemoSet) -> tuple[torch.T
     if not path.is_file():
         return None, {"source": "distilled", "reason": f"no file {path}"}
     try:
-        vf = load_vectors(path)
+        vf = load_vectors(path)  # a file whose tensor is damaged (nan, another shape) is refused: BadVectors
+        check_tensor(vf.vectors, vf.metadata, str(path), run.recipe.num_vectors)
         check_compatible(vf, run.models.llm_config_hash, run.models.llm.hidden_size, str(path))
         refined = refinement_of(vf.metadata, str(path))
     except VectorsMismatch as e:  # unreadable, or made for another LLM: distill this set now instead
@@ -242,7 +244,7 @@ def _evaluate_set(run: EvalRun, qs: QuerySet, progress: Progress, bar) -> SetRes
     classification = run.partition.is_classification(qs.demos.task)
     result, scored = SetResult(len(qs.queries), text_hash(qs.demos.context), qs.available), {}
     for method in run.methods:
-        progress.update(bar, description=f"{qs.demos.task} seed {qs.demos.seed} {method}")
+        progress.update(bar, description=escape(f"{qs.demos.task} seed {qs.demos.seed} {method}"))
         scored[method], prefix_tokens, cached, timed = _run_method(run, method, qs,
                                                                    lambda n: progress.advance(bar, n))
         s = scored[method]
@@ -254,7 +256,7 @@ def _evaluate_set(run: EvalRun, qs: QuerySet, progress: Progress, bar) -> SetRes
             compress_flops=s.prefix_flops if method == "llmlingua" else None)
         if not progress.console.is_terminal:  # the bar is invisible in a log file: one line per method
             progress.console.print(f"eval {qs.demos.task} seed {qs.demos.seed} {method}: "
-                                   f"{100 * result.methods[method].score:.1f}")
+                                   f"{100 * result.methods[method].score:.1f}", markup=False)
     if "icl" in run.methods:
         for row in run.vectors:
             result.vs_icl[row] = Agreement(metrics.agreement(scored["icl"].predictions, scored[row].predictions),

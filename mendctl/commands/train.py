@@ -24,22 +24,24 @@ from accelerate.optimizer import AcceleratedOptimizer
 from accelerate.scheduler import AcceleratedScheduler
 from accelerate.utils import set_seed
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
 from transformers import get_linear_schedule_with_warmup
 
-from ..core.config import Recipe, TemplateSpec
+from ..core.config import Recipe, TemplateSpec, resolved_dict
+from ..core.fileio import open_append
 from ..core.registry import get_backend
 from ..models.anchors import anchor_embeddings, anchor_ids
 from ..models.backend import Models
 from ..models.distiller import distiller_inputs
 from ..training.averaging import WeightAverage
 from ..training.checkpoint import (BEST, checkpoints, keep_trainable_in_checkpoints, load_distiller, read_state,
-                         save_checkpoint, save_distiller, write_distiller)
+                                   save_checkpoint, save_distiller, write_distiller)
 from ..training.curves import Validation, plot
 from ..training.examples import Example, TaskExamples, TextExamples
 from ..training.losses import ForwardKL, OptionKL, SparseKL, TargetCE
-from ..training.resume import trim_metrics, verify_checkpoint
+from ..training.resume import check_same_recipe, trim_metrics, verify_checkpoint
 from ..training.stage import Stage, build_stage
 from ..training.teacher_cache import CachedTeacher, open_teacher, teacher_logits
 
@@ -274,10 +276,11 @@ def _prepare(stage: Stage, trackers: list[str], console: Console) -> Run:
 def _init_weights(stage: Stage, models: Models, console: Console) -> None:
     if stage.start_from is not None:
         load_distiller(models.distiller, stage.start_from, for_vectors=False)
-        console.print(f"Starting from {stage.start_from}")
+        console.print(f"Starting from {stage.start_from}", markup=False)
     elif stage.follows is not None:
         console.print("[yellow]No stage-1 distiller in "
-                      f"{stage.recipe.stage_dir(stage.follows)}: finetuning starts from the initial distiller.[/]")
+                      f"{escape(str(stage.recipe.stage_dir(stage.follows)))}: finetuning starts from the initial "
+                      "distiller.[/]")
 
 
 def _resume(run: Run, console: Console) -> int:
@@ -287,13 +290,15 @@ def _resume(run: Run, console: Console) -> int:
     if not done:
         raise FileNotFoundError(f"--resume: no checkpoint in {stage.checkpoints}")
     verify_checkpoint(done[-1], accelerator.num_processes, averaged=run.average is not None)
-    step = read_state(done[-1])["step"]
+    state = read_state(done[-1])
+    check_same_recipe(state, resolved_dict(stage.recipe), stage.name, done[-1])
+    step = state["step"]
     if step > stage.spec.steps:
         raise ValueError(f"--resume: {done[-1]} is at step {step}, beyond {stage.name}.steps={stage.spec.steps}; "
                          f"set {stage.name}.steps to at least {step}")
     accelerator.load_state(str(done[-1]))
     if run.main:
-        console.print(f"Resuming from {done[-1]} (step {step}/{stage.spec.steps})")
+        console.print(f"Resuming from {done[-1]} (step {step}/{stage.spec.steps})", markup=False)
     run.last_good = done[-1]
     return step
 
@@ -302,8 +307,8 @@ def _metrics_log(path: Path, resume_step: int, console: Console):
     """metrics.jsonl opened for append; on resume, lines after the checkpoint are dropped."""
     note = trim_metrics(path, resume_step)
     if note:
-        console.print(f"[yellow]note[/]: {note}")
-    return path.open("a")
+        console.print(f"[yellow]note[/]: {escape(note)}")
+    return open_append(path)
 
 
 def _progress(console: Console, enabled: bool) -> Progress:
@@ -383,8 +388,9 @@ def _checkpoint(run: Run, at: int) -> Path:
     # The cache first: a resumed run must find every teacher row the checkpointed steps computed.
     if run.objective.cached:
         run.objective.cached.cache.flush()
-    return save_checkpoint(run.accelerator, run.stage.checkpoints, at, {"step": at, "position": at * run.per_step},
-                           run.stage.spec.keep_last)
+    # The resolved recipe too: --resume compares it with its own (resume.check_same_recipe).
+    state = {"step": at, "position": at * run.per_step, "recipe": resolved_dict(run.stage.recipe)}
+    return save_checkpoint(run.accelerator, run.stage.checkpoints, at, state, run.stage.spec.keep_last)
 
 
 def _save_interrupted(run: Run, step: int, rng: dict, console: Console) -> None:
@@ -395,7 +401,7 @@ def _save_interrupted(run: Run, step: int, rng: dict, console: Console) -> None:
     if run.accelerator.num_processes == 1 and step > 0 and (last is None or read_state(last)["step"] != step):
         _set_rng_state(rng)
         saved = _checkpoint(run, step)
-        console.print(f"[yellow]interrupted[/]: step {step} saved to {saved}")
+        console.print(f"[yellow]interrupted[/]: step {step} saved to {escape(str(saved))}")
 
 
 def _finish(run: Run, step: int, console: Console) -> Path:
@@ -409,7 +415,7 @@ def _finish(run: Run, step: int, console: Console) -> Path:
         with run.kept():
             path = save_distiller(run.stage.out, run.accelerator.unwrap_model(run.distiller), run.stage.recipe,
                                   {**run.info, "steps": step, "ema": run.stage.spec.ema})
-        console.print(f"[green]{run.stage.name} done[/]: {path}")
+        console.print(f"[green]{run.stage.name} done[/]: {escape(str(path))}")
     if run.tracking:
         run.accelerator.end_training()
     return path

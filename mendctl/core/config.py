@@ -6,13 +6,17 @@ where the YAML has it, the line.
 """
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator,
+                      model_validator)
+from pydantic import Strict as PydanticStrict
 
+from .bounded import TooDeep, compose_yaml, load_yaml
 from .task_files import DEFAULT_K, DEFAULT_SEEDS, META_TRAIN_FILE
 
 Method = Literal["zero-shot", "icl", "icl-truncated", "mend", "llmlingua"]
@@ -22,9 +26,33 @@ Anchor = Literal["none", "last", "labels", "label_set", "label_set_filled"]
 ANCHORS = get_args(Anchor)
 
 
+def _a_number(v):
+    # YAML reads `true`, `yes` and `on` as booleans; a bool is an int in Python, but never a rate. (Text
+    # stays for pydantic to parse: PyYAML reads `1e-5`, without a dot, as a string.)
+    if isinstance(v, bool):
+        raise ValueError(f"Input should be a number, not {str(v).lower()}")
+    return v
+
+
+# Every count and number of a recipe: no bool for an int (`steps: true` is no 1 step), no text, no 2.5 steps.
+Int = Annotated[int, PydanticStrict()]
+Float = Annotated[float, BeforeValidator(_a_number)]
+Bool = Annotated[bool, PydanticStrict()]  # true or false, not 1 or "yes"
+MAX_SEED = 2**32 - 1  # numpy's random seeds stop there
+
+
 class Strict(BaseModel):
     # allow_inf_nan=False: `lr: .inf` or `nan` is a typo, never a setting.
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+def _user_path(v):
+    """`~` is the user's home, as in a shell; a path holding control characters is a typo or a trick."""
+    if isinstance(v, (str, Path)):
+        if any(unicodedata.category(c) in ("Cc", "Cf") for c in str(v)):
+            raise ValueError(f"{str(v)!r} holds control or invisible formatting characters")
+        return Path(v).expanduser()
+    return v
 
 
 def _existing(path: Path, what: str = "path") -> Path:
@@ -34,7 +62,7 @@ def _existing(path: Path, what: str = "path") -> Path:
 
 
 # Relative paths resolve against the working directory, as users run shipped recipes from the repo root.
-ExistingPath = Annotated[Path, AfterValidator(_existing)]
+ExistingPath = Annotated[Path, BeforeValidator(_user_path), AfterValidator(_existing)]
 
 
 # Positions of a random_init model (gpt2, llama): what validate holds a random model's lengths to
@@ -45,12 +73,12 @@ RANDOM_INIT_POSITIONS = 4096
 class RandomInit(Strict):
     """A randomly initialised model with a byte-level tokenizer built in-process (no download)."""
 
-    layers: int = Field(2, ge=1)
-    hidden: int = Field(64, ge=8)
-    heads: int = Field(2, ge=1)
+    layers: Int = Field(2, ge=1)
+    hidden: Int = Field(64, ge=8)
+    heads: Int = Field(2, ge=1)
     # Wider than the usual 0.02: a random LLM initialised that narrowly predicts nearly the same
     # distribution whatever the context, which leaves the distiller nothing to learn.
-    init_std: float = Field(0.2, gt=0, description="std of the random weights")
+    init_std: Float = Field(0.2, gt=0, description="std of the random weights")
 
     @model_validator(mode="after")
     def _heads_divide_hidden(self) -> "RandomInit":
@@ -98,26 +126,26 @@ def _is_local_path(source: str) -> bool:
 class LoraSpec(Strict):
     """LoRA adapters (peft) on the distiller body's linear maps; the body's own weights stay frozen."""
 
-    r: int = Field(16, ge=1, description="rank of each adapter")
-    alpha: float = Field(32, gt=0, description="adapter output scaled by alpha / r")
-    dropout: float = Field(0.0, ge=0, lt=1)
+    r: Int = Field(16, ge=1, description="rank of each adapter")
+    alpha: Float = Field(32, gt=0, description="adapter output scaled by alpha / r")
+    dropout: Float = Field(0.0, ge=0, lt=1)
     target_modules: list[str] | None = Field(None, min_length=1, description="module names; default: the backend's")
 
 
 class DistillerSpec(ModelSpec):
-    init_from_llm_layers: int | None = Field(None, ge=1)
+    init_from_llm_layers: Int | None = Field(None, ge=1)
     placeholder_init: Literal["random", "vocab"] = "random"
-    max_length: int = Field(1024, ge=8, description="distiller input tokens; demonstrations beyond are cut from the left")
+    max_length: Int = Field(1024, ge=8, description="distiller input tokens; demonstrations beyond are cut from the left")
     lora: LoraSpec | None = Field(None, description="train adapters instead of the body; shares the LLM's layers")
-    freeze_embeddings: bool = Field(False, description="keep the body's token embeddings as loaded")
+    freeze_embeddings: Bool = Field(False, description="keep the body's token embeddings as loaded")
     anchor: Anchor = Field(
         "none", description="vectors = these K frozen LLM token embeddings + a correction that starts at zero")
-    read_anchors: bool = Field(
+    read_anchors: Bool = Field(
         False, description="anchored: each placeholder's input adds its anchor's embedding (mapped to the body's "
                            "width), so that the correction of a slot knows which token it corrects")
-    scale_to_embeddings: bool = Field(
+    scale_to_embeddings: Bool = Field(
         False, description="plain distiller: a LayerNorm starting at the LLM embeddings' per-dimension mean and std")
-    max_correction: float | None = Field(
+    max_correction: Float | None = Field(
         None, gt=0, description="anchored: each slot's correction is at most this fraction of its anchor's norm "
                                 "(a soft bound, the identity near zero); none: unbounded")
 
@@ -149,8 +177,8 @@ class TemplateSpec(Strict):
     input: str = "{input}"
     output: str = " {output}"
     separator: str = " "
-    max_example_tokens: int = Field(256, ge=1, description="LLM tokens per demonstration input")
-    max_context_tokens: int = Field(1024, ge=1, description="LLM tokens for all demonstrations")
+    max_example_tokens: Int = Field(256, ge=1, description="LLM tokens per demonstration input")
+    max_context_tokens: Int = Field(1024, ge=1, description="LLM tokens for all demonstrations")
 
     @field_validator("input")
     @classmethod
@@ -174,8 +202,8 @@ class TasksSpec(Strict):
     bigbench: Literal["fetch"] | ExistingPath | None = Field(
         None, description="convert BIG-bench into output_dir/data first: a task directory, the sdist, or 'fetch'")
     partition: str
-    k: int = Field(DEFAULT_K, ge=1)
-    seeds: list[int] = Field(default_factory=lambda: list(DEFAULT_SEEDS), min_length=1)
+    k: Int = Field(DEFAULT_K, ge=1)
+    seeds: list[Int] = Field(default_factory=lambda: list(DEFAULT_SEEDS), min_length=1)
     validation: list[str] = Field(default_factory=list,
                                   description="meta-train tasks held out of stage 2 for the learning curves")
 
@@ -190,6 +218,16 @@ class TasksSpec(Strict):
         if len(set(self.validation)) != len(self.validation):
             raise ValueError("validation lists a task more than once")
         return self
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds_once(cls, v: list[int]) -> list[int]:
+        # Two equal seeds are one demonstration set counted twice in every mean.
+        if twice := sorted({s for s in v if v.count(s) > 1}):
+            raise ValueError(f"lists a seed more than once: {twice}")
+        if out := [s for s in v if not 0 <= s <= MAX_SEED]:
+            raise ValueError(f"seeds are from 0 to {MAX_SEED}: {out}")
+        return v
 
     def check_validation_in(self, train_tasks: str) -> None:
         """The validation tasks against finetune.train_tasks: with `partition`, from its train list
@@ -222,40 +260,40 @@ class TasksSpec(Strict):
 
 
 class TrainSpec(Strict):
-    steps: int = Field(ge=1)
-    batch_size: int = Field(8, ge=1, description="examples per process per optimiser step, before accumulation")
-    grad_accum: int = Field(1, ge=1)
-    lr: float = Field(gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    warmup_steps: int = Field(0, ge=0)
-    max_grad_norm: float | None = Field(1.0, gt=0)
-    temperature: float = Field(1.0, gt=0)
-    teacher_cache: bool = Field(True, description="reuse the teacher's top-k distributions across runs (cache_dir()/teacher)")
-    teacher_top_k: int = Field(64, ge=1, description="teacher tokens kept per position when teacher_cache is on")
-    save_every: int = Field(500, ge=1)
-    keep_last: int = Field(2, ge=1)
+    steps: Int = Field(ge=1)
+    batch_size: Int = Field(8, ge=1, description="examples per process per optimiser step, before accumulation")
+    grad_accum: Int = Field(1, ge=1)
+    lr: Float = Field(gt=0)
+    weight_decay: Float = Field(0.0, ge=0)
+    warmup_steps: Int = Field(0, ge=0)
+    max_grad_norm: Float | None = Field(1.0, gt=0)
+    temperature: Float = Field(1.0, gt=0)
+    teacher_cache: Bool = Field(True, description="reuse the teacher's top-k distributions across runs (cache_dir()/teacher)")
+    teacher_top_k: Int = Field(64, ge=1, description="teacher tokens kept per position when teacher_cache is on")
+    save_every: Int = Field(500, ge=1)
+    keep_last: Int = Field(2, ge=1)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     trackers: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list)
-    eval_every: int | None = Field(None, ge=1, description="steps between validation scores (tasks.validation)")
-    eval_queries: int = Field(20, ge=1, description="validation queries per task and demonstration set")
-    eval_sets: int = Field(1, ge=1, description="demonstration sets per validation task: those of the first N of "
+    eval_every: Int | None = Field(None, ge=1, description="steps between validation scores (tasks.validation)")
+    eval_queries: Int = Field(20, ge=1, description="validation queries per task and demonstration set")
+    eval_sets: Int = Field(1, ge=1, description="demonstration sets per validation task: those of the first N of "
                            "tasks.seeds (one set's vectors can rank distillers unlike another's)")
-    keep_best: bool = Field(False, description="also write best.safetensors: the distiller at the validation step "
+    keep_best: Bool = Field(False, description="also write best.safetensors: the distiller at the validation step "
                             "with the lowest val_kl (needs eval_every)")
-    ema: float | None = Field(None, gt=0, lt=1, description="decay of a moving average of the trained weights: "
+    ema: Float | None = Field(None, gt=0, lt=1, description="decay of a moving average of the trained weights: "
                               "the curve scores it, best.safetensors and the final distiller hold it")
 
 
 class PretrainSpec(TrainSpec):
-    lr: float = Field(5e-5, gt=0)
-    text: list[ExistingPath] | None = Field(None, description=".txt files, folders of them, or .jsonl with a text field")
+    lr: Float = Field(5e-5, gt=0)
+    text: list[ExistingPath] | None = Field(None, min_length=1, description=".txt files, folders of them, or .jsonl with a text field")
     hf_dataset: str | None = Field(None, description="a Hugging Face dataset id, streamed (needs a network), or a "
                                    "local dataset folder read the same way; needs mendctl[hf-data]")
     hf_config: str | None = Field(None, description="the dataset's configuration (C4: en); none: its default")
     hf_split: str = "train"
-    bigbench_passages: int | None = Field(None, ge=1, description="this many passages of BIG-bench tasks in no test list")
-    max_length: int = Field(1024, ge=8)
-    demo_fraction: float = Field(0.8, gt=0, lt=1)
+    bigbench_passages: Int | None = Field(None, ge=1, description="this many passages of BIG-bench tasks in no test list")
+    max_length: Int = Field(1024, ge=8)
+    demo_fraction: Float = Field(0.8, gt=0, lt=1)
 
     @model_validator(mode="after")
     def _one_source(self) -> "PretrainSpec":
@@ -270,16 +308,16 @@ class PretrainSpec(TrainSpec):
 
 
 class FinetuneSpec(TrainSpec):
-    lr: float = Field(1e-5, gt=0)
+    lr: Float = Field(1e-5, gt=0)
     train_file: str = Field(META_TRAIN_FILE, description="meta-train file of each task, under data_dir/{task}/")
-    kl_weight: float = Field(1.0, ge=0)
-    ce_weight: float = Field(1.0, ge=0, description="weight of the student's target-token CE (0 = KL only)")
+    kl_weight: Float = Field(1.0, ge=0)
+    ce_weight: Float = Field(1.0, ge=0, description="weight of the student's target-token CE (0 = KL only)")
     kl_on: Literal["query", "output", "options"] = Field(
         "query", description="what the KL compares: the next-token distributions at every query token (input and "
         "output, as the method) or at the output's tokens alone, or the distribution over the example's options "
         "that mendctl eval scores, where its answer is decided")
     init_from: ExistingPath | None = Field(None, description="stage-1 output; default output_dir/pretrain when present")
-    remap_labels: float = Field(0.0, ge=0, le=1, description="probability that an episode's option strings are "
+    remap_labels: Float = Field(0.0, ge=0, le=1, description="probability that an episode's option strings are "
                                 "replaced by random words, in the demonstrations and the target alike")
     train_tasks: Literal["partition", "all"] = Field(
         "partition", description="all: every classification task in data_dir with a train_file, except the test "
@@ -287,7 +325,7 @@ class FinetuneSpec(TrainSpec):
     task_sampling: Literal["uniform", "proportional", "family"] = Field(
         "uniform", description="how an episode's task is drawn: uniformly, in proportion to its examples, or "
         "uniformly over families (the name before '-'), then over the family's tasks")
-    queries_per_episode: int = Field(1, ge=1, description="queries drawn with each set of demonstrations: the "
+    queries_per_episode: Int = Field(1, ge=1, description="queries drawn with each set of demonstrations: the "
                                      "distiller runs once per set, its vectors serve them all; divides batch_size")
 
     @field_validator("train_file")
@@ -309,29 +347,29 @@ class FinetuneSpec(TrainSpec):
 class DistillVariant(Strict):
     """Another set of vectors for the same demonstrations: the distill section with these keys changed."""
 
-    refine_steps: int | None = Field(None, ge=0)
-    refine_lr: float | None = Field(None, gt=0)
+    refine_steps: Int | None = Field(None, ge=0)
+    refine_lr: Float | None = Field(None, gt=0)
     refine_from: Literal["distiller", "anchors"] | None = None
     refine_on: Literal["tokens", "options"] | None = None
-    refine_ce_weight: float | None = Field(None, ge=0)
+    refine_ce_weight: Float | None = Field(None, ge=0)
 
     def keys(self) -> dict:
         return self.model_dump(exclude_none=True)
 
 
 class DistillSpec(Strict):
-    batch_size: int = Field(8, ge=1)
+    batch_size: Int = Field(8, ge=1)
     checkpoint: ExistingPath | None = Field(None, description="distiller to use; default output_dir/finetune, else output_dir/pretrain")
-    refine_steps: int = Field(0, ge=0, description="Adam steps on each set's vectors after the distiller, on the KL to "
+    refine_steps: Int = Field(0, ge=0, description="Adam steps on each set's vectors after the distiller, on the KL to "
                               "ICL over leave-one-out episodes of its own demonstrations (0 = none)")
-    refine_lr: float = Field(3e-3, gt=0, description="learning rate of those steps")
+    refine_lr: Float = Field(3e-3, gt=0, description="learning rate of those steps")
     refine_from: Literal["distiller", "anchors"] = Field(
         "distiller", description="what the steps start from: the distiller's vectors, or the anchors alone (the "
         "LLM's embeddings of distiller.anchor's tokens; no distiller is run)")
     refine_on: Literal["tokens", "options"] = Field(
         "tokens", description="what the steps' KL compares: the next-token distributions at every query token, or "
         "the distributions over each demonstration's options (as finetune.kl_on: options)")
-    refine_ce_weight: float = Field(
+    refine_ce_weight: Float = Field(
         0.0, ge=0, description="weight of the vectors' mean token loss of each demonstration's own label beside "
         "that KL (as finetune.ce_weight; needs refine_on: options): ICL's errors on its demonstrations are not copied")
     variants: list[DistillVariant] = Field(
@@ -342,11 +380,11 @@ class DistillSpec(Strict):
 class EvalSpec(Strict):
     methods: list[Method] = Field(
         default_factory=lambda: ["zero-shot", "icl", "mend"], min_length=1)
-    batch_size: int = Field(8, ge=1, description="distillation batch when vectors are made on the fly")
-    cache: bool = Field(True, description="reuse zero-shot / icl / icl-truncated scores from the cache")
-    bootstrap_samples: int = Field(1000, ge=0, description="paired bootstrap resamples for the CIs; 0 = none")
-    bootstrap_seed: int = 0
-    retime_queries: int = Field(8, ge=0, description="queries of each set on which a method scored from the cache is "
+    batch_size: Int = Field(8, ge=1, description="distillation batch when vectors are made on the fly")
+    cache: Bool = Field(True, description="reuse zero-shot / icl / icl-truncated scores from the cache")
+    bootstrap_samples: Int = Field(1000, ge=0, description="paired bootstrap resamples for the CIs; 0 = none")
+    bootstrap_seed: Int = Field(0, ge=0, le=MAX_SEED)
+    retime_queries: Int = Field(8, ge=0, description="queries of each set on which a method scored from the cache is "
                                 "timed again in this run, so that its latency stands beside the others' (0 = keep "
                                 "the cached latency)")
 
@@ -354,8 +392,8 @@ class EvalSpec(Strict):
 class Recipe(Strict):
     backend: str
     output_dir: Path
-    seed: int = Field(0, ge=0)
-    num_vectors: int = Field(ge=1, le=4096, description="K, the number of distilled vectors")
+    seed: Int = Field(0, ge=0, le=MAX_SEED)
+    num_vectors: Int = Field(ge=1, le=4096, description="K, the number of distilled vectors")
     llm: ModelSpec
     distiller: DistillerSpec
     template: TemplateSpec | None = Field(None, description="default: the backend's")
@@ -370,7 +408,7 @@ class Recipe(Strict):
     def _not_empty(cls, v):
         if isinstance(v, str) and not v.strip():
             raise ValueError("must not be empty (it would mean the working directory)")
-        return v
+        return _user_path(v)
 
     @model_validator(mode="after")
     def _refining_settings_fit(self) -> "Recipe":
@@ -457,7 +495,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ValueError(f"override {text!r} names no key" if not key.strip() else f"override {text!r}: empty key part")
     try:
         # YAML parsing gives numbers, booleans, lists and null the way they read in a recipe.
-        value = yaml.safe_load(raw) if raw != "" else ""
+        shown = text if len(text) <= 60 else text[:57] + "..."
+        value = load_yaml(raw, f"override {shown!r}") if raw != "" else ""
     except yaml.YAMLError as e:
         raise ValueError(f"override {text!r}: invalid YAML value ({getattr(e, 'problem', e)})") from None
     return path, value
@@ -561,8 +600,11 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
         line = raw[: e.start].count(b"\n") + 1
         raise RecipeError(str(path), [(f"{path}:{line}", "", "not UTF-8 text")]) from None
     try:
-        root = yaml.compose(text)
+        root = compose_yaml(text, str(path))
         data = yaml.safe_load(text) or {}
+    except TooDeep as e:  # its message starts with the file (and line) at fault
+        loc, _, msg = str(e).removeprefix(str(path)).partition(": ")
+        raise RecipeError(str(path), [(f"{path}{loc}", "", msg)]) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         loc = f"{path}:{mark.line + 1}" if mark else str(path)

@@ -16,6 +16,8 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
+from .fileio import refuse_link, refuse_links_in, write_text
+
 LOCK = ".mendctl.lock"
 HOLDER = ".mendctl.lock.json"
 
@@ -59,6 +61,9 @@ def output_lock(path: Path, command: str):
     if not _is_main_process():
         yield path
         return
+    # FileLock opens its file with O_TRUNC: a link planted there would empty the file it points to.
+    refuse_link(path / LOCK)
+    refuse_link(path / HOLDER)
     lock = FileLock(str(path / LOCK), timeout=0)
     try:
         lock.acquire()
@@ -70,11 +75,13 @@ def output_lock(path: Path, command: str):
     try:
         info = {"pid": os.getpid(), "host": socket.gethostname(), "command": command,
                 "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
-        (path / HOLDER).write_text(json.dumps(info) + "\n")
+        refuse_links_in(path)  # whatever the command writes below, it writes through no link
+        write_text(path / HOLDER, json.dumps(info) + "\n")
         yield path
     finally:
         try:
-            (path / HOLDER).unlink(missing_ok=True)
+            if not (path / HOLDER).is_symlink():
+                (path / HOLDER).unlink(missing_ok=True)
         finally:
             lock.release()
 

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import json
 import re
+import unicodedata
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any, Callable
 
+from .bounded import loads_json
 from .suggest import did_you_mean
 
 CLASSIFICATION = "classification"
@@ -40,9 +42,12 @@ _TASK_NAME = re.compile(r"[^/\\\x00-\x1f.][^/\\\x00-\x1f]*")
 
 def check_task_name(task: object, source: str = "task name") -> str:
     """`task` if it is a safe single path component; else a ValueError naming `source`."""
-    if not isinstance(task, str) or not _TASK_NAME.fullmatch(task):
+    # Cc: control characters (C0, DEL, C1); Cf: invisible formatting, bidi overrides among them (a name
+    # that reads `test` and is `tset`), zero-width spaces.
+    if not isinstance(task, str) or not _TASK_NAME.fullmatch(task) or any(
+            unicodedata.category(c) in ("Cc", "Cf") for c in task):
         raise ValueError(f"{source}: {task!r} is not a valid task name (one folder name: no '/', '\\', "
-                         "leading '.', or control characters)")
+                         "leading '.', control or bidi characters)")
     return task
 
 
@@ -108,7 +113,13 @@ def load_partition(name_or_path: str | Path) -> Partition:
         path = Path(text).expanduser()
         if not path.is_file():
             raise ValueError(f"partition file {path} does not exist")
-        return _parse(path.stem, _read_json(path, path.read_text(encoding="utf-8")), str(path))
+        raw = path.read_bytes()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = raw[: e.start].count(b"\n") + 1
+            raise ValueError(f"{path}:{line}: not UTF-8 text") from None
+        return _parse(path.stem, _read_json(path, text), str(path))
 
     names = list_partitions()
     if text not in names:
@@ -134,7 +145,7 @@ def _unknown_name_message(name: str, names: list[str]) -> str:
 
 def _read_json(source: object, raw: str) -> Any:
     try:
-        return json.loads(raw)
+        return loads_json(raw, str(source))
     except json.JSONDecodeError as exc:
         raise ValueError(f"{source}: not valid JSON ({exc})") from exc
 

@@ -7,10 +7,10 @@ does (lm.py, distiller.py), never crash.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from types import SimpleNamespace
 
+from .bounded import loads_json
 from .config import RANDOM_INIT_POSITIONS, ModelSpec, Recipe, TemplateSpec
 
 
@@ -34,7 +34,7 @@ def _config(spec: ModelSpec):
     source = getattr(spec, "source", None)
     path = Path(source).expanduser() / "config.json" if source else None
     if path is not None and spec.gguf_file is None and path.is_file():
-        config = json.loads(path.read_text(encoding="utf-8"))
+        config = loads_json(path.read_text(encoding="utf-8"), str(path))
         if not isinstance(config, dict):
             raise ValueError("not a JSON object")
         return SimpleNamespace(**config)

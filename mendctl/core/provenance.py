@@ -3,6 +3,7 @@ results the models that made them."""
 from __future__ import annotations
 
 import hashlib
+import os
 import platform
 import subprocess
 from importlib.metadata import PackageNotFoundError, version
@@ -26,12 +27,16 @@ def versions() -> dict[str, str]:
 def git_hash() -> str | None:
     """The commit of the mendctl checkout in use ("+dirty" when it has local changes); None outside git."""
     here = Path(__file__).resolve().parent
+    # Read only: `git status` would otherwise refresh the checkout's index (a write, and a lock another
+    # git command may trip over); --no-optional-locks and GIT_OPTIONAL_LOCKS=0 make it leave the index alone.
+    git = ["git", "--no-optional-locks"]
+    env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0"}
     try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        rev = subprocess.run([*git, "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10, env=env)
         if rev.returncode:
             return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10, env=env).stdout.strip()
         return rev.stdout.strip() + ("+dirty" if dirty else "")
     except (OSError, subprocess.TimeoutExpired):
         return None

@@ -12,10 +12,9 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from . import __version__
-from .fileio import atomic_path
+from .fileio import save_safetensors
 
 FORMAT_VERSION = "1"
 REQUIRED = ("format_version", "llm_id", "llm_config_hash", "distiller_hash", "num_vectors", "dtype", "task",
@@ -24,6 +23,36 @@ REQUIRED = ("format_version", "llm_id", "llm_config_hash", "distiller_hash", "nu
 
 class VectorsMismatch(ValueError):
     pass
+
+
+class BadVectors(ValueError):
+    """A vectors file whose tensor cannot be what mendctl wrote: another shape, dtype or non-finite values.
+    Never used: an all-NaN prefix scores every option alike, and the results would not show it."""
+
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_tensor(vectors: torch.Tensor, meta: dict[str, str], where: str, num_vectors: int | None = None) -> None:
+    """Raises BadVectors naming `where` and the fault: shape [K, hidden] (K as the metadata says, and as
+    `num_vectors` when given), a float dtype as the metadata says, finite values."""
+    if vectors.dim() != 2:
+        raise BadVectors(f"{where}: the vectors tensor has shape {list(vectors.shape)}, not [K, hidden]")
+    k = vectors.shape[0]
+    if k < 1 or vectors.shape[1] < 1:
+        raise BadVectors(f"{where}: the vectors tensor is empty (shape {list(vectors.shape)})")
+    if meta.get("num_vectors") != str(k):
+        raise BadVectors(f"{where}: holds {k} vectors, its metadata says num_vectors={meta.get('num_vectors')!r}")
+    if num_vectors is not None and k != num_vectors:
+        raise BadVectors(f"{where}: holds {k} vectors, the recipe has num_vectors={num_vectors}; make them again "
+                         "with `mendctl distill --force`")
+    if vectors.dtype not in FLOAT_DTYPES or meta.get("dtype") != str(vectors.dtype).removeprefix("torch."):
+        raise BadVectors(f"{where}: the vectors are {str(vectors.dtype).removeprefix('torch.')}, its metadata says "
+                         f"dtype={meta.get('dtype')!r} (one of float32, bfloat16, float16)")
+    if not bool(torch.isfinite(vectors).all()):
+        bad = int((~torch.isfinite(vectors)).sum())
+        raise BadVectors(f"{where}: {bad} of its {vectors.numel()} values are not finite (nan or inf); make them "
+                         "again with `mendctl distill --force`")
 
 
 @dataclass
@@ -46,11 +75,12 @@ def save_vectors(path: Path, vectors: torch.Tensor, metadata: dict) -> None:
     meta = as_metadata(metadata)
     meta.update(format_version=FORMAT_VERSION, mendctl_version=__version__, num_vectors=str(vectors.shape[0]),
                 dtype=str(vectors.dtype).removeprefix("torch."))
+    # A distiller that made nan (say, from a diverged checkpoint) must not leave a file that eval would use.
+    check_tensor(vectors, meta, str(path))
     missing = [k for k in REQUIRED if k not in meta]
     if missing:
         raise ValueError(f"vectors metadata lacks {missing}")
-    with atomic_path(Path(path)) as tmp:
-        save_file({"vectors": vectors.detach().cpu().contiguous()}, str(tmp), metadata=meta)
+    save_safetensors(Path(path), {"vectors": vectors.detach().cpu().contiguous()}, meta)
 
 
 def _open(path: Path):
@@ -86,6 +116,8 @@ def check_compatible(vf: VectorsFile, config_hash: str, hidden_size: int, where:
 def load_vectors(path: str | Path, model=None) -> VectorsFile:
     """Reads a vectors file; with `model` (a transformers model) also checks it was made for that LLM."""
     path = Path(path)
+    if path.is_dir():
+        raise VectorsMismatch(f"{path} is a folder, not a vectors file")
     with _open(path) as f:
         meta = dict(f.metadata() or {})
         if "vectors" not in f.keys():
@@ -94,6 +126,7 @@ def load_vectors(path: str | Path, model=None) -> VectorsFile:
     missing = [k for k in REQUIRED if k not in meta]
     if missing:
         raise VectorsMismatch(f"{path}: not a mendctl vectors file (metadata lacks {', '.join(missing)})")
+    check_tensor(vectors, meta, str(path))
     vf = VectorsFile(vectors, meta, path)
     if model is not None:
         check_compatible(vf, config_hash(model.config), model.get_input_embeddings().weight.shape[1], str(path))

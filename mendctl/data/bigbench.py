@@ -39,9 +39,10 @@ from typing import Any
 
 from rich.progress import track
 
-from ..core.partitions import family
+from ..core.bounded import loads_json
+from ..core.partitions import check_task_name, family
 from ..core.suggest import did_you_mean
-from .metaicl import DEFAULT_K, DEFAULT_SEEDS, META_TRAIN_FILE, META_TRAIN_SEED, META_TRAIN_SIZE, split_name, \
+from .metaicl import DEFAULT_K, DEFAULT_SEEDS, DataError, META_TRAIN_FILE, META_TRAIN_SEED, META_TRAIN_SIZE, split_name, \
     task_file
 
 # 200 test examples keep a 5-seed x 7-task evaluation affordable while macro-F1 stays
@@ -171,6 +172,20 @@ def _unique_gold(scores: dict[str, Any]) -> str | None:
     best = max(scores.values())
     winners = [option for option, score in scores.items() if score == best]
     return winners[0] if best > 0 and len(winners) == 1 else None
+
+
+def _task_json(raw: bytes, where: str) -> dict[str, Any]:
+    """A task.json's data, checked as far as the conversion reads it."""
+    try:
+        data = loads_json(raw.decode("utf-8"), where)
+    except UnicodeDecodeError:
+        raise DataError(f"{where}: not UTF-8 text") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: malformed JSON ({e.msg}, line {e.lineno})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("examples", []), list) or not all(
+            isinstance(ex, dict) for ex in data.get("examples", [])):
+        raise DataError(f"{where}: not a BIG-bench task (a JSON object whose examples are a list of objects)")
+    return data
 
 
 def _usable_examples(data: dict[str, Any]) -> _TaskExamples:
@@ -346,10 +361,14 @@ def convert_bigbench(
     results: dict[str, dict[str, int]] = {}
     skipped: dict[str, str] = {}
     with _task_files(Path(src)) as files:
+        if not files:
+            raise DataError(f"{src}: no BIG-bench task in it (no <task>/task.json below it); give the "
+                            "benchmark_tasks folder, or the sdist")
         wanted = set(_resolve_names(tasks, files, "task") if tasks is not None else files)
         selected = [name for name in files if name in wanted]
         for name in track(selected, description="BIG-bench", disable=not progress):
-            found = _usable_examples(json.loads(files[name]()))
+            check_task_name(name, f"{src}: task folder")
+            found = _usable_examples(_task_json(files[name](), f"{src}: {name}/{_TASK_FILE}"))
             reason = _skip_reason(found, k)
             if reason:
                 skipped[name] = reason
@@ -363,6 +382,9 @@ def convert_bigbench(
                 "skipped_duplicate": found.skipped_duplicate,
                 "test": len(splits.test),
             }
+    if not results:
+        raise DataError(f"{src}: none of its {len(selected)} task(s) could be converted: "
+                        + "; ".join(f"{t}: {why}" for t, why in sorted(skipped.items())))
     return ConversionReport(
         out=out,
         k=k,
@@ -393,7 +415,7 @@ def iter_passages(src: Path, exclude_tasks: set[str], min_chars: int = 200, limi
         seen: set[str] = set()
         for name in names:
             taken = 0
-            for ex in json.loads(files[name]()).get("examples", []):
+            for ex in _task_json(files[name](), f"{src}: {name}/{_TASK_FILE}").get("examples", []):
                 text = str(ex.get("input", "")).strip()
                 if len(text) >= min_chars and text not in seen:
                     seen.add(text)

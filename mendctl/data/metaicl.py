@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..core.bounded import loads_json
 # MetaICL's settings and file names live in core (the recipe schema's defaults): the readers and the
 # converter find them here too.
 from ..core.task_files import DEFAULT_K, DEFAULT_SEEDS, META_TRAIN_FILE, META_TRAIN_SEED, META_TRAIN_SIZE, split_name
@@ -27,7 +28,7 @@ def read_jsonl(path: Path, require: tuple[str, ...] = ()) -> list[dict]:
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = loads_json(line, f"{path}:{n}")
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{n}: malformed JSON ({e.msg})") from None
             if not isinstance(row, dict):
@@ -73,4 +74,10 @@ def task_file(data_dir: Path, task: str, pattern: str) -> Path:
 
 
 def load_split(data_dir: Path, task: str, k: int, seed: int, split: str) -> list[dict]:
-    return read_examples(split_path(data_dir, task, k, seed, split))
+    path = split_path(data_dir, task, k, seed, split)
+    rows = read_examples(path)
+    # A demonstration set is k examples: fewer or more, and every result that says k would be wrong.
+    if split == "train" and len(rows) != k:
+        raise DataError(f"{path}: {len(rows)} demonstrations, but tasks.k is {k} (the file name says {k} too); "
+                        "convert the task again or fix the file")
+    return rows

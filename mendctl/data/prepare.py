@@ -68,7 +68,8 @@ def bigbench_source(recipe: Recipe, console: Console) -> Path:
 
     folder = cache_dir() / "bigbench"
     if not (folder / SDIST_NAME).is_file():
-        console.print(f"fetching BIG-bench: pip download --no-deps bigbench=={BIGBENCH_VERSION} into {folder} (once)")
+        console.print(f"fetching BIG-bench: pip download --no-deps bigbench=={BIGBENCH_VERSION} into {folder} (once)",
+                      markup=False)
     return fetch_bigbench(folder)
 
 
@@ -83,7 +84,7 @@ def _convert(recipe: Recipe, console: Console) -> None:
     src = bigbench_source(recipe, console)
     console.print(f"converting BIG-bench from {src} into {out} "
                   f"({'every task' if everything else 'the partition tasks'}; {len(missing)} file(s) missing, "
-                  f"first {missing[0].name})")
+                  f"first {missing[0].name})", markup=False)
     # Every partition task, not only those missing a file: conversion is deterministic, so files
     # already there come out the same.
     report = convert_bigbench(src, out, tasks=None if everything else [*partition.train, *partition.test],
@@ -106,7 +107,7 @@ def _extract_passages(recipe: Recipe, console: Console) -> None:
 
     limit = recipe.pretrain.bigbench_passages
     src = bigbench_source(recipe, console)
-    console.print(f"extracting up to {limit} stage-1 passages from {src} into {path} (once)")
+    console.print(f"extracting up to {limit} stage-1 passages from {src} into {path} (once)", markup=False)
     with console.status("extracting passages") as status, atomic_path(path) as tmp, tmp.open("w") as f:
         for n, text in enumerate(iter_passages(src, passages_left_out(recipe), limit=limit), 1):
             f.write(json.dumps({"text": text}) + "\n")

@@ -6,6 +6,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+from ..core.bounded import loads_json
 from .metaicl import DataError
 
 
@@ -36,7 +37,7 @@ def iter_local(paths: list[Path]) -> Iterator[str]:
                 if not line.strip():
                     continue
                 try:
-                    text = json.loads(line)["text"]
+                    text = loads_json(line, f"{f}:{n}")["text"]
                 except (json.JSONDecodeError, KeyError, TypeError):
                     text = None
                 if not isinstance(text, str):

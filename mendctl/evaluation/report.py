@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.measure import Measurement
 from rich.table import Table
 
@@ -62,7 +63,7 @@ def title(results: dict) -> str:
 
 
 def table(results: dict) -> Table:
-    t = Table(title=title(results), box=None, padding=(0, 1), pad_edge=False, header_style="bold")
+    t = Table(title=escape(title(results)), box=None, padding=(0, 1), pad_edge=False, header_style="bold")
     for i, name in enumerate(SHORT):
         t.add_column(name, justify="left" if i == 0 else "right", no_wrap=True)
     for row in rows(results):
@@ -190,9 +191,10 @@ def write(results: dict, out: Path, console: Console) -> None:
         console.print(shown)
     else:
         for line in vertical(results):
-            console.print(line, highlight=False)
+            console.print(line, highlight=False, markup=False)
     for line in [LEGEND, *notes(results), *vs_icl_lines(results), *bootstrap_lines(results),
                  *(vectors_notes(results) if "vectors" in results else [])]:
-        console.print(line, highlight=False)
+        console.print(line, highlight=False, markup=False)
     plot(results, out / "quality_vs_cost.png")
-    console.print(f"results in {out / 'results.json'} and {out / 'results.md'}, plot {out / 'quality_vs_cost.png'}")
+    console.print(f"results in {out / 'results.json'} and {out / 'results.md'}, plot {out / 'quality_vs_cost.png'}",
+                  markup=False)

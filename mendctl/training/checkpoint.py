@@ -12,22 +12,25 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
+from ..core.bounded import loads_json
 from ..core.config import Recipe, resolved_dict
-from ..core.fileio import atomic_path, write_json
+from ..core.fileio import full_disk_said, save_safetensors, write_json, write_text
 from ..core.provenance import file_hash, stamp
 from ..data.workspace import WEIGHTS, find_distiller
 from ..models.adapters import trainable_state
 
 BEST = "best.safetensors"  # finetune.keep_best: the distiller at the lowest validation KL
 STATE = "trainer_state.json"
+_STEP_NAME = re.compile(r"step_\d+")
 
 
 def write_distiller(path: Path, distiller: nn.Module, recipe: Recipe, info: dict) -> dict:
@@ -37,9 +40,7 @@ def write_distiller(path: Path, distiller: nn.Module, recipe: Recipe, info: dict
     run = {"recipe": resolved_dict(recipe), **stamp(), **info}
     metadata = {"format": "mendctl-distiller", "recipe": json.dumps(run["recipe"]),
                 "provenance": json.dumps({k: v for k, v in run.items() if k != "recipe"}, default=str)}
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(Path(path)) as tmp:
-        save_file({k: v.detach().contiguous() for k, v in trainable_state(distiller).items()}, str(tmp), metadata)
+    save_safetensors(Path(path), {k: v.detach().contiguous() for k, v in trainable_state(distiller).items()}, metadata)
     return run
 
 
@@ -66,6 +67,9 @@ def load_distiller(distiller: nn.Module, path: Path, for_vectors: bool = True) -
     load_trainable(distiller, path)
     # Only the recipe saved with the weights tells these apart (a file without one is taken as fitting).
     trained = saved_recipe(path).get("distiller")
+    if trained is not None and not isinstance(trained, dict):
+        raise ValueError(f"{path}: the recipe in its metadata is damaged (distiller is a "
+                         f"{type(trained).__name__}, not a mapping)")
     if for_vectors and trained is not None:
         for key, default in (("anchor", distiller.anchor), ("max_correction", None)):
             was, now = trained.get(key, default), getattr(distiller, key)
@@ -77,8 +81,18 @@ def load_distiller(distiller: nn.Module, path: Path, for_vectors: bool = True) -
 
 def saved_recipe(path: Path) -> dict:
     """The resolved recipe a distiller file was trained with, from its metadata ({} when it has none)."""
-    with safe_open(str(path), "pt") as f:
-        return json.loads((f.metadata() or {}).get("recipe", "{}"))
+    try:
+        with safe_open(str(path), "pt") as f:
+            raw = (f.metadata() or {}).get("recipe", "{}")
+    except Exception as e:  # safetensors' own error for a truncated or foreign file
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+    try:
+        recipe = loads_json(raw, f"{path}: the recipe in its metadata")
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: the recipe in its metadata is not JSON ({e.msg})") from None
+    if not isinstance(recipe, dict):
+        raise ValueError(f"{path}: the recipe in its metadata is damaged (a {type(recipe).__name__}, not a mapping)")
+    return recipe
 
 
 def load_trainable(model: nn.Module, path: Path) -> None:
@@ -123,7 +137,8 @@ def checkpoints(root: Path) -> list[Path]:
     """Complete checkpoints, oldest first."""
     if not root.is_dir():
         return []
-    done = [p for p in root.iterdir() if p.name.startswith("step_") and (p / STATE).is_file()]
+    # Only the names save_checkpoint gives: a folder such as step_backup is someone else's, not ours.
+    done = [p for p in root.iterdir() if _STEP_NAME.fullmatch(p.name) and (p / STATE).is_file()]
     return sorted(done, key=lambda p: int(p.name.split("_")[1]))
 
 
@@ -134,9 +149,10 @@ def save_checkpoint(accelerator, root: Path, step: int, state: dict, keep_last: 
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
     try:
-        accelerator.save_state(str(tmp), safe_serialization=True)
-        if accelerator.is_main_process:
-            (tmp / STATE).write_text(json.dumps(state, indent=2))
+        with full_disk_said(root, _size(checkpoints(root)[-1:])):
+            accelerator.save_state(str(tmp), safe_serialization=True)
+            if accelerator.is_main_process:
+                write_text(tmp / STATE, json.dumps(state, indent=2))
     except BaseException:
         # A full disk or a kill while saving: leave no half-written folder behind.
         shutil.rmtree(tmp, ignore_errors=True)
@@ -151,12 +167,27 @@ def save_checkpoint(accelerator, root: Path, step: int, state: dict, keep_last: 
     return final
 
 
+def _size(folders: list[Path]) -> int | None:
+    """Bytes of the files in `folders`: a checkpoint's size is what the next one needs."""
+    return sum(f.stat().st_size for d in folders for f in d.rglob("*") if f.is_file()) or None
+
+
 def read_state(checkpoint: Path) -> dict:
+    """trainer_state.json, checked: its step must be the one the folder is named after, and its position
+    (the examples read so far) a count that is not negative."""
     path = checkpoint / STATE
+    advice = f"start over with --restart, or delete {checkpoint} to resume from the checkpoint before it"
     try:
-        state = json.loads(path.read_text())
-        int(state["step"])
+        state = loads_json(path.read_text(encoding="utf-8"), str(path))
+        if not isinstance(state, dict):
+            raise TypeError
+        step, position = state["step"], state.get("position", 0)
     except (ValueError, KeyError, TypeError):
-        raise ValueError(f"{path} is damaged (not the JSON this trainer writes); start over with --restart, or "
-                         f"delete {checkpoint} to resume from the checkpoint before it") from None
+        raise ValueError(f"{path} is damaged (not the JSON this trainer writes); {advice}") from None
+    for key, value in (("step", step), ("position", position)):
+        if type(value) is not int or value < 0:
+            raise ValueError(f"{path} is damaged: {key} is {value!r}, not a count of 0 or more; {advice}")
+    if _STEP_NAME.fullmatch(checkpoint.name) and int(checkpoint.name.split("_")[1]) != step:
+        raise ValueError(f"{path} is damaged: step {step} in the folder of step {int(checkpoint.name.split('_')[1])}; "
+                         f"{advice}")
     return state

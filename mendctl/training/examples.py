@@ -10,6 +10,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..core.bounded import loads_json
 from ..core.config import FinetuneSpec, PretrainSpec, TasksSpec, TemplateSpec
 from ..core.partitions import family, on_test_side
 from ..data.metaicl import DataError, read_examples, task_file
@@ -59,9 +60,17 @@ def meta_train_tasks(spec: FinetuneSpec, data_dir: Path, partition, tasks: Tasks
         path = task_file(data_dir, folder.name, spec.train_file)
         if not path.is_file():
             continue
-        with path.open() as f:
+        with path.open("rb") as f:
             first = f.readline()
-            if len(json.loads(first).get("options") or []) >= 2 and 1 + sum(1 for _ in f) > tasks.k:
+            try:
+                row = loads_json(first.decode("utf-8"), f"{path}:1")
+            except UnicodeDecodeError:
+                raise DataError(f"{path}:1: not UTF-8 text") from None
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:1: malformed JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:1: expected a JSON object")
+            if len(row.get("options") or []) >= 2 and 1 + sum(1 for _ in f) > tasks.k:
                 names.append(folder.name)
     return names
 

@@ -24,9 +24,8 @@ import torch
 import torch.nn.functional as F
 from filelock import FileLock
 from safetensors import safe_open
-from safetensors.torch import save_file
 
-from ..core.fileio import atomic_path, write_json
+from ..core.fileio import save_safetensors, write_json
 from ..models.lm import TargetLogits
 
 SHARD = 256  # positions per file
@@ -155,8 +154,7 @@ class TeacherCache:
                 meta[str(position)] = digest
                 for name, t in zip(("logp", "ids", "log_rest", "target_logp"), top._fields()):
                     tensors[f"{position}.{name}"] = t.contiguous()
-            with atomic_path(path) as tmp:
-                save_file(tensors, str(tmp), metadata=meta)
+            save_safetensors(path, tensors, meta)
 
 
 class CachedTeacher:
