@@ -11,6 +11,8 @@ vectors fitted to each set alone, a per-set prompt tuning.
 """
 from __future__ import annotations
 
+import json
+
 from collections.abc import Iterator
 
 import torch
@@ -35,8 +37,15 @@ def refinement(spec: DistillSpec) -> dict:
 def refinement_of(metadata: dict[str, str], where: str) -> dict:
     """refinement() of the recipe that made the vectors file `where`, from its metadata; a key it lacks
     was at its default (files record only what differs, so those made before a key existed stay valid)."""
+    def value(text: str):
+        # metadata holds text: "30" is read back as the number it was written from, as a recipe holds it
+        try:
+            return json.loads(text)
+        except (TypeError, ValueError):
+            return text
+
     try:
-        return refinement(DistillSpec(**{k: metadata[k] for k in REFINE_KEYS if k in metadata}))
+        return refinement(DistillSpec(**{k: value(metadata[k]) for k in REFINE_KEYS if k in metadata}))
     except ValidationError as e:
         bad = "; ".join(f"{err['loc'][0]}={err['input']!r}: {err['msg']}" for err in e.errors())
         raise VectorsMismatch(f"{where}: its refinement metadata is not valid ({bad})") from None
