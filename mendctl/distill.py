@@ -8,18 +8,19 @@ from rich.progress import Progress
 
 from .backend import Models
 from .config import Recipe, TemplateSpec
-from .provenance import text_hash
+from .provenance import text_hash, weights_fingerprint
 from .refine import recorded, refinement, refinement_of, set_vectors
 from .registry import get_backend
 from .scoring import DemoSet, demo_sets
 from .trained import load_trained
-from .vectors import VectorsMismatch, as_metadata, read_metadata, save_vectors
+from .vectors import WEIGHTS_KEY, VectorsMismatch, as_metadata, read_metadata, save_vectors, weights_match
 from .workspace import vectors_path
 
 
-def vectors_metadata(recipe: Recipe, models: Models, distiller_hash: str, template: TemplateSpec, ds: DemoSet) -> dict:
+def vectors_metadata(recipe: Recipe, models: Models, weights: str, distiller_hash: str, template: TemplateSpec,
+                     ds: DemoSet) -> dict:
     return {"backend": recipe.backend, "llm_id": models.llm_id, "llm_config_hash": models.llm_config_hash,
-            "distiller_hash": distiller_hash, "task": ds.task, "seed": ds.seed, "num_demos": len(ds.demos),
+            WEIGHTS_KEY: weights, "distiller_hash": distiller_hash, "task": ds.task, "seed": ds.seed, "num_demos": len(ds.demos),
             "demos_hash": text_hash(ds.context), "template": template.model_dump(),
             # Two anchor modes give different vectors from one untrained distiller (same weights hash).
             "anchor": recipe.distiller.anchor, **recorded(recipe.distill)}
@@ -34,7 +35,9 @@ def _up_to_date(path: Path, meta: dict, recipe: Recipe) -> bool:
         same_refinement = refinement_of(have, str(path)) == refinement(recipe.distill)
     except VectorsMismatch:  # damaged (say, by a copy cut short): distill it again
         return False
-    return same_refinement and all(have.get(k) == v for k, v in as_metadata(meta).items())
+    want = as_metadata(meta)
+    return (same_refinement and weights_match(have, want[WEIGHTS_KEY])
+            and all(have.get(k) == v for k, v in want.items() if k != WEIGHTS_KEY))
 
 
 def run_distill(recipe: Recipe, force: bool = False, console: Console | None = None) -> list[Path]:
@@ -42,7 +45,8 @@ def run_distill(recipe: Recipe, force: bool = False, console: Console | None = N
     models, distiller_hash = load_trained(recipe)
     template = get_backend(recipe.backend).template(recipe)
     sets = demo_sets(recipe, template, models.llm_tokenizer)
-    metas = [vectors_metadata(recipe, models, distiller_hash, template, ds) for ds in sets]
+    weights = weights_fingerprint(models.llm.model)
+    metas = [vectors_metadata(recipe, models, weights, distiller_hash, template, ds) for ds in sets]
     paths = [vectors_path(recipe, ds.task, ds.seed) for ds in sets]
     todo = [i for i, m in enumerate(metas) if force or not _up_to_date(paths[i], m, recipe)]
     if len(todo) < len(sets):

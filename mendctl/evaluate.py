@@ -36,7 +36,7 @@ from .compress import NOTE, SEGMENT_TOKENS, Compressed, compress
 from .config import Recipe, TemplateSpec, resolved_dict
 from .distiller import tokens_read
 from .partitions import Partition
-from .provenance import models_stamp, stamp, text_hash
+from .provenance import models_stamp, stamp, text_hash, weights_fingerprint
 from .refine import refine_flops, refinement, refinement_of, set_vectors
 from .registry import get_backend
 from .render import context_ids
@@ -82,14 +82,15 @@ class MendVectors:
 # --------------------------------------------------------------------------- inputs
 
 
-def _saved_vectors(run: EvalRun, ds: DemoSet) -> tuple[torch.Tensor | None, dict]:
-    """The vectors file of a demonstration set if it was made for this LLM and these demonstrations."""
+def _saved_vectors(run: EvalRun, ds: DemoSet, weights: str) -> tuple[torch.Tensor | None, dict]:
+    """The vectors file of a demonstration set if it was made for this LLM (`weights`: its fingerprint)
+    and these demonstrations."""
     path = vectors_path(run.recipe, ds.task, ds.seed)
     if not path.is_file():
         return None, {"source": "distilled", "reason": f"no file {path}"}
     try:
         vf = load_vectors(path)
-        check_compatible(vf, run.models.llm_config_hash, run.models.llm.hidden_size, str(path))
+        check_compatible(vf, run.models.llm_config_hash, run.models.llm.hidden_size, str(path), weights)
         refined = refinement_of(vf.metadata, str(path))
     except VectorsMismatch as e:  # unreadable, or made for another LLM: distill this set now instead
         return None, {"source": "distilled", "reason": str(e)}
@@ -101,7 +102,8 @@ def _saved_vectors(run: EvalRun, ds: DemoSet) -> tuple[torch.Tensor | None, dict
 
 def _mend_vectors(run: EvalRun, sets: list[DemoSet], console: Console) -> dict[str, MendVectors]:
     recipe, models, distiller_hash = run.recipe, run.models, run.distiller_hash
-    saved = {f"{ds.task}/{ds.seed}": _saved_vectors(run, ds) for ds in sets}
+    weights = weights_fingerprint(models.llm.model)
+    saved = {f"{ds.task}/{ds.seed}": _saved_vectors(run, ds, weights) for ds in sets}
     todo = [ds for ds in sets if saved[f"{ds.task}/{ds.seed}"][0] is None]
     if todo and distiller_hash == UNTRAINED and recipe.distill.refine_from == "distiller":
         first = saved[f"{todo[0].task}/{todo[0].seed}"][1]["reason"]

@@ -73,3 +73,14 @@ def file_hash(path: Path) -> str:
 
 def text_hash(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def weights_fingerprint(model) -> str:
+    """A cheap hash of a model's weights: a strided sample of every tensor, enough to tell two models of
+    one config apart (the teacher cache's key and vectors files record it)."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().flatten()[::997].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+

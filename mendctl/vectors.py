@@ -21,6 +21,10 @@ REQUIRED = ("format_version", "llm_id", "llm_config_hash", "distiller_hash", "nu
             "num_demos", "demos_hash", "template", "mendctl_version", "backend")
 
 
+# The fingerprint of the LLM's weights (provenance.weights_fingerprint), beside its config hash.
+WEIGHTS_KEY = "llm_weights"
+
+
 class VectorsMismatch(ValueError):
     pass
 
@@ -64,7 +68,16 @@ def read_metadata(path: Path) -> dict[str, str]:
         return dict(f.metadata() or {})
 
 
-def check_compatible(vf: VectorsFile, config_hash: str, hidden_size: int, where: str) -> None:
+def weights_match(meta: dict[str, str], weights: str | None) -> bool:
+    """Whether a file was made for these weights. A file written before files recorded the weights'
+    fingerprint (no `llm_weights`) is held to its LLM's config alone."""
+    return weights is None or meta.get(WEIGHTS_KEY, weights) == weights
+
+
+def check_compatible(vf: VectorsFile, config_hash: str, hidden_size: int, where: str,
+                     weights: str | None = None) -> None:
+    """Refuses a file made for another LLM: another config, or (`weights`, the fingerprint of the
+    weights in use) the same config with other weights."""
     meta = vf.metadata
     if meta.get("format_version") != FORMAT_VERSION:
         raise VectorsMismatch(f"{where}: format version {meta.get('format_version')!r}, this mendctl reads {FORMAT_VERSION}")
@@ -73,6 +86,11 @@ def check_compatible(vf: VectorsFile, config_hash: str, hidden_size: int, where:
             f"{where} was distilled for LLM {meta['llm_id']} (config {meta['llm_config_hash']}, "
             f"hidden {vf.vectors.shape[-1]}), not for the LLM in use (config {config_hash}, hidden {hidden_size}). "
             "Distil vectors for this LLM with `mendctl distill`.")
+    if not weights_match(meta, weights):
+        raise VectorsMismatch(
+            f"{where} was distilled for LLM {meta['llm_id']} with weights {meta[WEIGHTS_KEY]}, not for the "
+            f"weights in use ({weights}; the same config {config_hash}). "
+            "Distil vectors for these weights with `mendctl distill`.")
 
 
 def load_vectors(path: str | Path, model=None) -> VectorsFile:
@@ -88,10 +106,16 @@ def load_vectors(path: str | Path, model=None) -> VectorsFile:
         raise VectorsMismatch(f"{path}: not a mendctl vectors file (metadata lacks {', '.join(missing)})")
     vf = VectorsFile(vectors, meta, path)
     if model is not None:
-        from .backend import config_hash
-
-        check_compatible(vf, config_hash(model.config), model.get_input_embeddings().weight.shape[1], str(path))
+        _check_model(vf, model, str(path))
     return vf
+
+
+def _check_model(vf: VectorsFile, model, where: str) -> None:
+    from .backend import config_hash
+    from .provenance import weights_fingerprint
+
+    check_compatible(vf, config_hash(model.config), model.get_input_embeddings().weight.shape[1], where,
+                     weights_fingerprint(model))
 
 
 def apply(model, tokenizer, vectors: VectorsFile | str | Path, query: str, options: list[str]) -> dict:
@@ -106,9 +130,7 @@ def apply(model, tokenizer, vectors: VectorsFile | str | Path, query: str, optio
 
     vf = vectors if isinstance(vectors, VectorsFile) else load_vectors(vectors, model)
     if isinstance(vectors, VectorsFile):
-        from .backend import config_hash
-
-        check_compatible(vf, config_hash(model.config), model.get_input_embeddings().weight.shape[1], "vectors")
+        _check_model(vf, model, "vectors")
     lm = get_backend(vf.metadata["backend"]).frozen_lm(model, tokenizer)
     q = render_query(TemplateSpec(**vf.template), query, options, tokenizer, after_context=True)
     device = lm.device
