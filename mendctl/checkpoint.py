@@ -23,7 +23,7 @@ from torch import nn
 from .adapters import trainable_state
 from .config import Recipe, resolved_dict
 from .fileio import atomic_path, write_json
-from .provenance import file_hash, stamp
+from .provenance import file_hash, portable_paths, stamp
 
 WEIGHTS = "distiller.safetensors"
 BEST = "best.safetensors"  # finetune.keep_best: the distiller at the lowest validation KL
@@ -33,10 +33,12 @@ STATE = "trainer_state.json"
 def write_distiller(path: Path, distiller: nn.Module, recipe: Recipe, info: dict) -> dict:
     """Writes only what training changes (the rest, frozen body or shared LLM layers, comes from the
     recipe), with the recipe and provenance in the file's metadata: a shipped or copied distiller
-    explains itself. Returns that run record."""
+    explains itself, naming its paths relative to the working folder (none outside it). Returns that
+    run record."""
     run = {"recipe": resolved_dict(recipe), **stamp(), **info}
-    metadata = {"format": "mendctl-distiller", "recipe": json.dumps(run["recipe"]),
-                "provenance": json.dumps({k: v for k, v in run.items() if k != "recipe"}, default=str)}
+    shipped = portable_paths(json.loads(json.dumps(run, default=str)), Path.cwd())
+    metadata = {"format": "mendctl-distiller", "recipe": json.dumps(shipped["recipe"]),
+                "provenance": json.dumps({k: v for k, v in shipped.items() if k != "recipe"})}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(Path(path)) as tmp:
         save_file({k: v.detach().contiguous() for k, v in trainable_state(distiller).items()}, str(tmp), metadata)

@@ -84,3 +84,18 @@ def weights_fingerprint(model) -> str:
         h.update(t.detach().flatten()[::997].float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
+
+def portable_paths(value, root: Path):
+    """`value` (JSON-like data) with every absolute path made relative to `root`, or None where it lies
+    outside: what a file meant to be shipped records, so that it names no folder of the machine that
+    made it."""
+    if isinstance(value, dict):
+        return {k: portable_paths(v, root) for k, v in value.items()}
+    if isinstance(value, list):
+        return [portable_paths(v, root) for v in value]
+    if isinstance(value, str) and Path(value).is_absolute():
+        try:
+            return Path(value).resolve().relative_to(Path(root).resolve()).as_posix()
+        except ValueError:
+            return None
+    return value
