@@ -14,6 +14,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .data.metaicl import DEFAULT_K, DEFAULT_SEEDS, META_TRAIN_FILE
+from .shipped import installed_data
 
 Method = Literal["zero-shot", "icl", "icl-truncated", "mend", "llmlingua"]
 METHODS = get_args(Method)
@@ -28,12 +29,14 @@ class Strict(BaseModel):
 
 
 def _existing(path: Path, what: str = "path") -> Path:
+    path = installed_data(path)
     if not Path(path).exists():
         raise ValueError(f"{what} does not exist: {path}")
     return path
 
 
-# Relative paths resolve against the working directory, as users run shipped recipes from the repo root.
+# Relative paths resolve against the working directory, as users run shipped recipes from the repo root;
+# one into data/tiny/ that is not there reads the tiny data installed with the package (shipped.py).
 ExistingPath = Annotated[Path, AfterValidator(_existing)]
 
 
@@ -217,6 +220,8 @@ class TasksSpec(Strict):
     def _partition_exists(cls, v: str) -> str:
         from .partitions import load_partition
 
+        if (found := installed_data(v)) != Path(v):  # a data/tiny/ file read from the installed copy
+            v = str(found)
         load_partition(v)  # a user's file is parsed here too: its task names become paths
         return v
 

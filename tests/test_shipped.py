@@ -68,9 +68,10 @@ def test_cp_unknown_names_suggest_the_closest(tmp_path, name, message):
 
 
 def test_the_explicit_package_list_names_every_package():
-    # pyproject lists packages by hand (to map mendctl.recipes onto recipes/): a new one must be added there.
+    # pyproject lists packages by hand (to map mendctl.recipes onto recipes/ and mendctl.tiny onto data/tiny/):
+    # a new one must be added there.
     setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     found = {p.parent.relative_to(ROOT).as_posix().replace("/", ".")
              for top in ("mendctl", "backends") for p in (ROOT / top).rglob("__init__.py")}
-    assert found | {"mendctl.recipes"} == set(setuptools["packages"])
+    assert found | {"mendctl.recipes", "mendctl.tiny"} == set(setuptools["packages"])
     assert setuptools["package-dir"]["mendctl.recipes"] == "recipes"
