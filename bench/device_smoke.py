@@ -3,7 +3,7 @@
     .venv/bin/python bench/device_smoke.py [--backend llama] [--mixed-precision bf16]
 
 Runs pretrain, finetune (a few steps each), distill and eval on a tiny recipe through the CLI, then
-writes bench/results/device_smoke.json with the device eval ran on and its peak memory (measured by
+writes bench/results/device_smoke/device_smoke.json with the device eval ran on and its peak memory (measured by
 the CUDA allocator on a GPU, estimated on CPU). On a CPU-only machine it runs the same steps on CPU.
 """
 import argparse
@@ -26,7 +26,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--backend", default="llama", choices=["gpt2", "t5", "llama"])
     ap.add_argument("--mixed-precision", default="bf16", choices=["no", "bf16", "fp16"])
-    ap.add_argument("--out", default="bench/results/device_smoke.json")
+    ap.add_argument("--out", default="bench/results/device_smoke/device_smoke.json")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         recipe = f"recipes/tiny/{a.backend}.yaml"
