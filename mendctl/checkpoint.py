@@ -37,6 +37,7 @@ def write_distiller(path: Path, distiller: nn.Module, recipe: Recipe, info: dict
     run record."""
     run = {"recipe": resolved_dict(recipe), **stamp(), **info}
     shipped = portable_paths(json.loads(json.dumps(run, default=str)), Path.cwd())
+    shipped["recipe"]["template"] = run["recipe"]["template"]  # text, never a path, whatever it starts with
     metadata = {"format": "mendctl-distiller", "recipe": json.dumps(shipped["recipe"]),
                 "provenance": json.dumps({k: v for k, v in shipped.items() if k != "recipe"})}
     Path(path).parent.mkdir(parents=True, exist_ok=True)

@@ -20,8 +20,8 @@ from .workspace import vectors_path
 def vectors_metadata(recipe: Recipe, models: Models, weights: str, distiller_hash: str, template: TemplateSpec,
                      ds: DemoSet) -> dict:
     return {"backend": recipe.backend, "llm_id": models.llm_id, "llm_config_hash": models.llm_config_hash,
-            WEIGHTS_KEY: weights, "distiller_hash": distiller_hash, "task": ds.task, "seed": ds.seed, "num_demos": len(ds.demos),
-            "demos_hash": text_hash(ds.context), "template": template.model_dump(),
+            WEIGHTS_KEY: weights, "distiller_hash": distiller_hash, "task": ds.task, "seed": ds.seed,
+            "num_demos": len(ds.demos), "demos_hash": text_hash(ds.context), "template": template.model_dump(),
             # Two anchor modes give different vectors from one untrained distiller (same weights hash).
             "anchor": recipe.distiller.anchor, **recorded(recipe.distill)}
 

@@ -21,8 +21,8 @@ def _absolute_paths(value) -> list[str]:
             return [value] if Path(value).is_absolute() else []
         if isinstance(value, str):
             return [value] if Path(value).is_absolute() else []
-    if isinstance(value, dict):
-        return [p for v in value.values() for p in _absolute_paths(v)]
+    if isinstance(value, dict):  # a template is text, not a path
+        return [p for k, v in value.items() if k != "template" for p in _absolute_paths(v)]
     if isinstance(value, list):
         return [p for v in value for p in _absolute_paths(v)]
     return []
@@ -41,7 +41,7 @@ def test_portable_paths_keep_paths_inside_the_root_relative_and_drop_the_rest(tm
 
 
 def test_a_written_distiller_records_no_absolute_path(tiny, tmp_path):
-    recipe = tiny("gpt2", f"tasks.data_dir={(ROOT / 'data' / 'tiny' / 'tasks').resolve()}")
+    recipe = tiny("gpt2", f"tasks.data_dir={(ROOT / 'data' / 'tiny' / 'tasks').resolve()}", "template.output='/{output}'")
     assert Path(recipe.tasks.data_dir).is_absolute()
     distiller = get_backend(recipe.backend).build(recipe).distiller
     path = tmp_path / "d.safetensors"
@@ -49,4 +49,6 @@ def test_a_written_distiller_records_no_absolute_path(tiny, tmp_path):
     with safe_open(str(path), framework="pt") as f:
         metadata = f.metadata()
     assert not _absolute_paths(metadata)
-    assert json.loads(metadata["recipe"])["tasks"]["data_dir"] == "data/tiny/tasks"  # the tests run in the repo
+    saved = json.loads(metadata["recipe"])
+    assert saved["tasks"]["data_dir"] == "data/tiny/tasks"  # the tests run in the repo
+    assert saved["template"]["output"] == "/{output}"  # text that starts like a path stays as it is
