@@ -8,7 +8,7 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from mendctl.cli import cli
-from mendctl.shipped import installed_data, tiny_data_dir
+from mendctl.core.shipped import installed_data, tiny_data_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 MENDCTL = Path(sys.executable).parent / "mendctl"

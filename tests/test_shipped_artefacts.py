@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-from mendctl.checkpoint import write_distiller
-from mendctl.provenance import portable_paths
-from mendctl.registry import get_backend
+from mendctl.core.provenance import portable_paths
+from mendctl.core.registry import get_backend
+from mendctl.training.checkpoint import write_distiller
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((ROOT / "data").rglob("*.safetensors"))

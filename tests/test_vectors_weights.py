@@ -7,9 +7,9 @@ from click.testing import CliRunner
 
 from mendctl import load_vectors
 from mendctl.cli import cli
-from mendctl.provenance import weights_fingerprint
-from mendctl.registry import get_backend
-from mendctl.vectors import WEIGHTS_KEY, VectorsMismatch, read_metadata, save_vectors
+from mendctl.core.provenance import weights_fingerprint
+from mendctl.core.registry import get_backend
+from mendctl.core.vectors import WEIGHTS_KEY, VectorsMismatch, read_metadata, save_vectors
 
 
 def _build(tiny, *overrides):
@@ -66,4 +66,4 @@ def test_distill_records_the_fingerprint_and_eval_refuses_other_weights_with_exi
     again = CliRunner().invoke(cli, ["eval", *base, *fitted, "--limit", "2", "eval.methods=[mend]"])
     assert again.exit_code == 0, again.output
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
-    assert {s["source"] for s in results["vectors"]["sources"].values()} == {"file"}
+    assert {s["source"] for row in results["vectors"].values() for s in row["sources"].values()} == {"file"}
