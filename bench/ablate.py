@@ -7,9 +7,9 @@ Each ablation is `mendctl finetune RECIPE key=value ... <its keys>` into runs/ab
 with the recipe's own schedule (its `finetune.steps`: the learning rate at step N is the long run's),
 stopped once its validation point at `--stop-at` is logged. The base is the recipe unchanged: the
 long run's own curve (`--base` its metrics.jsonl) or, without `--base`, a run like the others.
-Writes bench/results/ablations.json (the curves and the keys of each run) and prints a markdown table.
+Writes bench/results/ablate/ablations.json (the curves and the keys of each run) and prints a markdown table.
 `--tag TAG` keeps a second series apart (another validation set, say): runs/ablations-TAG/NAME and
-bench/results/ablations-TAG.json. `--reuse` reads a run already logged to `--stop-at` instead of
+bench/results/ablate/ablations-TAG.json. `--reuse` reads a run already logged to `--stop-at` instead of
 training it again, so that several invocations can run in parallel (each with its own tag) and one
 table gather them once their folders are moved under one tag.
 """
@@ -37,18 +37,18 @@ ABLATIONS = {
     "k32": ["num_vectors=32"],
     "depth3": ["distiller.init_from_llm_layers=3"],
     # Stage 2 from a stage-1 distiller, which `mendctl pretrain` must have written there first
-    # (docs/benchmarks.md has the command): this script runs stage 2 only.
+    # (docs/research-log.md has the command): this script runs stage 2 only.
     "stage1": ["finetune.init_from=runs/ablations/stage1/pretrain"],
-    # The same with a six times longer stage 1 (600 steps: docs/benchmarks.md has the command).
+    # The same with a six times longer stage 1 (600 steps: docs/research-log.md has the command).
     "stage1-long": ["finetune.init_from=runs/smollm2-s1long/pretrain"],
     "label-set": ["distiller.anchor=label_set"],
-    "labels": ["distiller.anchor=labels"],  # back to the anchors of the recipes before the sixth session
+    "labels": ["distiller.anchor=labels"],  # back to the anchors of the recipes before 79fa3f4
     "label-set-filled": ["distiller.anchor=label_set_filled"],
     "remap-all": ["finetune.remap_labels=1"],
     "lr-half": ["finetune.lr=1e-4"],
-    # every run's validation KL was lowest at step 25 on the sixth session's validation tasks, then rose
+    # every run's validation KL was lowest at step 25 on the several-label validation tasks, then rose
     "lr-quarter": ["finetune.lr=5e-5"],
-    # every classification task but the test tasks' families, each family drawn alike (fourth session)
+    # every classification task but the test tasks' families, each family drawn alike
     "all-families": ["finetune.train_tasks=all", "finetune.task_sampling=family"],
     # KL only at five times the learning rate: fitted vectors agree with ICL far more without the CE
     "kl-only-lr1e-3": ["finetune.ce_weight=0", "finetune.lr=1e-3"],
@@ -59,19 +59,19 @@ ABLATIONS = {
     # Eight queries per set of demonstrations: eight times the queries per step for the distiller's same two sets.
     "q8": ["finetune.queries_per_episode=8", "finetune.batch_size=16"],
     "q8-kl-only": ["finetune.queries_per_episode=8", "finetune.batch_size=16", "finetune.ce_weight=0"],
-    # The KL where the answer is read: the output's tokens, not the ~26 input tokens that outweigh them (fifth session)
+    # The KL where the answer is read: the output's tokens, not the ~26 input tokens that outweigh them
     "kl-output": ["finetune.kl_on=output"],
     "kl-output-only": ["finetune.kl_on=output", "finetune.ce_weight=0"],
     "q8-kl-output-only": ["finetune.queries_per_episode=8", "finetune.batch_size=16", "finetune.kl_on=output",
                           "finetune.ce_weight=0"],
     "all-tasks": ["finetune.train_tasks=all"],
     "no-stage1": ["finetune.init_from=null"],
-    # Room for a long label space (sixth session: seven labels of three to six tokens do not fit 16 anchors);
+    # Room for a long label space (intent_recognition: seven labels of three to six tokens do not fit 16 anchors);
     # a 16-vector stage-1 distiller does not fit 24, so these against no stage 1
     "label-set-no-stage1": ["distiller.anchor=label_set", "finetune.init_from=null"],
     "k24-label-set-no-stage1": ["num_vectors=24", "distiller.anchor=label_set", "finetune.init_from=null"],
     "ema": ["finetune.ema=0.95"],
-    # the placeholders read their anchors: a slot's correction can depend on the token it corrects (seventh session)
+    # the placeholders read their anchors: a slot's correction can depend on the token it corrects
     "read-anchors": ["distiller.read_anchors=true"],
     # truncated ICL as the start: untrained, the closest of the anchor modes to ICL on the several-label validation tasks
     "last": ["distiller.anchor=last"],
@@ -79,13 +79,13 @@ ABLATIONS = {
     # four times the episodes a step: is the validation curve's wandering the batch's noise?
     "batch8": ["finetune.batch_size=8"],
     "last-batch8": ["distiller.anchor=last", "finetune.batch_size=8"],
-    # the sixth session's recipe against the seventh's (anchor last, lr 5e-5)
+    # the recipe of 79fa3f4 (label_set anchors, lr 2e-4) against that of 3eed252 (anchor last, lr 5e-5)
     "label-set-lr2e-4": ["distiller.anchor=label_set", "finetune.lr=2e-4"],
     # each vector kept near its anchor token: trained unbounded, corrections reach 0.7-0.8 of the anchor's norm
     "max-correction-0.3": ["distiller.max_correction=0.3"],
     # with the drift bounded, do larger steps learn more?
     "max-correction-0.3-lr2e-4": ["distiller.max_correction=0.3", "finetune.lr=2e-4"],
-    # the KL on what eval decides by: the distribution over the example's options (ninth session)
+    # the KL on what eval decides by: the distribution over the example's options
     "kl-options": ["finetune.kl_on=options"],
     "kl-options-only": ["finetune.kl_on=options", "finetune.ce_weight=0"],
 }
@@ -166,13 +166,13 @@ def main() -> None:
                     help="run only these; with no names, only refresh the base and print the table")
     ap.add_argument("--base", type=Path, help="the unchanged recipe's metrics.jsonl (the long run) instead of a run")
     ap.add_argument("--plot", type=Path, help="also draw the curves into this PNG")
-    ap.add_argument("--tag", help="a separate series: runs/ablations-TAG/ and bench/results/ablations-TAG.json")
+    ap.add_argument("--tag", help="a separate series: runs/ablations-TAG/ and bench/results/ablate/ablations-TAG.json")
     ap.add_argument("--reuse", action="store_true",
                     help="read, not rerun, a run whose metrics already reach --stop-at (an interrupted invocation, "
                          "or runs made in parallel by other invocations and moved into this series' folder)")
     args = ap.parse_args()
     suffix = f"-{args.tag}" if args.tag else ""
-    results_file, runs_dir = Path(f"bench/results/ablations{suffix}.json"), Path(f"runs/ablations{suffix}")
+    results_file, runs_dir = Path(f"bench/results/ablate/ablations{suffix}.json"), Path(f"runs/ablations{suffix}")
     recipe = load_recipe(args.recipe, args.overrides)
     if not recipe.finetune.eval_every or args.stop_at % recipe.finetune.eval_every:
         raise SystemExit("--stop-at must be a multiple of finetune.eval_every")

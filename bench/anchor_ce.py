@@ -8,7 +8,7 @@ label remapping.
 The held-out tasks are taken out of the partition's meta-train list (a partition file written into
 output_dir), so stage 2 never sees them; episodes are drawn as stage 2 draws them, with another
 seed, once as they are and once with every episode's labels remapped (finetune.remap_labels=1).
-Writes bench/results/anchor_ce.json after every configuration.
+Writes bench/results/anchor_ce/anchor_ce.json after every configuration.
 """
 from demo_setting import AS_MEASURED  # bench/ is on sys.path when a bench script runs
 import argparse
@@ -67,7 +67,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--episodes", type=int, default=20)
     ap.add_argument("--remaps", default="0,0.5", help="remap_labels values to train with; '' trains nothing")
-    ap.add_argument("--out", default="bench/results/anchor_ce.json")
+    ap.add_argument("--out", default="bench/results/anchor_ce/anchor_ce.json")
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_intermixed_args()
     torch.set_grad_enabled(True)

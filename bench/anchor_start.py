@@ -5,7 +5,7 @@
 Scores ICL and zero-shot once, then the untrained distiller for each `distiller.anchor` but none
 on the recipe's `tasks.validation` (macro-F1, agreement with ICL, KL(ICL || MEND)), as the
 trainer's learning curves score them (`finetune.eval_queries` queries on each of `finetune.eval_sets`
-demonstration sets a task). Writes bench/results/anchor_start.json, or --out.
+demonstration sets a task). Writes bench/results/anchor_start/anchor_start.json, or --out.
 """
 import argparse
 import json
@@ -25,7 +25,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("recipe")
     ap.add_argument("overrides", nargs="*", help="key=value")
-    ap.add_argument("--out", type=Path, default=Path("bench/results/anchor_start.json"))
+    ap.add_argument("--out", type=Path, default=Path("bench/results/anchor_start/anchor_start.json"))
     args = ap.parse_args()
     path, overrides, target = args.recipe, args.overrides, args.out
     out, validation = {}, None

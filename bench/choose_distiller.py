@@ -7,7 +7,7 @@ Each file is loaded into the recipe's models (as `distill.checkpoint=` would) an
 macro-F1, agreement with ICL and KL(ICL || MEND), beside zero-shot's. The lowest KL is chosen.
 A file trained with another `num_vectors` or `distiller` section (anchor, depth, ...) than the
 recipe's is scored with its own, read from the recipe saved with it; the rest is RECIPE's.
-Writes bench/results/choose_distiller.json, or --out.
+Writes bench/results/choose_distiller/choose_distiller.json, or --out.
 """
 import argparse
 import json
@@ -61,7 +61,7 @@ def by_recipe(args: argparse.Namespace, queries: int | None = None
 
 
 def main() -> None:
-    args = distiller_args("bench/results/choose_distiller.json")
+    args = distiller_args("bench/results/choose_distiller/choose_distiller.json")
     scores = {}
     for recipe, models, validation, paths in by_recipe(args):
         for path in paths:

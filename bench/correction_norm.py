@@ -5,7 +5,7 @@
 For each distiller file (built with its own distiller keys, as bench/choose_distiller.py builds it),
 the norm of vector - anchor per slot on each validation demonstration set (`finetune.eval_sets` sets a
 task), beside the anchors' own norm: a correction near the anchor's norm puts the vector as far from
-its token as another token is. Writes bench/results/correction_norm.json, or --out.
+its token as another token is. Writes bench/results/correction_norm/correction_norm.json, or --out.
 """
 import json
 
@@ -20,7 +20,7 @@ from choose_distiller import by_recipe, distiller_args
 
 
 def main() -> None:
-    args = distiller_args("bench/results/correction_norm.json")
+    args = distiller_args("bench/results/correction_norm/correction_norm.json")
     out = {}
     # one query a set: only the demonstrations matter here (the baselines come from the eval cache)
     for recipe, models, validation, paths in by_recipe(args, queries=1):

@@ -3,8 +3,8 @@
     .venv/bin/python bench/device_smoke.py [--backend llama] [--mixed-precision bf16]
 
 Runs pretrain, finetune (a few steps each), distill and eval on a tiny recipe through the CLI, then
-writes bench/results/device_smoke.json with the device eval ran on, its peak memory (measured by
-the CUDA allocator on a GPU, estimated on CPU) and each command's wall time. Training and eval take the
+writes bench/results/device_smoke/device_smoke.json with the device eval ran on, its peak memory (measured
+by the CUDA allocator on a GPU, estimated on CPU) and each command's wall time. Training and eval take the
 GPU whenever torch sees one; on a CPU-only machine the same steps run on CPU.
 """
 import argparse
@@ -31,7 +31,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--backend", default="llama", choices=["gpt2", "t5", "llama"])
     ap.add_argument("--mixed-precision", default="bf16", choices=["no", "bf16", "fp16"])
-    ap.add_argument("--out", default="bench/results/device_smoke.json")
+    ap.add_argument("--out", default="bench/results/device_smoke/device_smoke.json")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         recipe = f"recipes/tiny/{a.backend}.yaml"

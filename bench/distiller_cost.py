@@ -4,7 +4,7 @@
         [-o tasks.bigbench=null -o tasks.data_dir=/path/to/bb]
 
 Runs stage 2 (`finetune`) of the demo recipe for a few steps once per variant, each in a fresh
-process so that its peak RSS is its own, and writes bench/results/distiller_cost.json: trainable
+process so that its peak RSS is its own, and writes bench/results/distiller_cost/distiller_cost.json: trainable
 parameters, the saved distiller.safetensors and last checkpoint in MB, seconds per step (the first
 step, which pays one-off allocations, left out), RSS after building the models and at its peak, and
 each number as a ratio to the full copy.
@@ -73,7 +73,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--out-root", default="runs/distiller-cost", help="output_dir of each variant's run, by name")
     ap.add_argument("-o", "--override", action="append", default=[], help="recipe override, key=value")
-    ap.add_argument("--out", default="bench/results/distiller_cost.json")
+    ap.add_argument("--out", default="bench/results/distiller_cost/distiller_cost.json")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:

@@ -7,7 +7,7 @@ The candidates are every task `finetune.train_tasks: all` would train on (no tes
 task of a test task's family) and the recipe's validation tasks. Each is scored as the learning
 curves score a validation task (its first-seed demonstration set, its first `--queries` test
 queries; ICL and zero-shot from the eval cache when there): macro-F1 of each and ICL's agreement
-with zero-shot. Writes bench/results/icl_gain.json, or --out; prints the tasks by ICL's gain.
+with zero-shot. Writes bench/results/icl_gain/icl_gain.json, or --out; prints the tasks by ICL's gain.
 """
 import json
 import statistics
@@ -23,7 +23,7 @@ from mendctl.data.workspace import data_dir, partition_for
 
 
 def main() -> None:
-    ap = parser(__doc__, "bench/results/icl_gain.json")
+    ap = parser(__doc__, "bench/results/icl_gain/icl_gain.json")
     ap.add_argument("--queries", type=int, default=25)
     args = ap.parse_args()
     recipe, models, template = build(args, "finetune", "finetune")

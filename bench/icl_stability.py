@@ -8,7 +8,7 @@ same demonstrations changed in ways that should not change the task: their order
 order shuffled (seed 0), and the first (oldest) of them left out, which changes nothing where the
 context budget had already cut it. Agreement is the share of queries where both pick the same
 option, as `mendctl eval` reports MEND's; F1 is each run's macro-F1. Chooses nothing: it measures
-the bar, not a method. Writes bench/results/icl_stability.json, or --out, after every set.
+the bar, not a method. Writes bench/results/icl_stability/icl_stability.json, or --out, after every set.
 """
 import json
 import random
@@ -32,7 +32,7 @@ VARIANTS = {
 
 
 def main() -> None:
-    ap = parser(__doc__, "bench/results/icl_stability.json")
+    ap = parser(__doc__, "bench/results/icl_stability/icl_stability.json")
     ap.add_argument("--queries", type=int, default=100)
     args = ap.parse_args()
     recipe, models, template = build(args, "eval")

@@ -3,7 +3,7 @@
     MENDCTL_CACHE=... .venv/bin/python bench/mend_vs_icl.py recipes/llama/smollm2-demo.yaml --limit 15
 
 Needs the recipe's trained distiller or vectors (run `make demo`, or the recipe's pretrain, finetune
-and distill first). Writes bench/results/mend_vs_icl.json; the full results stay in output_dir/eval.
+and distill first). Writes bench/results/mend_vs_icl/mend_vs_icl.json; the full results stay in output_dir/eval.
 """
 import argparse
 import json
@@ -18,7 +18,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("recipe")
     ap.add_argument("--limit", type=int, default=None)
-    ap.add_argument("--out", default="bench/results/mend_vs_icl.json")
+    ap.add_argument("--out", default="bench/results/mend_vs_icl/mend_vs_icl.json")
     a = ap.parse_args()
     recipe = load_recipe(a.recipe, ["eval.methods=[zero-shot,icl,icl-truncated,mend]"])
     prepare(recipe, "eval")

@@ -17,7 +17,8 @@ demonstrations, as `mendctl eval` scores `icl`. The ways timed, each over the wh
 
 One untimed query first absorbs start-up costs; then the ways alternate, `rounds` times each, so all
 see the same load on a busy machine; speedups are ratios of the medians. `--synthetic N` replaces the
-demonstrations by N random tokens (for when no task data is at hand). Writes bench/results/prefix_reuse.json.
+demonstrations by N random tokens (for when no task data is at hand). Writes
+bench/results/prefix_reuse/prefix_reuse.json.
 """
 import argparse
 import json
@@ -75,7 +76,7 @@ def main() -> None:
     ap.add_argument("--packs", default=f"1,{PACK},20", help="queries per pack to time with the cache")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: steadier on a shared CPU)")
     ap.add_argument("--synthetic", type=int, default=0, help="a prefix of this many random tokens instead")
-    ap.add_argument("--out", default="bench/results/prefix_reuse.json")
+    ap.add_argument("--out", default="bench/results/prefix_reuse/prefix_reuse.json")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     recipe = load_recipe(a.recipe, a.overrides)

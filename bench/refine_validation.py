@@ -9,7 +9,7 @@ For each, every validation set's vectors are made as `mendctl distill` makes a t
 (`refine.set_vectors`: the distiller `mendctl distill` would load, or the anchors, then the refining
 steps on the set's own demonstrations) and scored against ICL on the set's first `finetune.eval_queries` queries, on
 `finetune.eval_sets` sets a task. The validation queries are never read by the refinement. Writes
-bench/results/refine_validation.json, or --out.
+bench/results/refine_validation/refine_validation.json, or --out.
 """
 import json
 import time
@@ -26,7 +26,7 @@ from mendctl.training.trained import load_trained
 
 
 def main() -> None:
-    ap = parser(__doc__, "bench/results/refine_validation.json")
+    ap = parser(__doc__, "bench/results/refine_validation/refine_validation.json")
     ap.add_argument("--variant", action="append", nargs="+", required=True, metavar="NAME KEY=VALUE",
                     help="a name, then the keys it sets (repeatable)")
     args = ap.parse_args()

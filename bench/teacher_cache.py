@@ -5,7 +5,7 @@ from the exact KL for several top-k, and seconds per training step with the cach
 
 Both measurements in one run, on the first `episodes` example positions of the recipe's stage 2 and
 its initial distiller; the timed steps alternate (no cache, cache hit) on the same batches. The
-cache goes to a temporary folder, not the user's. Writes bench/results/teacher_cache.json.
+cache goes to a temporary folder, not the user's. Writes bench/results/teacher_cache/teacher_cache.json.
 """
 from demo_setting import AS_MEASURED  # bench/ is on sys.path when a bench script runs
 import argparse
@@ -34,7 +34,7 @@ def main() -> None:
     ap.add_argument("--episodes", type=int, default=24)
     ap.add_argument("--ks", default="16,64,256")
     ap.add_argument("--timed-k", type=int, default=64)
-    ap.add_argument("--out", default="bench/results/teacher_cache.json")
+    ap.add_argument("--out", default="bench/results/teacher_cache/teacher_cache.json")
     a = ap.parse_args()
     recipe = load_recipe(a.recipe, [*AS_MEASURED, *a.overrides])
     prepare(recipe, "finetune")

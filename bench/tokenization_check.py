@@ -1,11 +1,12 @@
-"""Gold-output CE of the real LLM on stage-2 episodes, before vs after the tokenization fix (issue #9).
+"""Gold-output CE of the real LLM on stage-2 episodes, before vs after the tokenization fix.
 
     PYTHONPATH=. .venv/bin/python bench/tokenization_check.py [--episodes 20] [overrides...]
 
 before: the context tokenised with the separator, the query alone after it, no BOS (the old code).
 after:  the context alone, separator + query tokenised together, BOS first (what mendctl does now).
 Also the two halves apart (tokenization only; BOS only) and BOS = <|endoftext|> for comparison.
-Zero-shot has no separator either way, so only BOS changes it. Writes bench/results/tokenization_check.json.
+Zero-shot has no separator either way, so only BOS changes it. Writes
+bench/results/tokenization_check/tokenization_check.json.
 """
 from demo_setting import AS_MEASURED  # bench/ is on sys.path when a bench script runs
 import argparse
@@ -28,7 +29,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--recipe", default="recipes/llama/smollm2-demo.yaml")
     ap.add_argument("--episodes", type=int, default=20)
-    ap.add_argument("--out", default="bench/results/tokenization_check.json")
+    ap.add_argument("--out", default="bench/results/tokenization_check/tokenization_check.json")
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_args()
     recipe = load_recipe(a.recipe, [*AS_MEASURED, *a.overrides])

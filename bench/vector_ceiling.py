@@ -11,7 +11,7 @@ with the other k-1), K vectors that start at the recipe's anchors (zeros when un
 with Adam on stage 2's loss (finetune.kl_weight x KL + finetune.ce_weight x target CE, over all k
 episodes each step), and scored every `--every` steps on the validation queries against ICL as
 the curves score a distiller. The vectors never see a validation query: each point is a per-task
-prompt tuning on the demonstrations alone. Writes bench/results/vector_ceiling.json, or --out.
+prompt tuning on the demonstrations alone. Writes bench/results/vector_ceiling/vector_ceiling.json, or --out.
 """
 import argparse
 import json
@@ -38,7 +38,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--every", type=int, default=20)
     ap.add_argument("--set", action="append", default=[], help="key=value recipe override (repeatable)")
-    ap.add_argument("--out", type=Path, default=Path("bench/results/vector_ceiling.json"))
+    ap.add_argument("--out", type=Path, default=Path("bench/results/vector_ceiling/vector_ceiling.json"))
     ap.add_argument("--start", type=Path, help="a trained distiller: start from its vectors, not the anchors")
     args = ap.parse_args()
     recipe = load_recipe(args.recipe, args.set)

@@ -11,7 +11,7 @@ anchors (`last`: icl-truncated) are fitted with Adam to the KL between ICL's and
 over the options (finetune.kl_on: options) of every `--fit-every`-th query, all of them each step.
 Every `--every` steps both parts are scored: `fit` (the queries fitted: can K vectors make the LLM
 answer as ICL does at all?) and `held_out` (the other queries: does what was fitted on some queries
-of a task carry to its others?). Writes bench/results/vector_oracle.json, or --out.
+of a task carry to its others?). Writes bench/results/vector_oracle/vector_oracle.json, or --out.
 """
 import json
 import statistics
@@ -38,7 +38,7 @@ def _scores(icl: list[list[float]], losses: list[list[float]], qs, idx: list[int
 
 
 def main() -> None:
-    ap = parser(__doc__, "bench/results/vector_oracle.json")
+    ap = parser(__doc__, "bench/results/vector_oracle/vector_oracle.json")
     ap.add_argument("--seeds", type=int, nargs="+", default=[100])
     ap.add_argument("--queries", type=int, default=100)
     ap.add_argument("--fit-every", type=int, default=4)

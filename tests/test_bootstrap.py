@@ -1,4 +1,4 @@
-"""The bootstrap over tasks, then queries (mendctl/bootstrap.py): its properties on hand-made predictions."""
+"""The bootstrap over tasks, then queries (mendctl/evaluation/bootstrap.py): its properties on hand-made predictions."""
 import random
 import statistics
 

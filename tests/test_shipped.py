@@ -69,11 +69,13 @@ def test_cp_unknown_names_suggest_the_closest(tmp_path, name, message):
 
 
 def test_the_explicit_package_list_names_every_package():
-    # pyproject lists packages by hand (to map recipes/ and backends/ into mendctl): a new one must be added there.
+    # pyproject lists packages by hand (to map recipes/, data/tiny/ and backends/ into mendctl): a new one must
+    # be added there.
     setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     found = {p.parent.relative_to(ROOT).as_posix().replace("/", ".") for p in (ROOT / "mendctl").rglob("__init__.py")}
     found |= {"mendctl." + p.parent.relative_to(ROOT).as_posix().replace("/", ".")
               for p in (ROOT / "backends").rglob("__init__.py")}
-    assert found | {"mendctl.recipes"} == set(setuptools["packages"])
-    assert setuptools["package-dir"] == {"mendctl.recipes": "recipes", "mendctl.backends": "backends"}
+    assert found | {"mendctl.recipes", "mendctl.tiny"} == set(setuptools["packages"])
+    assert setuptools["package-dir"] == {"mendctl.recipes": "recipes", "mendctl.tiny": "data/tiny",
+                                         "mendctl.backends": "backends"}
     assert all(p.startswith("mendctl") for p in setuptools["packages"])  # no top-level package but mendctl

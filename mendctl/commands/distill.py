@@ -9,9 +9,10 @@ from rich.markup import escape
 from rich.progress import Progress
 
 from ..core.config import Recipe, TemplateSpec
-from ..core.provenance import text_hash
+from ..core.provenance import text_hash, weights_fingerprint
 from ..core.registry import get_backend
-from ..core.vectors import BadVectors, VectorsMismatch, as_metadata, check_tensor, load_vectors, save_vectors
+from ..core.vectors import (WEIGHTS_KEY, BadVectors, VectorsMismatch, as_metadata, check_tensor, load_vectors,
+                            read_metadata, save_vectors, weights_match)
 from ..data.workspace import vectors_path
 from ..evaluation.scoring import DemoSet, demo_sets
 from ..models.backend import Models
@@ -20,10 +21,11 @@ from ..training.trained import load_trained
 from ..training.variants import METHOD, made_by, method_of, needing_distiller, variants
 
 
-def vectors_metadata(recipe: Recipe, models: Models, distiller_hash: str, template: TemplateSpec, ds: DemoSet) -> dict:
+def vectors_metadata(recipe: Recipe, models: Models, weights: str, distiller_hash: str, template: TemplateSpec,
+                     ds: DemoSet) -> dict:
     return {"backend": recipe.backend, "llm_id": models.llm_id, "llm_config_hash": models.llm_config_hash,
-            "distiller_hash": distiller_hash, "task": ds.task, "seed": ds.seed, "num_demos": len(ds.demos),
-            "demos_hash": text_hash(ds.context), "template": template.model_dump(),
+            WEIGHTS_KEY: weights, "distiller_hash": distiller_hash, "task": ds.task, "seed": ds.seed,
+            "num_demos": len(ds.demos), "demos_hash": text_hash(ds.context), "template": template.model_dump(),
             # Two anchor modes give different vectors from one untrained distiller (same weights hash).
             "anchor": recipe.distiller.anchor, **recorded(recipe.distill),
             METHOD: method_of(refinement(recipe.distill))}
@@ -41,7 +43,10 @@ def _up_to_date(path: Path, meta: dict, recipe: Recipe) -> bool:
     except (VectorsMismatch, BadVectors):  # damaged (say, by a copy cut short): distill it again
         return False
     # The method follows from the refinement compared above: files written before it was recorded stay valid.
-    return same_refinement and all(have.get(k) == v for k, v in as_metadata(meta).items() if k != METHOD)
+    # The weights are compared apart: a file written before they were recorded is held to the config alone.
+    want = as_metadata(meta)
+    return (same_refinement and weights_match(have, want[WEIGHTS_KEY])
+            and all(have.get(k) == v for k, v in want.items() if k not in (METHOD, WEIGHTS_KEY)))
 
 
 def run_distill(recipe: Recipe, force: bool = False, console: Console | None = None) -> list[Path]:
@@ -49,10 +54,11 @@ def run_distill(recipe: Recipe, force: bool = False, console: Console | None = N
     models, distiller_hash = load_trained(needing_distiller(recipe))
     template = get_backend(recipe.backend).template(recipe)
     sets = demo_sets(recipe, template, models.llm_tokenizer)
+    weights = weights_fingerprint(models.llm.model)
     paths = []
     for variant in variants(recipe):
         vrecipe = variant.recipe
-        metas = [vectors_metadata(vrecipe, models, made_by(vrecipe.distill, distiller_hash), template, ds)
+        metas = [vectors_metadata(vrecipe, models, weights, made_by(vrecipe.distill, distiller_hash), template, ds)
                  for ds in sets]
         vpaths = [vectors_path(recipe, ds.task, ds.seed, variant.folder) for ds in sets]
         todo = [i for i, m in enumerate(metas) if force or not _up_to_date(vpaths[i], m, vrecipe)]

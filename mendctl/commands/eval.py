@@ -36,7 +36,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ..core.config import Recipe, TemplateSpec, resolved_dict
 from ..core.partitions import Partition
-from ..core.provenance import models_stamp, stamp, text_hash
+from ..core.provenance import models_stamp, stamp, text_hash, weights_fingerprint
 from ..core.registry import get_backend
 from ..core.vectors import VectorsMismatch, check_compatible, check_tensor, load_vectors
 from ..data.workspace import data_dir, partition_for, vectors_path
@@ -90,15 +90,16 @@ def _context(recipe: Recipe, limit: int | None) -> EvalRun:
 # --------------------------------------------------------------------------- inputs
 
 
-def _saved_vectors(run: EvalRun, variant: Variant, ds: DemoSet) -> tuple[torch.Tensor | None, dict]:
-    """The vectors file of a demonstration set if it was made for this LLM and these demonstrations."""
+def _saved_vectors(run: EvalRun, variant: Variant, ds: DemoSet, weights: str) -> tuple[torch.Tensor | None, dict]:
+    """The vectors file of a demonstration set if it was made for this LLM (`weights`: its fingerprint)
+    and these demonstrations."""
     path = vectors_path(run.recipe, ds.task, ds.seed, variant.folder)
     if not path.is_file():
         return None, {"source": "distilled", "reason": f"no file {path}"}
     try:
         vf = load_vectors(path)  # a file whose tensor is damaged (nan, another shape) is refused: BadVectors
         check_tensor(vf.vectors, vf.metadata, str(path), run.recipe.num_vectors)
-        check_compatible(vf, run.models.llm_config_hash, run.models.llm.hidden_size, str(path))
+        check_compatible(vf, run.models.llm_config_hash, run.models.llm.hidden_size, str(path), weights)
         refined = refinement_of(vf.metadata, str(path))
     except VectorsMismatch as e:  # unreadable, or made for another LLM: distill this set now instead
         return None, {"source": "distilled", "reason": str(e)}
@@ -109,9 +110,10 @@ def _saved_vectors(run: EvalRun, variant: Variant, ds: DemoSet) -> tuple[torch.T
                         **refined, METHOD: vf.metadata.get(METHOD) or method_of(refined)}
 
 
-def _variant_vectors(run: EvalRun, variant: Variant, sets: list[DemoSet], console: Console) -> dict[str, MendVectors]:
+def _variant_vectors(run: EvalRun, variant: Variant, sets: list[DemoSet], weights: str,
+                     console: Console) -> dict[str, MendVectors]:
     recipe, models, distiller_hash = variant.recipe, run.models, run.distiller_hash
-    saved = {f"{ds.task}/{ds.seed}": _saved_vectors(run, variant, ds) for ds in sets}
+    saved = {f"{ds.task}/{ds.seed}": _saved_vectors(run, variant, ds, weights) for ds in sets}
     todo = [ds for ds in sets if saved[f"{ds.task}/{ds.seed}"][0] is None]
     if todo and distiller_hash == UNTRAINED and recipe.distill.refine_from == "distiller":
         first = saved[f"{todo[0].task}/{todo[0].seed}"][1]["reason"]
@@ -148,8 +150,9 @@ def _variant_vectors(run: EvalRun, variant: Variant, sets: list[DemoSet], consol
 def _vectors_rows(run: EvalRun, sets: list[DemoSet], console: Console) -> None:
     """run.vectors and run.folders: one row per vectors folder, named by how its vectors were made."""
     made: dict[str, tuple[str, int]] = {}
+    weights = weights_fingerprint(run.models.llm.model)
     for i, variant in enumerate(variants(run.recipe)):
-        vectors = _variant_vectors(run, variant, sets, console)
+        vectors = _variant_vectors(run, variant, sets, weights, console)
         kinds = {(v.source[METHOD], v.source["refine_steps"]) for v in vectors.values()}
         if len(kinds) > 1:
             raise VectorsMismatch(f"{run.recipe.output_dir / variant.folder}: its sets' vectors were made in "

@@ -56,12 +56,16 @@ def _user_path(v):
 
 
 def _existing(path: Path, what: str = "path") -> Path:
+    from .shipped import installed_data  # here, not at the top: it keeps the chain of imports short
+
+    path = installed_data(path)
     if not Path(path).exists():
         raise ValueError(f"{what} does not exist: {path}")
     return path
 
 
-# Relative paths resolve against the working directory, as users run shipped recipes from the repo root.
+# Relative paths resolve against the working directory, as users run shipped recipes from the repo root;
+# one into data/tiny/ that is not there reads the tiny data installed with the package (shipped.py).
 ExistingPath = Annotated[Path, BeforeValidator(_user_path), AfterValidator(_existing)]
 
 
@@ -254,7 +258,10 @@ class TasksSpec(Strict):
     @classmethod
     def _partition_exists(cls, v: str) -> str:
         from .partitions import load_partition
+        from .shipped import installed_data
 
+        if (found := installed_data(v)) != Path(v):  # a data/tiny/ file read from the installed copy
+            v = str(found)
         load_partition(v)  # a user's file is parsed here too: its task names become paths
         return v
 

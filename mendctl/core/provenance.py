@@ -74,3 +74,29 @@ def file_hash(path: Path) -> str:
 
 def text_hash(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def weights_fingerprint(model) -> str:
+    """A cheap hash of a model's weights: a strided sample of every tensor, enough to tell two models of
+    one config apart (the teacher cache's key and vectors files record it)."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().flatten()[::997].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def portable_paths(value, root: Path):
+    """`value` (JSON-like data) with every absolute path made relative to `root`, or None where it lies
+    outside: what a file meant to be shipped records, so that it names no folder of the machine that
+    made it."""
+    if isinstance(value, dict):
+        return {k: portable_paths(v, root) for k, v in value.items()}
+    if isinstance(value, list):
+        return [portable_paths(v, root) for v in value]
+    if isinstance(value, str) and Path(value).is_absolute():
+        try:
+            return Path(value).resolve().relative_to(Path(root).resolve()).as_posix()
+        except ValueError:
+            return None
+    return value

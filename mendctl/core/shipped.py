@@ -1,8 +1,9 @@
-"""The recipes shipped with mendctl, found from any folder.
+"""The recipes shipped with mendctl, and the tiny data they read, found from any folder.
 
-They live in the repository's top-level `recipes/`. A wheel installs them as package data in
-`mendctl/recipes/` (pyproject maps the package `mendctl.recipes` onto `recipes/`); a checkout or an
-editable install reads the repository's folder itself, so an edited recipe is seen at once.
+They live in the repository's top-level `recipes/` and `data/tiny/`. A wheel installs them as package
+data in `mendctl/recipes/` and `mendctl/tiny/` (pyproject maps the packages `mendctl.recipes` and
+`mendctl.tiny` onto those folders); a checkout or an editable install reads the repository's folders
+themselves, so an edited recipe is seen at once.
 """
 from __future__ import annotations
 
@@ -14,6 +15,26 @@ from .suggest import did_you_mean
 def recipes_dir() -> Path:
     installed = Path(__file__).parents[1] / "recipes"
     return installed if installed.is_dir() else Path(__file__).resolve().parents[2] / "recipes"
+
+
+# A recipe's relative path under this folder names the tiny data installed with the package.
+TINY_DATA = ("data", "tiny")
+
+
+def tiny_data_dir() -> Path:
+    installed = Path(__file__).parents[1] / "tiny"
+    return installed if installed.is_dir() else Path(__file__).resolve().parents[2].joinpath(*TINY_DATA)
+
+
+def installed_data(path: str | Path) -> Path:
+    """A recipe's path as it is read: the path itself when it exists; a relative `data/tiny/...` that does
+    not exist in the working folder is the installed tiny data's copy, so that a copied tiny recipe runs
+    from any folder, as a shipped recipe is found from any."""
+    path = Path(path)
+    if path.exists() or path.is_absolute() or path.parts[:len(TINY_DATA)] != TINY_DATA:
+        return path
+    installed = tiny_data_dir().joinpath(*path.parts[len(TINY_DATA):])
+    return installed if installed.exists() else path
 
 
 def shipped_recipes() -> dict[str, Path]:

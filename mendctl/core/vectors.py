@@ -14,11 +14,16 @@ import torch
 from safetensors import safe_open
 
 from . import __version__
-from .fileio import save_safetensors
+from .fileio import atomic_path, save_safetensors
+from .provenance import weights_fingerprint
 
 FORMAT_VERSION = "1"
 REQUIRED = ("format_version", "llm_id", "llm_config_hash", "distiller_hash", "num_vectors", "dtype", "task",
             "num_demos", "demos_hash", "template", "mendctl_version", "backend")
+
+
+# The fingerprint of the LLM's weights (provenance.weights_fingerprint), beside its config hash.
+WEIGHTS_KEY = "llm_weights"
 
 
 class VectorsMismatch(ValueError):
@@ -102,7 +107,16 @@ def config_hash(config) -> str:
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def check_compatible(vf: VectorsFile, config_hash: str, hidden_size: int, where: str) -> None:
+def weights_match(meta: dict[str, str], weights: str | None) -> bool:
+    """Whether a file was made for these weights. A file written before files recorded the weights'
+    fingerprint (no `llm_weights`) is held to its LLM's config alone."""
+    return weights is None or meta.get(WEIGHTS_KEY, weights) == weights
+
+
+def check_compatible(vf: VectorsFile, config_hash: str, hidden_size: int, where: str,
+                     weights: str | None = None) -> None:
+    """Refuses a file made for another LLM: another config, or (`weights`, the fingerprint of the
+    weights in use) the same config with other weights."""
     meta = vf.metadata
     if meta.get("format_version") != FORMAT_VERSION:
         raise VectorsMismatch(f"{where}: format version {meta.get('format_version')!r}, this mendctl reads {FORMAT_VERSION}")
@@ -111,6 +125,11 @@ def check_compatible(vf: VectorsFile, config_hash: str, hidden_size: int, where:
             f"{where} was distilled for LLM {meta['llm_id']} (config {meta['llm_config_hash']}, "
             f"hidden {vf.vectors.shape[-1]}), not for the LLM in use (config {config_hash}, hidden {hidden_size}). "
             "Distil vectors for this LLM with `mendctl distill`.")
+    if not weights_match(meta, weights):
+        raise VectorsMismatch(
+            f"{where} was distilled for LLM {meta['llm_id']} with weights {meta[WEIGHTS_KEY]}, not for the "
+            f"weights in use ({weights}; the same config {config_hash}). "
+            "Distil vectors for these weights with `mendctl distill`.")
 
 
 def load_vectors(path: str | Path, model=None) -> VectorsFile:
@@ -129,6 +148,11 @@ def load_vectors(path: str | Path, model=None) -> VectorsFile:
     check_tensor(vectors, meta, str(path))
     vf = VectorsFile(vectors, meta, path)
     if model is not None:
-        check_compatible(vf, config_hash(model.config), model.get_input_embeddings().weight.shape[1], str(path))
+        check_model(vf, model, str(path))
     return vf
 
+
+def check_model(vf: VectorsFile, model, where: str) -> None:
+    """Refuses a file made for another LLM than `model` (its config or its weights)."""
+    check_compatible(vf, config_hash(model.config), model.get_input_embeddings().weight.shape[1], where,
+                     weights_fingerprint(model))

@@ -47,7 +47,7 @@ def prepare(recipe: Recipe, command: str, stage: str | None = None, console: Con
     console = console or Console(stderr=True)
     wanted = reads(recipe, command, stage)
     if "datasets" in wanted:
-        from .data.text import require_datasets
+        from .text import require_datasets
 
         require_datasets()  # first: no conversion is waited for before it fails
     # Task files given as tasks.data_dir are the user's: nothing to make.

@@ -7,7 +7,7 @@ import torch
 
 from ..core.config import TemplateSpec
 from ..core.registry import get_backend
-from ..core.vectors import VectorsFile, check_compatible, config_hash, load_vectors
+from ..core.vectors import VectorsFile, check_model, load_vectors
 from .render import render_query
 
 
@@ -19,7 +19,7 @@ def apply(model, tokenizer, vectors: VectorsFile | str | Path, query: str, optio
     """
     vf = vectors if isinstance(vectors, VectorsFile) else load_vectors(vectors, model)
     if isinstance(vectors, VectorsFile):
-        check_compatible(vf, config_hash(model.config), model.get_input_embeddings().weight.shape[1], "vectors")
+        check_model(vf, model, "vectors")
     lm = get_backend(vf.metadata["backend"]).frozen_lm(model, tokenizer)
     q = render_query(TemplateSpec(**vf.template), query, options, tokenizer, after_context=True)
     device = lm.device

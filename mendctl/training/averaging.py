@@ -3,7 +3,7 @@
 At batch 2 the weights after any one step carry that step's noise, and a validation point scores
 whatever the last batches left. With `ema` the average, not the last step, is what the curve scores
 and what best.safetensors and the final distiller hold; the optimiser goes on stepping the raw
-weights. (On the bench recipe, 0.95 did not lower the validation KL: docs/benchmarks.md.)
+weights. (On the bench recipe, 0.95 did not lower the validation KL: docs/research-log.md.)
 Checkpoints keep the average (Accelerate's register_for_checkpointing), so --resume continues it.
 """
 from __future__ import annotations

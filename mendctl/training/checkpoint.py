@@ -23,8 +23,8 @@ from torch import nn
 
 from ..core.bounded import loads_json
 from ..core.config import Recipe, resolved_dict
-from ..core.fileio import full_disk_said, save_safetensors, write_json, write_text
-from ..core.provenance import file_hash, stamp
+from ..core.fileio import atomic_path, full_disk_said, save_safetensors, write_json, write_text
+from ..core.provenance import file_hash, portable_paths, stamp
 from ..data.workspace import WEIGHTS, find_distiller
 from ..models.adapters import trainable_state
 
@@ -36,10 +36,13 @@ _STEP_NAME = re.compile(r"step_\d+")
 def write_distiller(path: Path, distiller: nn.Module, recipe: Recipe, info: dict) -> dict:
     """Writes only what training changes (the rest, frozen body or shared LLM layers, comes from the
     recipe), with the recipe and provenance in the file's metadata: a shipped or copied distiller
-    explains itself. Returns that run record."""
+    explains itself, naming its paths relative to the working folder (none outside it). Returns that
+    run record."""
     run = {"recipe": resolved_dict(recipe), **stamp(), **info}
-    metadata = {"format": "mendctl-distiller", "recipe": json.dumps(run["recipe"]),
-                "provenance": json.dumps({k: v for k, v in run.items() if k != "recipe"}, default=str)}
+    shipped = portable_paths(json.loads(json.dumps(run, default=str)), Path.cwd())
+    shipped["recipe"]["template"] = run["recipe"]["template"]  # text, never a path, whatever it starts with
+    metadata = {"format": "mendctl-distiller", "recipe": json.dumps(shipped["recipe"]),
+                "provenance": json.dumps({k: v for k, v in shipped.items() if k != "recipe"})}
     save_safetensors(Path(path), {k: v.detach().contiguous() for k, v in trainable_state(distiller).items()}, metadata)
     return run
 

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from filelock import FileLock
 from safetensors import safe_open
 
-from ..core.fileio import save_safetensors, write_json
+from ..core.fileio import atomic_path, save_safetensors, write_json
+from ..core.provenance import weights_fingerprint
 from ..models.lm import TargetLogits
 
 SHARD = 256  # positions per file
@@ -185,15 +186,6 @@ class CachedTeacher:
 # --------------------------------------------------------------------------- the key
 
 
-def _fingerprint(model: torch.nn.Module) -> str:
-    """A cheap hash of the weights: a strided sample of every tensor, enough to tell models apart."""
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().flatten()[::997].float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 def _files_hash(paths) -> str:
     from ..core.provenance import file_hash
     from ..data.text import _files
@@ -206,7 +198,7 @@ def teacher_key(recipe, stage: str, models, template) -> dict:
     spec = getattr(recipe, stage)
     llm = models.llm
     key = {"format": FORMAT, "stage": stage, "llm": models.llm_id, "llm_config": models.llm_config_hash,
-           "llm_weights": _fingerprint(llm.model), "llm_class": type(llm).__name__, "dtype": recipe.llm.dtype,
+           "llm_weights": weights_fingerprint(llm.model), "llm_class": type(llm).__name__, "dtype": recipe.llm.dtype,
            "mixed_precision": spec.mixed_precision, "pad_token_id": llm.pad_token_id,
            "bos_token_id": llm.bos_token_id,
            "temperature": spec.temperature, "top_k": spec.teacher_top_k, "seed": recipe.seed}
