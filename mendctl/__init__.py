@@ -8,4 +8,8 @@ def __getattr__(name):
         from . import vectors
 
         return getattr(vectors, name)
+    if name in ("Mend", "Vectors"):
+        from . import api
+
+        return getattr(api, name)
     raise AttributeError(name)

@@ -512,7 +512,9 @@ def validate_data(data: Any, source: str, root: yaml.Node | None = None, overrid
         raise RecipeError(source, problems) from None
 
 
-def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+def load_recipe(path: str | Path, overrides: list[str] = (), unused: tuple[str, ...] = ()) -> Recipe:
+    """The recipe at `path` with `overrides` applied; the top-level sections in `unused` (ones the
+    caller never reads, say tasks and training) are left out, so their paths need not exist."""
     path = Path(path)
     if not path.is_file():
         raise RecipeError(str(path), [(str(path), "", "recipe file not found")])
@@ -544,6 +546,7 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     except ValueError as e:
         raise RecipeError(str(path), [("command line", "", str(e))]) from None
     overridden = {o.split("=", 1)[0].strip() for o in overrides}
+    data = {k: v for k, v in data.items() if k not in unused}
     return validate_data(data, str(path), root, overridden)
 
 

@@ -6,23 +6,13 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import Progress
 
-from .backend import Models
-from .config import Recipe, TemplateSpec
-from .provenance import text_hash
-from .refine import recorded, refinement, refinement_of, set_vectors
+from .config import Recipe
+from .refine import refinement, refinement_of, set_vectors, vectors_metadata
 from .registry import get_backend
-from .scoring import DemoSet, demo_sets
+from .scoring import demo_sets
 from .trained import load_trained
 from .vectors import VectorsMismatch, as_metadata, read_metadata, save_vectors
 from .workspace import vectors_path
-
-
-def vectors_metadata(recipe: Recipe, models: Models, distiller_hash: str, template: TemplateSpec, ds: DemoSet) -> dict:
-    return {"backend": recipe.backend, "llm_id": models.llm_id, "llm_config_hash": models.llm_config_hash,
-            "distiller_hash": distiller_hash, "task": ds.task, "seed": ds.seed, "num_demos": len(ds.demos),
-            "demos_hash": text_hash(ds.context), "template": template.model_dump(),
-            # Two anchor modes give different vectors from one untrained distiller (same weights hash).
-            "anchor": recipe.distiller.anchor, **recorded(recipe.distill)}
 
 
 def _up_to_date(path: Path, meta: dict, recipe: Recipe) -> bool:

@@ -48,6 +48,17 @@ def recorded(spec: DistillSpec) -> dict:
     return {k: v for k, v in refinement(spec).items() if v != default[k]}
 
 
+def vectors_metadata(recipe: Recipe, models, distiller_hash: str, template: TemplateSpec, ds) -> dict:
+    """What a vectors file records of the set `ds` (a scoring.DemoSet) and of what made its vectors."""
+    from .provenance import text_hash
+
+    return {"backend": recipe.backend, "llm_id": models.llm_id, "llm_config_hash": models.llm_config_hash,
+            "distiller_hash": distiller_hash, "task": ds.task, "seed": ds.seed, "num_demos": len(ds.demos),
+            "demos_hash": text_hash(ds.context), "template": template.model_dump(),
+            # Two anchor modes give different vectors from one untrained distiller (same weights hash).
+            "anchor": recipe.distiller.anchor, **recorded(recipe.distill)}
+
+
 def leave_one_out(template: TemplateSpec, demos: list[dict], tokenizer) -> list[tuple[list[int], list[int], list[int]]]:
     """(teacher context ids, x, y) of each demonstration as the query, the others as its context."""
     out = []

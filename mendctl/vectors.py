@@ -41,13 +41,19 @@ def as_metadata(values: dict) -> dict[str, str]:
     return {k: json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else str(v) for k, v in values.items()}
 
 
-def save_vectors(path: Path, vectors: torch.Tensor, metadata: dict) -> None:
+def file_metadata(vectors: torch.Tensor, metadata: dict) -> dict[str, str]:
+    """`metadata` as a vectors file holds it: strings, with the format's own keys."""
     meta = as_metadata(metadata)
     meta.update(format_version=FORMAT_VERSION, mendctl_version=__version__, num_vectors=str(vectors.shape[0]),
                 dtype=str(vectors.dtype).removeprefix("torch."))
     missing = [k for k in REQUIRED if k not in meta]
     if missing:
         raise ValueError(f"vectors metadata lacks {missing}")
+    return meta
+
+
+def save_vectors(path: Path, vectors: torch.Tensor, metadata: dict) -> None:
+    meta = file_metadata(vectors, metadata)
     with atomic_path(Path(path)) as tmp:
         save_file({"vectors": vectors.detach().cpu().contiguous()}, str(tmp), metadata=meta)
 
@@ -98,21 +104,11 @@ def apply(model, tokenizer, vectors: VectorsFile | str | Path, query: str, optio
     """Scores `options` for `query` with the LLM reading the vectors instead of the demonstrations.
 
     Needs only the LLM, its tokenizer and the file: no distiller. Returns the prediction and the
-    mean per-token loss of each option (lower is better).
+    mean per-token loss of each option (lower is better). `mendctl.Mend` does this and more.
     """
-    from .config import TemplateSpec
-    from .registry import get_backend
-    from .render import render_query
+    from .api import Mend
 
-    vf = vectors if isinstance(vectors, VectorsFile) else load_vectors(vectors, model)
-    if isinstance(vectors, VectorsFile):
-        from .backend import config_hash
-
-        check_compatible(vf, config_hash(model.config), model.get_input_embeddings().weight.shape[1], "vectors")
-    lm = get_backend(vf.metadata["backend"]).frozen_lm(model, tokenizer)
-    q = render_query(TemplateSpec(**vf.template), query, options, tokenizer, after_context=True)
-    device = lm.device
-    with torch.no_grad():
-        losses = lm.option_losses(vf.vectors.to(device), torch.tensor(q.x, device=device),
-                                  [torch.tensor(o, device=device) for o in q.options])
-    return {"prediction": options[int(losses.argmin())], "losses": dict(zip(options, losses.tolist()))}
+    vf = vectors if isinstance(vectors, VectorsFile) else load_vectors(vectors)
+    mend = Mend.from_model(model, tokenizer, vf.metadata["backend"], vf.template)
+    losses = [-s for s in mend.score_options(vf, [query], [options])[0]]
+    return {"prediction": options[losses.index(min(losses))], "losses": dict(zip(options, losses))}

@@ -13,7 +13,7 @@ FLOORS = {
     3: {"backend", "lm", "distiller", "refine", "adapters", "anchors", "tokenizer", "model_sources", "render",
         "examples", "losses", "averaging", "teacher_cache", "checkpoint", "resume", "curves", "stage", "padding",
         "scoring", "metrics", "bootstrap", "flops", "compress", "eval_cache", "results", "report",
-        "workspace", "prepare", "trained", "vectors", "provenance", "fileio", "lock"},
+        "workspace", "prepare", "trained", "vectors", "provenance", "fileio", "lock", "api", "engine", "rows"},
     4: {"__init__", "config", "positions", "partitions", "data", "registry", "shipped", "suggest"},
 }
 FLOOR = {module: floor for floor, modules in FLOORS.items() for module in modules}
