@@ -14,14 +14,12 @@ from pathlib import Path
 
 import torch
 
-from .config import Recipe, TemplateSpec, load_recipe
+from .config import TRAINING_SECTIONS, Recipe, TemplateSpec, load_recipe
 from .data.metaicl import DataError
 from .rows import check_demos, check_queries, public
 from .vectors import VectorsFile, VectorsMismatch, check_compatible, file_metadata, load_vectors, save_vectors
 
 METHODS = ("mend", "icl", "zero-shot")
-# Sections a recipe's distil-and-answer use never reads: their paths (task data, training text) need not exist.
-UNUSED_SECTIONS = ("tasks", "pretrain", "finetune")
 
 
 @dataclass
@@ -71,7 +69,7 @@ class Mend:
         from .trained import load_trained
 
         if not isinstance(recipe, Recipe):
-            recipe = load_recipe(recipe, list(overrides), unused=UNUSED_SECTIONS)
+            recipe = load_recipe(recipe, list(overrides), unused=TRAINING_SECTIONS)
         elif overrides:
             raise ValueError("overrides apply to a recipe file; pass a Recipe already overridden")
         if distiller is not None:

@@ -14,7 +14,7 @@ from .config import Recipe, RecipeError, load_recipe
 from .data.metaicl import DEFAULT_K
 
 console = Console()
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, emoji=False)  # ":llama:" in a model id is not an emoji
 
 
 class UserError(click.ClickException):
@@ -43,9 +43,9 @@ def _fail(message: str, code: int, hint: str = "") -> None:
     sys.exit(code)
 
 
-def _recipe(path: str, overrides: tuple[str, ...]) -> Recipe:
+def _recipe(path: str, overrides: tuple[str, ...], unused: tuple[str, ...] = ()) -> Recipe:
     try:
-        recipe = load_recipe(path, overrides)
+        recipe = load_recipe(path, overrides, unused)
         _check_positions(recipe, path)
         return recipe
     except RecipeError as e:
@@ -181,13 +181,58 @@ def export(recipe: str, checkpoint: str, dest: str, overrides: tuple[str, ...]) 
 @cli.command()
 @recipe_arg
 @overrides_arg
-@click.option("--force", is_flag=True, help="Rewrite vectors files that are already up to date.")
-def distill(recipe: str, overrides: tuple[str, ...], force: bool) -> None:
-    """Distil each test task's demonstrations into output_dir/vectors/{task}/{seed}.safetensors."""
-    from .distill import run_distill
+@click.option("--force", is_flag=True, help="Rewrite vectors files that are already up to date (with --out: overwrite it).")
+@click.option("--demos", type=click.Path(dir_okay=False, path_type=Path),
+              help="Your own demonstrations (JSONL rows: input, output, optional options) instead of the test tasks'.")
+@click.option("--out", type=click.Path(path_type=Path), help="With --demos: the vectors file to write.")
+@click.option("--name", help="With --demos: the task name the file records (default: the demos file's stem).")
+@click.option("--untrained", is_flag=True,
+              help="With --demos: distil with the untrained distiller when none is trained (for trying commands out).")
+def distill(recipe: str, overrides: tuple[str, ...], force: bool, demos: Path | None, out: Path | None,
+            name: str | None, untrained: bool) -> None:
+    """Distil each test task's demonstrations into output_dir/vectors/{task}/{seed}.safetensors,
+    or with --demos FILE.jsonl --out FILE.safetensors your own (no partition or task data needed)."""
+    if demos is None:
+        if out is not None or name is not None or untrained:
+            raise UserError("--out, --name and --untrained go with --demos")
+        from .distill import run_distill
 
-    r = _recipe(recipe, overrides)
-    _run_command(r, "distill", run_distill, r, force=force, console=console, lock=r.output_dir)
+        r = _recipe(recipe, overrides)
+        _run_command(r, "distill", run_distill, r, force=force, console=console, lock=r.output_dir)
+        return
+    from .config import TRAINING_SECTIONS
+    from .distill_demos import distill_demos
+
+    if out is None:
+        raise UserError("--demos needs --out FILE.safetensors")
+    r = _recipe(recipe, overrides, TRAINING_SECTIONS)
+    _run(distill_demos, r, demos, out, name=name, untrained=untrained, force=force, console=console)
+
+
+@cli.command()
+@recipe_arg
+@overrides_arg
+@click.option("--queries", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="JSONL rows with input, and options to score (else text is generated); other fields are kept.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="The JSONL of answers to write.")
+@click.option("--method", type=click.Choice(["mend", "icl", "zero-shot"]), default="mend", show_default=True,
+              help="What the LLM reads before each query: the vectors, the demonstrations, or nothing.")
+@click.option("--vectors", type=click.Path(dir_okay=False, path_type=Path), help="With --method mend: the vectors file.")
+@click.option("--demos", type=click.Path(dir_okay=False, path_type=Path), help="With --method icl: demonstrations (JSONL).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Queries run together.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Longest generated answer, in tokens (greedy).")
+@click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
+def predict(recipe: str, overrides: tuple[str, ...], queries: Path, out: Path, method: str, vectors: Path | None,
+            demos: Path | None, batch_size: int, max_new_tokens: int, force: bool) -> None:
+    """Answer your own queries (JSONL) after distilled vectors, demonstrations or nothing: the chosen
+    option and each option's probability, or generated text."""
+    from .config import TRAINING_SECTIONS
+    from .predict import run_predict
+
+    r = _recipe(recipe, overrides, TRAINING_SECTIONS)
+    _run(run_predict, r, queries, out, method=method, vectors=vectors, demos=demos, batch_size=batch_size,
+         max_new_tokens=max_new_tokens, force=force, console=console)
 
 
 @cli.command("eval")

@@ -412,6 +412,10 @@ class RecipeError(Exception):
         return "\n".join(lines)
 
 
+# What distilling a user's own demonstrations and answering queries never read: without them a
+# recipe needs no task data, partition or training text (`load_recipe(..., unused=...)`).
+TRAINING_SECTIONS = ("tasks", "pretrain", "finetune")
+
 MAX_RECIPE_BYTES = 1 << 20  # a recipe is a page of YAML; megabytes of it are a mistake (and slow to parse)
 
 

@@ -203,7 +203,78 @@ CASES = [
     ("no-pretrain-section", lambda t, o: ["pretrain", *base(t, o, "pretrain=null")], 2,
      "the recipe has no `pretrain` section"),
     ("eval-limit-zero", lambda t, o: ["eval", *base(t, o), "--limit", "0"], 2, "Invalid value for '--limit'"),
+    # a user's own demonstrations and queries (distill --demos, predict)
+    ("demos-missing", lambda t, o: own(t, o, "distill", "--demos", t / "none.jsonl"), 2, "none.jsonl: file not found"),
+    ("demos-malformed", lambda t, o: own(t, o, "distill", "--demos", jsonl(t, "d", DEMO, '{"input": "x", "out')), 2,
+     "d.jsonl:2: malformed JSON"),
+    ("demos-missing-output", lambda t, o: own(t, o, "distill", "--demos", jsonl(t, "d", DEMO, '{"input": "x"}')), 2,
+     "d.jsonl:2: missing field output"),
+    ("demos-output-not-an-option", lambda t, o: own(t, o, "distill", "--demos", jsonl(
+        t, "d", '{"input": "x", "output": "c", "options": ["a", "b"]}')), 2, "d.jsonl:1: the output 'c' is not among"),
+    ("demos-empty", lambda t, o: own(t, o, "distill", "--demos", jsonl(t, "d")), 2, "d.jsonl: no demonstrations"),
+    ("demos-without-out", lambda t, o: ["distill", GPT2, f"output_dir={o}", "--demos", jsonl(t, "d", DEMO)], 2,
+     "--demos needs --out"),
+    ("out-without-demos", lambda t, o: ["distill", GPT2, f"output_dir={o}", "--out", str(t / "v.safetensors")], 2,
+     "--out, --name and --untrained go with --demos"),
+    ("demos-no-trained-distiller", lambda t, o: ["distill", GPT2, f"output_dir={o}", "--demos", jsonl(t, "d", DEMO),
+                                                 "--out", str(t / "v.safetensors")], 2, "no trained distiller under"),
+    ("demos-bad-name", lambda t, o: own(t, o, "distill", "--demos", jsonl(t, "d", DEMO), "--name", "../up"), 2,
+     "--name: '../up' is not a valid task name"),
+    ("demos-out-exists", lambda t, o: own(t, o, "distill", "--demos", jsonl(t, "d", DEMO), target=t / "file"), 2,
+     "file exists: pass --force to overwrite it"),
+    ("demos-out-is-a-folder", lambda t, o: own(t, o, "distill", "--demos", jsonl(t, "d", DEMO), target=t), 2,
+     "--out names a folder"),
+    ("queries-missing", lambda t, o: own(t, o, "predict", "--method", "zero-shot", "--queries", t / "q.jsonl"), 2,
+     "q.jsonl: file not found"),
+    ("queries-malformed", lambda t, o: own(t, o, "predict", "--method", "zero-shot", "--queries", jsonl(
+        t, "q", '{"input": "a"}', '{"input": "b"}', "[1, 2")), 2, "q.jsonl:3: malformed JSON"),
+    ("queries-missing-input", lambda t, o: own(t, o, "predict", "--method", "zero-shot", "--queries", jsonl(
+        t, "q", '{"text": "a"}')), 2, "q.jsonl:1: missing field input"),
+    ("queries-options-not-a-list", lambda t, o: own(t, o, "predict", "--method", "zero-shot", "--queries", jsonl(
+        t, "q", '{"input": "a", "options": "yes"}')), 2, "q.jsonl:1: options must be a non-empty list of strings"),
+    ("queries-empty", lambda t, o: own(t, o, "predict", "--method", "zero-shot", "--queries", jsonl(t, "q", "")), 2,
+     "q.jsonl: no queries"),
+    ("predict-icl-without-demos", lambda t, o: own(t, o, "predict", "--method", "icl", "--queries", jsonl(
+        t, "q", QUERY)), 2, "--method icl needs --demos"),
+    ("predict-mend-without-vectors", lambda t, o: own(t, o, "predict", "--queries", jsonl(t, "q", QUERY)), 2,
+     "--method mend needs --vectors"),
+    ("predict-unknown-method", lambda t, o: own(t, o, "predict", "--method", "few-shot", "--queries", jsonl(
+        t, "q", QUERY)), 2, "Invalid value for '--method'"),
+    ("predict-vectors-other-llm", lambda t, o: own(t, o, "predict", "--vectors", foreign_vectors(t), "--queries", jsonl(
+        t, "q", QUERY)), 2, "was distilled for LLM random-init:llama:seed=0"),
+    ("predict-vectors-garbage", lambda t, o: own(t, o, "predict", "--vectors", recipe(t, b"junk", "v.safetensors"),
+                                                 "--queries", jsonl(t, "q", QUERY)), 2, "not a readable safetensors file"),
+    ("predict-out-exists", lambda t, o: own(t, o, "predict", "--method", "zero-shot", "--queries", jsonl(t, "q", QUERY),
+                                            target=t / "file"), 2, "file exists: pass --force"),
+    ("predict-batch-size-zero", lambda t, o: own(t, o, "predict", "--method", "zero-shot", "--queries", jsonl(
+        t, "q", QUERY), "--batch-size", "0"), 2, "Invalid value for '--batch-size'"),
 ]
+
+DEMO = '{"input": "good", "output": "yes", "options": ["yes", "no"]}'
+QUERY = '{"id": 1, "input": "fine", "options": ["yes", "no"]}'
+
+
+def jsonl(tmp: Path, stem: str, *lines: str) -> str:
+    return recipe(tmp, "".join(line + "\n" for line in lines), f"{stem}.jsonl")
+
+
+def own(tmp: Path, out: Path, command: str, *args, target: Path | None = None) -> list[str]:
+    """`command` on the tiny recipe with the user's own files, --out beside them (or `target`)."""
+    target = target or tmp / ("v.safetensors" if command == "distill" else "answers.jsonl")
+    extra = ["--untrained"] if command == "distill" else []
+    return [command, GPT2, f"output_dir={out}", *map(str, args), *extra, "--out", str(target)]
+
+
+def foreign_vectors(tmp: Path) -> str:
+    """A vectors file as the tiny llama recipe would write it: another LLM than gpt2's."""
+    from mendctl.vectors import save_vectors
+
+    path = tmp / "llama.safetensors"
+    save_vectors(path, torch.zeros(4, 64), {
+        "backend": "llama", "llm_id": "random-init:llama:seed=0", "llm_config_hash": "0123456789abcdef",
+        "distiller_hash": "untrained", "task": "mine", "num_demos": 1, "demos_hash": "0", "template": {},
+        "anchor": "none"})
+    return str(path)
 
 
 def other_recipe_weights(tmp: Path) -> str:
