@@ -25,37 +25,33 @@ def _check_options(row: dict, where: str) -> None:
         raise DataError(f"{where}: options must be a non-empty list of strings")
 
 
-def check_demos(demos, what: str = "demos") -> list[dict]:
-    if not isinstance(demos, (list, tuple)) or not demos:
-        raise DataError(f"{what}: no demonstrations")
-    for i, row in enumerate(demos):
+def _check(rows, what: str, noun: str, fields: tuple[str, ...]) -> list[dict]:
+    """`rows` as a non-empty list of dicts whose `fields` are strings and whose options, if any, are a list."""
+    if not isinstance(rows, (list, tuple)) or not rows:
+        raise DataError(f"{what}: no {noun}")
+    for i, row in enumerate(rows):
         if not isinstance(row, dict):
-            raise DataError(f"{what}[{i}]: expected a dict with input and output")
+            raise DataError(f"{what}[{i}]: expected a dict with {' and '.join(fields)}")
         where = _where(row, what, i)
-        for key in ("input", "output"):
+        for key in fields:
             if key not in row:
                 raise DataError(f"{where}: missing field {key}")
             if not isinstance(row[key], str):
                 raise DataError(f"{where}: {key} must be a string, not {type(row[key]).__name__}")
         _check_options(row, where)
+    return list(rows)
+
+
+def check_demos(demos, what: str = "demos") -> list[dict]:
+    demos = _check(demos, what, "demonstrations", ("input", "output"))
+    for i, row in enumerate(demos):
         if row.get("options") and row["output"] not in row["options"]:
-            raise DataError(f"{where}: the output {row['output']!r} is not among the options")
-    return list(demos)
+            raise DataError(f"{_where(row, what, i)}: the output {row['output']!r} is not among the options")
+    return demos
 
 
 def check_queries(queries, what: str = "queries") -> list[dict]:
-    if not isinstance(queries, (list, tuple)) or not queries:
-        raise DataError(f"{what}: no queries")
-    for i, row in enumerate(queries):
-        if not isinstance(row, dict):
-            raise DataError(f"{what}[{i}]: expected a dict with input")
-        where = _where(row, what, i)
-        if "input" not in row:
-            raise DataError(f"{where}: missing field input")
-        if not isinstance(row["input"], str):
-            raise DataError(f"{where}: input must be a string, not {type(row['input']).__name__}")
-        _check_options(row, where)
-    return list(queries)
+    return _check(queries, what, "queries", ("input",))
 
 
 def read_demos(path: str | Path) -> list[dict]:
