@@ -230,26 +230,35 @@ class Mend:
         if len(contexts) != len(continuations):
             raise ValueError(f"{len(contexts)} contexts but {len(continuations)} continuations")
         prefix = self._prefix(vectors)
-        tok, lm = self.tokenizer, self.models.llm
         xs, ys = [], []
         for context, continuation in zip(contexts, continuations):
-            x = _ids(tok, (self.template.separator + context) if prefix.shape[0] and context else context)
-            if not x and not prefix.shape[0] and not lm.bos_len:
-                x = [tok.eos_token_id]  # nothing to predict (or encode) from: lm-eval's convention
-            y = _ids(tok, continuation)
+            y = _ids(self.tokenizer, continuation)
             if not y:
                 raise ValueError(f"continuation {continuation!r} is empty")
-            xs.append(x)
+            xs.append(self._context_ids(prefix, context))
             ys.append(y)
         return self.engine.continuation_logprobs(prefix, xs, ys)
 
-    def generate(self, vectors, prompts: list[str], **generate_kwargs) -> list[str]:
+    def generate(self, vectors, prompts: list[str], *, raw: bool = False, **generate_kwargs) -> list[str]:
         """Each prompt's continuation after `vectors` (Vectors, a list of demonstrations, or None),
-        the prompt rendered with the template as a query; transformers' generate(inputs_embeds=...)
+        the prompt rendered with the template as a query, or with `raw` read as raw text as
+        `loglikelihood` reads a context (lm-eval's prompts); transformers' generate(inputs_embeds=...)
         keyword arguments pass through (greedy and max_new_tokens=32 unless given). The raw text,
         nothing cut."""
+        if raw:
+            if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
+                raise DataError("prompts: expected a list of strings")
+            prefix = self._prefix(vectors)
+            ids = self.engine.generate(prefix, [self._context_ids(prefix, p) for p in prompts], **generate_kwargs)
+            return [self.tokenizer.decode(i, skip_special_tokens=True) for i in ids]
         queries = check_queries([{"input": p} for p in prompts], "prompts")
         return self._generate(self._prefix(vectors), queries, generate_kwargs)
+
+    def prefix(self, before) -> torch.Tensor:
+        """[P, d] input embeddings the LLM reads before each query, BOS not included: `before` is
+        Vectors, a list of demonstrations, or None, as in every answering call. A server computes it
+        once per task instead of once per request."""
+        return self._prefix(before)
 
     # ------------------------------------------------------------------ shared
 
@@ -258,6 +267,14 @@ class Mend:
 
         return render_query(self.template, query["input"], options, self.tokenizer,
                             after_context=bool(prefix.shape[0]))
+
+    def _context_ids(self, prefix: torch.Tensor, context: str) -> list[int]:
+        """A raw context's ids after `prefix`: the separator opens it when anything precedes it."""
+        tok = self.tokenizer
+        x = _ids(tok, (self.template.separator + context) if prefix.shape[0] and context else context)
+        if not x and not prefix.shape[0] and not self.models.llm.bos_len:
+            x = [tok.eos_token_id]  # nothing to predict (or encode) from: lm-eval's convention
+        return x
 
     def _where(self, rows: list[dict]) -> list[str]:
         return [r.get("_where", f"queries[{i}]") for i, r in enumerate(rows)]
