@@ -248,6 +248,50 @@ def eval_(recipe: str, overrides: tuple[str, ...], limit: int | None) -> None:
     _run_command(r, "eval", run_eval, r, limit=limit, console=console, lock=r.output_dir)
 
 
+def _need_extra(extra: str, *modules: str) -> None:
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UserError(f"this command needs {', '.join(missing)}: pip install 'mendctl[{extra}]'")
+
+
+def _free_port(host: str, port: int) -> None:
+    """Refuses a port another process holds (or that needs privileges) before any model loads."""
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.bind((host, port))
+    except OSError as e:
+        raise UserError(f"--host {host} --port {port}: cannot listen there ({e.strerror or e})") from None
+
+
+@cli.command()
+@recipe_arg
+@overrides_arg
+@click.option("--vectors", "folder", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Folder of models: NAME.safetensors (vectors, model NAME) and NAME.jsonl (demonstrations, "
+                   "models NAME:icl and NAME:icl-cached).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (loopback: this machine only).")
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True, help="Port to listen on.")
+@click.option("--max-batch", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Concurrent requests answered by one model call, at most.")
+@click.option("--max-wait-ms", type=click.FloatRange(min=0, max=10_000), default=10.0, show_default=True,
+              help="How long a request waits for others to batch with when none is waiting.")
+def serve(recipe: str, overrides: tuple[str, ...], folder: Path, host: str, port: int, max_batch: int,
+          max_wait_ms: float) -> None:
+    """Serve vectors over HTTP: OpenAI-compatible POST /v1/completions, GET /v1/models, GET /health."""
+    from .config import TRAINING_SECTIONS
+
+    _need_extra("serve", "fastapi", "uvicorn")
+    r = _recipe(recipe, overrides, TRAINING_SECTIONS)
+    _free_port(host, port)
+    from .serve import run_serve
+
+    _run(run_serve, r, folder, host, port, max_batch, max_wait_ms, console)
+
+
 @cli.command()
 @click.argument("recipes", nargs=-1, required=True, type=click.Path(dir_okay=False))
 def validate(recipes: tuple[str, ...]) -> None:

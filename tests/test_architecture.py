@@ -2,7 +2,7 @@
 import ast
 from pathlib import Path
 
-COMMANDS = {"trainer", "distill", "evaluate", "fill_teacher", "export", "distill_demos", "predict"}
+COMMANDS = {"trainer", "distill", "evaluate", "fill_teacher", "export", "distill_demos", "predict", "serve"}
 PACKAGE = Path(__file__).resolve().parents[1] / "mendctl"
 
 # Every module's floor, as docs/architecture.md draws them; a new module goes on one (the test below
@@ -13,7 +13,8 @@ FLOORS = {
     3: {"backend", "lm", "distiller", "refine", "adapters", "anchors", "tokenizer", "model_sources", "render",
         "examples", "losses", "averaging", "teacher_cache", "checkpoint", "resume", "curves", "stage", "padding",
         "scoring", "metrics", "bootstrap", "flops", "compress", "eval_cache", "results", "report",
-        "workspace", "prepare", "trained", "vectors", "provenance", "fileio", "lock", "api", "engine", "rows", "outputs"},
+        "workspace", "prepare", "trained", "vectors", "provenance", "fileio", "lock", "api", "engine", "rows", "outputs",
+        "batching", "prefix_kv"},
     4: {"__init__", "config", "positions", "partitions", "data", "registry", "shipped", "suggest"},
 }
 FLOOR = {module: floor for floor, modules in FLOORS.items() for module in modules}
