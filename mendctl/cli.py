@@ -292,6 +292,28 @@ def serve(recipe: str, overrides: tuple[str, ...], folder: Path, host: str, port
     _run(run_serve, r, folder, host, port, max_batch, max_wait_ms, console)
 
 
+@cli.command("lm-eval", context_settings={"ignore_unknown_options": True})
+@recipe_arg
+@click.option("--vectors", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="The vectors file the LLM reads in place of the few-shot context.")
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def lm_eval(recipe: str, vectors: Path, args: tuple[str, ...]) -> None:
+    """Score lm-eval tasks with vectors: `mendctl lm-eval RECIPE [key=value ...] --vectors F --tasks T ...`.
+
+    The arguments after the overrides are lm-eval's own (`lm-eval run --help`): --tasks, --include_path,
+    --limit, --output_path, ...; the model is `mend`, reading RECIPE's LLM and the vectors.
+    """
+    from .config import TRAINING_SECTIONS
+
+    _need_extra("lm-eval", "lm_eval")
+    split = next((i for i, a in enumerate(args) if a.startswith("-") or "=" not in a), len(args))
+    overrides, rest = args[:split], list(args[split:])
+    _recipe(recipe, overrides, TRAINING_SECTIONS)
+    from .harness import run_lm_eval
+
+    _run(run_lm_eval, Path(recipe), overrides, vectors, rest)
+
+
 @cli.command()
 @click.argument("recipes", nargs=-1, required=True, type=click.Path(dir_okay=False))
 def validate(recipes: tuple[str, ...]) -> None:

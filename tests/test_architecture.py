@@ -2,7 +2,7 @@
 import ast
 from pathlib import Path
 
-COMMANDS = {"trainer", "distill", "evaluate", "fill_teacher", "export", "distill_demos", "predict", "serve"}
+COMMANDS = {"trainer", "distill", "evaluate", "fill_teacher", "export", "distill_demos", "predict", "serve", "harness"}
 PACKAGE = Path(__file__).resolve().parents[1] / "mendctl"
 
 # Every module's floor, as docs/architecture.md draws them; a new module goes on one (the test below
