@@ -8,6 +8,7 @@ Cases fail early (validation, or the first thing a command reads) to keep the ta
 from __future__ import annotations
 
 import errno
+import importlib.util
 import json
 import os
 import shutil
@@ -297,6 +298,69 @@ def snapshot(tmp: Path, out: Path) -> dict[str, float]:
     files = {str(p): p.stat().st_mtime for p in tmp.rglob("*") if out not in p.parents and p != out}
     files.update({f"repo:{p.name}": 0.0 for p in ROOT.iterdir()})
     return files
+
+
+def served_folder(tmp: Path, name: str = "", content: bytes = b"") -> str:
+    """A folder for `mendctl serve --vectors`, holding one file `name` (or nothing)."""
+    folder = tmp / "served"
+    folder.mkdir(exist_ok=True)
+    if name:
+        (folder / name).write_bytes(content)
+    return str(folder)
+
+
+_HELD: list = []  # sockets kept listening while a case runs
+
+
+def taken_port() -> str:
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen()
+    _HELD.append(s)
+    return str(s.getsockname()[1])
+
+
+def serve(t: Path, o: Path, folder: str, *args: str) -> list[str]:
+    return ["serve", GPT2, f"output_dir={o}", "--vectors", folder, *args]
+
+
+def lm_eval(t: Path, o: Path, vectors: str, *args: str) -> list[str]:
+    return ["lm-eval", GPT2, f"output_dir={o}", "--vectors", vectors, *args]
+
+
+SERVE_CASES = [
+    ("serve-folder-missing", lambda t, o: serve(t, o, str(t / "none")), 2, "none: no such folder"),
+    ("serve-folder-empty", lambda t, o: serve(t, o, served_folder(t)), 2,
+     "no vectors (.safetensors) or demonstrations (.jsonl) to serve"),
+    ("serve-vectors-garbage", lambda t, o: serve(t, o, served_folder(t, "v.safetensors", b"junk")), 2,
+     "not a readable safetensors file"),
+    ("serve-demos-malformed", lambda t, o: serve(t, o, served_folder(t, "d.jsonl", b'{"input": "x", "out\n')), 2,
+     "d.jsonl:1: malformed JSON"),
+    ("serve-port-taken", lambda t, o: serve(t, o, served_folder(t), "--port", taken_port()), 2, "cannot listen there"),
+    ("serve-port-out-of-range", lambda t, o: serve(t, o, served_folder(t), "--port", "70000"), 2,
+     "Invalid value for '--port'"),
+    ("serve-max-batch-zero", lambda t, o: serve(t, o, served_folder(t), "--max-batch", "0"), 2,
+     "Invalid value for '--max-batch'"),
+    ("serve-bad-override", lambda t, o: serve(t, o, served_folder(t), "seed=-1"), 2, "seed: Input should be greater"),
+]
+LM_EVAL_CASES = [
+    ("lm-eval-vectors-missing", lambda t, o: lm_eval(t, o, str(t / "v.safetensors"), "--tasks", "x"), 2,
+     "v.safetensors: no such file"),
+    ("lm-eval-vectors-garbage", lambda t, o: lm_eval(t, o, recipe(t, b"junk", "v.safetensors"), "--tasks", "x"), 2,
+     "not a readable safetensors file"),
+    ("lm-eval-model-given", lambda t, o: lm_eval(t, o, other_recipe_weights(t), "--model", "hf"), 2,
+     "--model: the model is mend here"),
+    ("lm-eval-unknown-argument", lambda t, o: lm_eval(t, o, other_recipe_weights(t), "--bogus"), 2,
+     "lm-eval: unrecognized arguments: --bogus"),
+    ("lm-eval-bad-override", lambda t, o: ["lm-eval", GPT2, f"output_dir={o}", "seed=-1", "--vectors", "v"], 2,
+     "seed: Input should be greater"),
+]
+if all(importlib.util.find_spec(m) for m in ("fastapi", "uvicorn")):
+    CASES += SERVE_CASES
+if importlib.util.find_spec("lm_eval"):
+    CASES += LM_EVAL_CASES
 
 
 @pytest.mark.parametrize("name, setup, code, phrase", CASES, ids=[c[0] for c in CASES])
