@@ -1,1 +1,2 @@
-"""Backend plugins shipped with mendctl; each registers itself under `mendctl.backends` in pyproject.toml."""
+"""Backend plugins shipped with mendctl, installed as `mendctl.backends`; each registers itself under the
+entry-point group `mendctl.backends` in pyproject.toml."""

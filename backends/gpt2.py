@@ -1,9 +1,9 @@
 """GPT-2 family: causal LLM and causal distiller (placeholders after the demonstrations)."""
 from transformers import GPT2Config, GPT2LMHeadModel, GPT2Model
 
-from mendctl.backend import Backend as Base
-from mendctl.config import RANDOM_INIT_POSITIONS, TemplateSpec
-from mendctl.lm import CausalLM
+from mendctl.models.backend import Backend as Base
+from mendctl.core.config import RANDOM_INIT_POSITIONS, TemplateSpec
+from mendctl.models.lm import CausalLM
 
 
 class Backend(Base):

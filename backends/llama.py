@@ -2,9 +2,9 @@
 the LLM's own first N layers (`distiller.init_from_llm_layers`), sharing its tokenizer."""
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel
 
-from mendctl.backend import Backend as Base
-from mendctl.config import RANDOM_INIT_POSITIONS
-from mendctl.lm import CausalLM
+from mendctl.models.backend import Backend as Base
+from mendctl.core.config import RANDOM_INIT_POSITIONS
+from mendctl.models.lm import CausalLM
 
 
 class Backend(Base):

@@ -2,8 +2,8 @@
 to the LLM's encoder input and options are scored as decoder targets."""
 from transformers import T5Config, T5EncoderModel, T5ForConditionalGeneration
 
-from mendctl.backend import Backend as Base
-from mendctl.lm import Seq2SeqLM
+from mendctl.models.backend import Backend as Base
+from mendctl.models.lm import Seq2SeqLM
 
 
 class T5LM(Seq2SeqLM):

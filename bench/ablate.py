@@ -24,8 +24,8 @@ import sys
 import time
 from pathlib import Path
 
-from mendctl.config import load_recipe
-from mendctl.provenance import stamp
+from mendctl.core.config import load_recipe
+from mendctl.core.provenance import stamp
 
 # name -> the recipe keys that differ from the base (each a documented recipe key)
 ABLATIONS = {

@@ -19,17 +19,17 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from mendctl.anchors import anchor_embeddings, anchor_ids
-from mendctl.checkpoint import load_distiller
-from mendctl.config import load_recipe
-from mendctl.examples import TaskExamples
-from mendctl.losses import TargetCE
-from mendctl.partitions import load_partition
-from mendctl.prepare import prepare
-from mendctl.registry import get_backend
-from mendctl.distiller import distiller_inputs
-from mendctl.trainer import train
-from mendctl.workspace import data_dir
+from mendctl.models.anchors import anchor_embeddings, anchor_ids
+from mendctl.training.checkpoint import load_distiller
+from mendctl.core.config import load_recipe
+from mendctl.training.examples import TaskExamples
+from mendctl.training.losses import TargetCE
+from mendctl.core.partitions import load_partition
+from mendctl.data.prepare import prepare
+from mendctl.core.registry import get_backend
+from mendctl.models.distiller import distiller_inputs
+from mendctl.commands.train import train
+from mendctl.data.workspace import data_dir
 
 HELD_OUT = ["navigate", "snarks", "color-rgb", "anachronisms"]
 

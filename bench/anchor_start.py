@@ -12,13 +12,13 @@ import json
 import time
 from pathlib import Path
 
-from mendctl.anchors import set_anchors
-from mendctl.config import ANCHORS, load_recipe
-from mendctl.curves import Validation
-from mendctl.distiller import distill
-from mendctl.prepare import prepare
-from mendctl.provenance import stamp
-from mendctl.registry import get_backend
+from mendctl.models.anchors import set_anchors
+from mendctl.core.config import ANCHORS, load_recipe
+from mendctl.training.curves import Validation
+from mendctl.models.distiller import distill
+from mendctl.data.prepare import prepare
+from mendctl.core.provenance import stamp
+from mendctl.core.registry import get_backend
 
 
 def main() -> None:

@@ -14,13 +14,13 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-from mendctl.checkpoint import load_distiller, saved_recipe
-from mendctl.backend import Models
-from mendctl.config import DistillerSpec, Recipe, load_recipe
-from mendctl.curves import Validation
-from mendctl.prepare import prepare
-from mendctl.provenance import file_hash, stamp
-from mendctl.registry import get_backend
+from mendctl.training.checkpoint import load_distiller, saved_recipe
+from mendctl.models.backend import Models
+from mendctl.core.config import DistillerSpec, Recipe, load_recipe
+from mendctl.training.curves import Validation
+from mendctl.data.prepare import prepare
+from mendctl.core.provenance import file_hash, stamp
+from mendctl.core.registry import get_backend
 
 
 def own_keys(path: Path) -> list[str]:

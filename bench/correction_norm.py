@@ -11,10 +11,10 @@ import json
 
 import torch
 
-from mendctl.anchors import anchor_embeddings
-from mendctl.checkpoint import load_distiller
-from mendctl.distiller import distill
-from mendctl.provenance import file_hash, stamp
+from mendctl.models.anchors import anchor_embeddings
+from mendctl.training.checkpoint import load_distiller
+from mendctl.models.distiller import distill
+from mendctl.core.provenance import file_hash, stamp
 
 from choose_distiller import by_recipe, distiller_args
 

@@ -36,21 +36,21 @@ def child(recipe_path: str, overrides: list[str], steps: int) -> dict:
     """One training run in this process; what it measured."""
     from rich.console import Console
 
-    import mendctl.backend
-    from mendctl.adapters import trainable_state
-    from mendctl.config import load_recipe
-    from mendctl.prepare import prepare
-    from mendctl.trainer import train
+    import mendctl.models.backend
+    from mendctl.models.adapters import trainable_state
+    from mendctl.core.config import load_recipe
+    from mendctl.data.prepare import prepare
+    from mendctl.commands.train import train
 
     seen = {}
-    real_build = mendctl.backend.Backend.build
+    real_build = mendctl.models.backend.Backend.build
 
     def build(self, recipe):
         models = real_build(self, recipe)
         seen["models"], seen["rss_after_build_mb"] = models, rss_mb()
         return models
 
-    mendctl.backend.Backend.build = build
+    mendctl.models.backend.Backend.build = build
     recipe = load_recipe(recipe_path, [*overrides, f"finetune.steps={steps}", f"finetune.save_every={steps}"])
     shutil.rmtree(recipe.output_dir, ignore_errors=True)
     prepare(recipe, "finetune")
@@ -80,7 +80,7 @@ def main() -> None:
         overrides = [*AS_MEASURED, *a.override, *VARIANTS[a.child], f"output_dir={Path(a.out_root) / a.child}"]
         print(json.dumps(child(a.recipe, overrides, a.steps)))
         return
-    from mendctl.provenance import stamp
+    from mendctl.core.provenance import stamp
 
     results = {}
     for name in VARIANTS:

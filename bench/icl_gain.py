@@ -14,12 +14,12 @@ import statistics
 
 from recipe_args import build, parser
 
-from mendctl import metrics
-from mendctl.curves import Validation
-from mendctl.examples import meta_train_tasks
-from mendctl.provenance import stamp
-from mendctl.scoring import predicted
-from mendctl.workspace import data_dir, partition_for
+from mendctl.evaluation import metrics
+from mendctl.training.curves import Validation
+from mendctl.training.examples import meta_train_tasks
+from mendctl.core.provenance import stamp
+from mendctl.evaluation.scoring import predicted
+from mendctl.data.workspace import data_dir, partition_for
 
 
 def main() -> None:

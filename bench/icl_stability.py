@@ -17,12 +17,12 @@ import statistics
 import torch
 from recipe_args import build, parser
 
-from mendctl import metrics
-from mendctl.curves import baseline
-from mendctl.provenance import stamp
-from mendctl.render import context_ids, render_context
-from mendctl.scoring import demo_sets, predicted, query_set, score
-from mendctl.workspace import data_dir
+from mendctl.evaluation import metrics
+from mendctl.training.curves import baseline
+from mendctl.core.provenance import stamp
+from mendctl.models.render import context_ids, render_context
+from mendctl.evaluation.scoring import demo_sets, predicted, query_set, score
+from mendctl.data.workspace import data_dir
 
 VARIANTS = {
     "reversed": lambda demos: demos[::-1],

@@ -9,9 +9,9 @@ import argparse
 import json
 from pathlib import Path
 
-from mendctl.config import load_recipe
-from mendctl.evaluate import run_eval
-from mendctl.prepare import prepare
+from mendctl.core.config import load_recipe
+from mendctl.commands.eval import run_eval
+from mendctl.data.prepare import prepare
 
 
 def main() -> None:
@@ -24,10 +24,11 @@ def main() -> None:
     prepare(recipe, "eval")
     results = run_eval(recipe, limit=a.limit)
     agg = results["aggregate"]
-    ratio = {key: agg["mend"][key] / agg["icl"][key]
+    row = next(iter(results["vectors"]))  # the vectors row: mend, mend+fit@N or fitted@N, as they were made
+    ratio = {key: agg[row][key] / agg["icl"][key]
              for key in ("score", "flops_per_query", "latency_ms_per_query", "memory_bytes")}
     summary = {"recipe": a.recipe, "limit": a.limit, "device": results["device"], "memory_kind": results["memory_kind"],
-               "mend_over_icl": ratio, "aggregate": agg, "mend_vs_icl": results.get("mend_vs_icl"),
+               "row": row, "mend_over_icl": ratio, "aggregate": agg, "mend_vs_icl": results["vs_icl"][row],
                "provenance": results["provenance"]}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(summary, indent=2) + "\n")

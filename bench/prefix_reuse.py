@@ -28,15 +28,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from mendctl.config import load_recipe
-from mendctl.lm import _cut_left
-from mendctl.padding import pad
-from mendctl.prepare import prepare
-from mendctl.provenance import stamp
-from mendctl.registry import get_backend
-from mendctl.render import context_ids
-from mendctl.scoring import PACK, demo_sets, option_losses, query_set, score
-from mendctl.workspace import data_dir
+from mendctl.core.config import load_recipe
+from mendctl.models.lm import _cut_left
+from mendctl.models.padding import pad
+from mendctl.data.prepare import prepare
+from mendctl.core.provenance import stamp
+from mendctl.core.registry import get_backend
+from mendctl.models.render import context_ids
+from mendctl.evaluation.scoring import PACK, demo_sets, option_losses, query_set, score
+from mendctl.data.workspace import data_dir
 
 
 def before_option_losses(self, prefix, x, options):

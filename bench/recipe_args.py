@@ -3,9 +3,9 @@ models built (the scripts run as `python bench/NAME.py`, so this folder is on th
 import argparse
 from pathlib import Path
 
-from mendctl.config import load_recipe
-from mendctl.prepare import prepare
-from mendctl.registry import get_backend
+from mendctl.core.config import load_recipe
+from mendctl.data.prepare import prepare
+from mendctl.core.registry import get_backend
 
 
 def parser(doc: str, out: str) -> argparse.ArgumentParser:

@@ -16,13 +16,13 @@ import time
 
 from recipe_args import parser
 
-from mendctl.config import load_recipe
-from mendctl.curves import Validation
-from mendctl.prepare import prepare
-from mendctl.provenance import stamp
-from mendctl.refine import set_vectors
-from mendctl.registry import get_backend
-from mendctl.trained import load_trained
+from mendctl.core.config import load_recipe
+from mendctl.training.curves import Validation
+from mendctl.data.prepare import prepare
+from mendctl.core.provenance import stamp
+from mendctl.training.refine import set_vectors
+from mendctl.core.registry import get_backend
+from mendctl.training.trained import load_trained
 
 
 def main() -> None:

@@ -148,7 +148,7 @@ def main() -> None:
         "icl_cached_over_vectors_p99": cached["p99_s"] / vec["p99_s"],
     }
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from mendctl.provenance import stamp
+    from mendctl.core.provenance import stamp
 
     report = {"command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]), "sides": sides, "ratios": ratios,
               "config": {"recipe": a.recipe, "overrides": a.overrides, "requests": a.requests, "clients": a.clients,

@@ -16,15 +16,15 @@ from pathlib import Path
 
 import torch
 
-from mendctl.config import load_recipe
-from mendctl.examples import example_source
-from mendctl.losses import ForwardKL, SparseKL
-from mendctl.prepare import prepare
-from mendctl.provenance import stamp
-from mendctl.registry import get_backend
-from mendctl.teacher_cache import CachedTeacher, TeacherCache, sparsify
-from mendctl.distiller import distiller_inputs
-from mendctl.trainer import Objective, step_loss
+from mendctl.core.config import load_recipe
+from mendctl.training.examples import example_source
+from mendctl.training.losses import ForwardKL, SparseKL
+from mendctl.data.prepare import prepare
+from mendctl.core.provenance import stamp
+from mendctl.core.registry import get_backend
+from mendctl.training.teacher_cache import CachedTeacher, TeacherCache, sparsify
+from mendctl.models.distiller import distiller_inputs
+from mendctl.commands.train import Objective, step_loss
 
 
 def main() -> None:

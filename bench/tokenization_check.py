@@ -16,12 +16,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from mendctl.config import load_recipe
-from mendctl.examples import TaskExamples, meta_train_tasks
-from mendctl.prepare import prepare
-from mendctl.provenance import stamp
-from mendctl.registry import get_backend
-from mendctl.workspace import data_dir, partition_for
+from mendctl.core.config import load_recipe
+from mendctl.training.examples import TaskExamples, meta_train_tasks
+from mendctl.data.prepare import prepare
+from mendctl.core.provenance import stamp
+from mendctl.core.registry import get_backend
+from mendctl.data.workspace import data_dir, partition_for
 
 
 def main() -> None:

@@ -22,13 +22,13 @@ from pathlib import Path
 
 import torch
 
-from mendctl.config import load_recipe
-from mendctl.examples import Example
-from mendctl.losses import ForwardKL, SparseKL
-from mendctl.provenance import stamp
-from mendctl.registry import get_backend
-from mendctl.teacher_cache import CachedTeacher, TeacherCache
-from mendctl.trainer import Objective, step_loss
+from mendctl.core.config import load_recipe
+from mendctl.training.examples import Example
+from mendctl.training.losses import ForwardKL, SparseKL
+from mendctl.core.provenance import stamp
+from mendctl.core.registry import get_backend
+from mendctl.training.teacher_cache import CachedTeacher, TeacherCache
+from mendctl.commands.train import Objective, step_loss
 
 # Each variant states every key it depends on, whatever the recipe sets: the demo as it trained before
 # the cache and LoRA existed (plain vectors, the whole distiller), then one change at a time.

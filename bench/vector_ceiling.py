@@ -19,16 +19,16 @@ from pathlib import Path
 
 import torch
 
-from mendctl.anchors import anchor_embeddings
-from mendctl.checkpoint import load_distiller
-from mendctl.distiller import distill
-from mendctl.config import load_recipe
-from mendctl.curves import Validation
-from mendctl.losses import ForwardKL, TargetCE
-from mendctl.prepare import prepare
-from mendctl.provenance import stamp
-from mendctl.registry import get_backend
-from mendctl.refine import leave_one_out
+from mendctl.models.anchors import anchor_embeddings
+from mendctl.training.checkpoint import load_distiller
+from mendctl.models.distiller import distill
+from mendctl.core.config import load_recipe
+from mendctl.training.curves import Validation
+from mendctl.training.losses import ForwardKL, TargetCE
+from mendctl.data.prepare import prepare
+from mendctl.core.provenance import stamp
+from mendctl.core.registry import get_backend
+from mendctl.training.refine import leave_one_out
 
 
 def main() -> None:

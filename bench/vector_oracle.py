@@ -20,13 +20,13 @@ from pathlib import Path
 import torch
 from recipe_args import build, parser
 
-from mendctl import metrics
-from mendctl.anchors import anchor_embeddings, set_anchors
-from mendctl.curves import baseline
-from mendctl.losses import OptionKL
-from mendctl.provenance import stamp
-from mendctl.scoring import demo_set, query_set
-from mendctl.workspace import data_dir, partition_for
+from mendctl.evaluation import metrics
+from mendctl.models.anchors import anchor_embeddings, set_anchors
+from mendctl.training.curves import baseline
+from mendctl.training.losses import OptionKL
+from mendctl.core.provenance import stamp
+from mendctl.evaluation.scoring import demo_set, query_set
+from mendctl.data.workspace import data_dir, partition_for
 
 
 def _scores(icl: list[list[float]], losses: list[list[float]], qs, idx: list[int]) -> dict:

@@ -1,15 +1,19 @@
 """mendctl: MEND (Meta Demonstration Distillation) as a config-driven tool."""
-__version__ = "0.1.0"
+from .core import __version__
 
 
 def __getattr__(name):
     # The vectors API pulls in torch and transformers: load it only when asked for.
-    if name in ("load_vectors", "apply", "VectorsFile"):
-        from . import vectors
+    if name in ("load_vectors", "VectorsFile"):
+        from .core import vectors
 
         return getattr(vectors, name)
     if name in ("Mend", "Vectors"):
-        from . import api
+        from .api import mend
 
-        return getattr(api, name)
+        return getattr(mend, name)
+    if name == "apply":
+        from .api.apply import apply
+
+        return apply
     raise AttributeError(name)

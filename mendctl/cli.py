@@ -8,10 +8,11 @@ from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from .config import Recipe, RecipeError, load_recipe
-from .data.metaicl import DEFAULT_K
+from .core.config import TRAINING_SECTIONS, Recipe, RecipeError, load_recipe
+from .data.metaicl import DEFAULT_K, DEFAULT_SEEDS
 
 console = Console()
 err_console = Console(stderr=True, emoji=False)  # ":llama:" in a model id is not an emoji
@@ -23,7 +24,7 @@ class UserError(click.ClickException):
     exit_code = 2
 
     def show(self, file=None) -> None:
-        err_console.print(f"[red]error:[/] {self.message}", highlight=False, soft_wrap=True)
+        err_console.print(f"[red]error:[/] {escape(self.message)}", highlight=False, soft_wrap=True)
 
 
 # Errors of the user's own files (the path is in the message): a missing, unwritable or full place.
@@ -39,7 +40,8 @@ def _debug() -> bool:
 def _fail(message: str, code: int, hint: str = "") -> None:
     if _debug():
         traceback.print_exc()
-    err_console.print(f"[red]error:[/] {message}{hint}", highlight=False, soft_wrap=True)
+    # escaped: a message may hold brackets (a pip extra, a list) that rich would read as markup and drop
+    err_console.print(f"[red]error:[/] {escape(message)}{escape(hint)}", highlight=False, soft_wrap=True)
     sys.exit(code)
 
 
@@ -56,7 +58,7 @@ def _recipe(path: str, overrides: tuple[str, ...], unused: tuple[str, ...] = ())
 
 
 def _check_positions(recipe: Recipe, path: str) -> None:
-    from .positions import recipe_problems
+    from .core.positions import recipe_problems
 
     problems = recipe_problems(recipe)
     if problems:
@@ -70,12 +72,12 @@ def _run(fn, *args, lock: Path | None = None, **kwargs):
     checkpoints they point to); 1: the run failed on its own; 130: interrupted. `--debug` adds the
     traceback; without it, nothing but the message is shown.
     """
+    from .commands.train import TrainingDiverged
+    from .core.lock import command_line, output_lock
+    from .core.vectors import VectorsMismatch
     from .data.bigbench import FetchError
     from .data.metaicl import DataError
-    from .lock import command_line, output_lock
-    from .model_sources import ModelSourceError
-    from .trainer import TrainingDiverged
-    from .vectors import VectorsMismatch
+    from .models.model_sources import ModelSourceError
 
     try:
         if lock is None:
@@ -103,7 +105,7 @@ def _run_command(recipe: Recipe, command: str, fn, *args, stage: str | None = No
                  **kwargs):
     """`_run` for a command that reads a recipe's inputs: prepare makes them first, once, under the
     same lock and with the same exit codes as the command's own body."""
-    from .prepare import prepare
+    from .data.prepare import prepare
 
     def prepared():
         prepare(recipe, command, stage, console=console)
@@ -134,7 +136,7 @@ def _stage_command(stage: str, doc: str):
     @click.option("--resume", is_flag=True, help="Continue the interrupted run from its last checkpoint.")
     @click.option("--restart", is_flag=True, help="Start over, deleting the checkpoints of an earlier run.")
     def command(recipe: str, overrides: tuple[str, ...], resume: bool, restart: bool) -> None:
-        from .trainer import train
+        from .commands.train import train
 
         if resume and restart:
             raise UserError("--resume and --restart exclude each other")
@@ -156,7 +158,7 @@ _stage_command("finetune", "Stage 2: meta-distillation finetuning on meta-train 
               help="Processes the training will be launched with (they read more positions per step).")
 def teacher(recipe: str, stage: str, overrides: tuple[str, ...], processes: int) -> None:
     """Fill the teacher cache for every example position the stage's training reads (see teacher_cache)."""
-    from .fill_teacher import fill_teacher
+    from .commands.teacher import fill_teacher
 
     r = _recipe(recipe, overrides)
     done = _run_command(r, "teacher", fill_teacher, r, stage, processes=processes, console=console, stage=stage)
@@ -171,7 +173,7 @@ def teacher(recipe: str, stage: str, overrides: tuple[str, ...], processes: int)
 @overrides_arg
 def export(recipe: str, checkpoint: str, dest: str, overrides: tuple[str, ...]) -> None:
     """Write a training checkpoint (a step_N folder) as a distiller file, e.g. the step the curves chose."""
-    from .export import export_checkpoint
+    from .commands.export import export_checkpoint
 
     r = _recipe(recipe, overrides)
     path = _run_command(r, "export", export_checkpoint, r, Path(checkpoint), Path(dest))
@@ -190,18 +192,18 @@ def export(recipe: str, checkpoint: str, dest: str, overrides: tuple[str, ...]) 
               help="With --demos: distil with the untrained distiller when none is trained (for trying commands out).")
 def distill(recipe: str, overrides: tuple[str, ...], force: bool, demos: Path | None, out: Path | None,
             name: str | None, untrained: bool) -> None:
-    """Distil each test task's demonstrations into output_dir/vectors/{task}/{seed}.safetensors,
-    or with --demos FILE.jsonl --out FILE.safetensors your own (no partition or task data needed)."""
+    """Distil each test task's demonstrations into output_dir/vectors/{task}/{seed}.safetensors (and each
+    of distill.variants into its own output_dir/vectors-... folder), or with --demos FILE.jsonl --out
+    FILE.safetensors your own (no partition or task data needed)."""
     if demos is None:
         if out is not None or name is not None or untrained:
             raise UserError("--out, --name and --untrained go with --demos")
-        from .distill import run_distill
+        from .commands.distill import run_distill
 
         r = _recipe(recipe, overrides)
         _run_command(r, "distill", run_distill, r, force=force, console=console, lock=r.output_dir)
         return
-    from .config import TRAINING_SECTIONS
-    from .distill_demos import distill_demos
+    from .commands.distill_demos import distill_demos
 
     if out is None:
         raise UserError("--demos needs --out FILE.safetensors")
@@ -227,8 +229,7 @@ def predict(recipe: str, overrides: tuple[str, ...], queries: Path, out: Path, m
             demos: Path | None, batch_size: int, max_new_tokens: int, force: bool) -> None:
     """Answer your own queries (JSONL) after distilled vectors, demonstrations or nothing: the chosen
     option and each option's probability, or generated text."""
-    from .config import TRAINING_SECTIONS
-    from .predict import run_predict
+    from .commands.predict import run_predict
 
     r = _recipe(recipe, overrides, TRAINING_SECTIONS)
     _run(run_predict, r, queries, out, method=method, vectors=vectors, demos=demos, batch_size=batch_size,
@@ -241,8 +242,9 @@ def predict(recipe: str, overrides: tuple[str, ...], queries: Path, out: Path, m
 @click.option("--limit", type=click.IntRange(min=1), default=None,
               help="At most N queries per task and seed (for quick checks; results are then partial).")
 def eval_(recipe: str, overrides: tuple[str, ...], limit: int | None) -> None:
-    """Compare zero-shot, ICL and MEND on the test tasks: quality, FLOPs, latency, memory."""
-    from .evaluate import run_eval
+    """Compare zero-shot, ICL and the vectors rows (mend, mend+fit@N, fitted@N) on the test tasks: quality,
+    FLOPs, latency, memory."""
+    from .commands.eval import run_eval
 
     r = _recipe(recipe, overrides)
     _run_command(r, "eval", run_eval, r, limit=limit, console=console, lock=r.output_dir)
@@ -282,12 +284,10 @@ def _free_port(host: str, port: int) -> None:
 def serve(recipe: str, overrides: tuple[str, ...], folder: Path, host: str, port: int, max_batch: int,
           max_wait_ms: float) -> None:
     """Serve vectors over HTTP: OpenAI-compatible POST /v1/completions, GET /v1/models, GET /health."""
-    from .config import TRAINING_SECTIONS
-
     _need_extra("serve", "fastapi", "uvicorn")
     r = _recipe(recipe, overrides, TRAINING_SECTIONS)
     _free_port(host, port)
-    from .serve import run_serve
+    from .commands.serve import run_serve
 
     _run(run_serve, r, folder, host, port, max_batch, max_wait_ms, console)
 
@@ -303,13 +303,11 @@ def lm_eval(recipe: str, vectors: Path, args: tuple[str, ...]) -> None:
     The arguments after the overrides are lm-eval's own (`lm-eval run --help`): --tasks, --include_path,
     --limit, --output_path, ...; the model is `mend`, reading RECIPE's LLM and the vectors.
     """
-    from .config import TRAINING_SECTIONS
-
     _need_extra("lm-eval", "lm_eval")
     split = next((i for i, a in enumerate(args) if a.startswith("-") or "=" not in a), len(args))
     overrides, rest = args[:split], list(args[split:])
     _recipe(recipe, overrides, TRAINING_SECTIONS)
-    from .harness import run_lm_eval
+    from .commands.lm_eval import run_lm_eval
 
     _run(run_lm_eval, Path(recipe), overrides, vectors, rest)
 
@@ -335,7 +333,7 @@ def validate(recipes: tuple[str, ...]) -> None:
 def ls(what: str) -> None:
     """List shipped recipes, registered backends and partitions."""
     if what in ("all", "recipes"):
-        from .shipped import recipes_dir, shipped_recipes
+        from .core.shipped import recipes_dir, shipped_recipes
 
         table = Table("recipe", "first line", title=f"recipes (in {recipes_dir()}; mendctl cp RECIPE DEST)")
         for name, path in shipped_recipes().items():
@@ -343,7 +341,7 @@ def ls(what: str) -> None:
             table.add_row(name, first)
         console.print(table)
     if what in ("all", "backends"):
-        from .registry import aliases, registered
+        from .core.registry import aliases, registered
 
         others = aliases()
         table = Table("backend", "aliases", "class", title="backends (entry points: mendctl.backends)")
@@ -351,7 +349,7 @@ def ls(what: str) -> None:
             table.add_row(name, ", ".join(a for a, target in sorted(others.items()) if target == name), value)
         console.print(table)
     if what in ("all", "partitions"):
-        from .partitions import list_partitions, load_partition
+        from .core.partitions import list_partitions, load_partition
 
         table = Table("partition", "train tasks", "test tasks", title="partitions")
         for name in list_partitions():
@@ -368,7 +366,7 @@ def cp(recipe: str, dest: str, force: bool) -> None:
     """Copy a shipped recipe (`llama/smollm2-demo`, or `smollm2-demo`) to DEST, a file or folder, to start from."""
     import shutil
 
-    from .shipped import find_recipe
+    from .core.shipped import find_recipe
 
     try:
         source = find_recipe(recipe)
@@ -400,7 +398,7 @@ def data_bigbench(paths: tuple[str, ...], tasks: str | None, fetch: bool, k: int
     `mendctl data bigbench SRC OUT`, or `mendctl data bigbench --fetch OUT`.
     """
     from .data.bigbench import convert_bigbench, fetch_bigbench
-    from .model_sources import cache_dir
+    from .models.model_sources import cache_dir
 
     if len(paths) != (1 if fetch else 2):
         raise UserError("give SRC and OUT, or --fetch and OUT")
@@ -410,6 +408,39 @@ def data_bigbench(paths: tuple[str, ...], tasks: str | None, fetch: bool, k: int
     report = _run(convert_bigbench, source, Path(paths[-1]), tasks=tasks.split(",") if tasks else None, k=k,
                   progress=True, lock=Path(paths[-1]))
     console.print(report.summary())
+
+
+@data.command("metaicl")
+@click.argument("data_dir", metavar="DIR")
+@click.option("--partition", help="One partition, shipped name or JSON file (default: the seven of MetaICL).")
+@click.option("--k", default=DEFAULT_K, show_default=True, help="Demonstrations per set in the file names.")
+@click.option("--seeds", default=",".join(map(str, DEFAULT_SEEDS)), show_default=True,
+              help="Comma-separated seeds of the demonstration sets.")
+def data_metaicl(data_dir: str, partition: str | None, k: int, seeds: str) -> None:
+    """Check a folder made by MetaICL's preprocessing scripts against one partition, or all seven.
+
+    Names the tasks, seeds and splits that are missing; exit code 2 when anything is.
+    """
+    from .data.metaicl_check import check_partition
+    from .core.partitions import METAICL_PARTITIONS, load_partition
+
+    if not Path(data_dir).is_dir():
+        raise UserError(f"{data_dir}: not a folder (MetaICL's scripts write data/ in their checkout)")
+    try:
+        seed_list = tuple(int(s) for s in seeds.split(","))
+    except ValueError:
+        raise UserError(f"--seeds {seeds!r}: not a comma-separated list of integers") from None
+    try:
+        partitions = [load_partition(p) for p in ([partition] if partition else METAICL_PARTITIONS)]
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    checks = [check_partition(Path(data_dir), p, k=k, seeds=seed_list) for p in partitions]
+    for check in checks:
+        console.print("\n".join(check.lines()), highlight=False, soft_wrap=True, markup=False)
+    if len(checks) > 1:
+        console.print(f"{sum(c.complete for c in checks)} of {len(checks)} partitions complete")
+    if not all(c.complete for c in checks):
+        sys.exit(2)
 
 
 def main() -> None:

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from mendctl.config import load_recipe
+from mendctl.core.config import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 BACKENDS = ("gpt2", "t5", "llama")

@@ -9,19 +9,19 @@ import torch
 from rich.console import Console
 from safetensors.torch import load_file
 
-from mendctl.anchors import anchor_embeddings, anchor_ids, label_ids, set_anchors
-from mendctl.checkpoint import load_distiller, save_distiller
-from mendctl.config import RecipeError
-from mendctl.distill import run_distill
-from mendctl.scoring import demo_sets
-from mendctl.trained import load_trained
-from mendctl.distiller import distill
-from mendctl.evaluate import run_eval
-from mendctl.examples import REMAP_WORDS, TaskExamples, family, meta_train_tasks
-from mendctl.registry import get_backend
-from mendctl.render import context_ids, render_query
-from mendctl.trainer import train
-from mendctl.workspace import data_dir, partition_for
+from mendctl.models.anchors import anchor_embeddings, anchor_ids, label_ids, set_anchors
+from mendctl.training.checkpoint import load_distiller, save_distiller
+from mendctl.core.config import RecipeError
+from mendctl.commands.distill import run_distill
+from mendctl.evaluation.scoring import demo_sets
+from mendctl.training.trained import load_trained
+from mendctl.models.distiller import distill
+from mendctl.commands.eval import run_eval
+from mendctl.training.examples import REMAP_WORDS, TaskExamples, family, meta_train_tasks
+from mendctl.core.registry import get_backend
+from mendctl.models.render import context_ids, render_query
+from mendctl.commands.train import train
+from mendctl.data.workspace import data_dir, partition_for
 
 QUIET = Console(file=io.StringIO())
 

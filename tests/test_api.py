@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from mendctl import Mend, Vectors, apply
-from mendctl.config import load_recipe
+from mendctl.core.config import load_recipe
 from mendctl.data.metaicl import DataError, load_split
-from mendctl.vectors import VectorsMismatch
+from mendctl.core.vectors import VectorsMismatch
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMOS = [{"input": "good", "output": "yes", "options": ["yes", "no"]},
@@ -41,6 +41,19 @@ def test_distill_refuses_an_untrained_distiller_unless_allowed(mends):
     vectors = mends["gpt2"].distill(DEMOS, name="mine", untrained=True)
     assert vectors.tensor.shape == (4, 64) and vectors.name == "mine"
     assert vectors.metadata["distiller_hash"] == "untrained" and vectors.metadata["num_demos"] == "3"
+    assert vectors.metadata["method"] == "mend"  # as `mendctl distill` records it: eval and predict read it
+
+
+def test_distilled_vectors_record_how_they_were_made(tmp_path):
+    """refine_* keys make the method distill records: fitted from the anchors (no distiller ran), mend+fit
+    after steps from the distiller."""
+    recipe = ROOT / "recipes" / "tiny" / "gpt2.yaml"
+    fitted = Mend.from_recipe(recipe, [f"output_dir={tmp_path}", "distiller.anchor=last", "distill.refine_from=anchors",
+                                       "distill.refine_steps=1"]).distill(DEMOS)
+    assert fitted.metadata["method"] == "fitted" and fitted.metadata["distiller_hash"] == "untrained"
+    refined = Mend.from_recipe(recipe, [f"output_dir={tmp_path}", "distill.refine_steps=1"]).distill(
+        DEMOS, untrained=True)
+    assert refined.metadata["method"] == "mend+fit" and refined.metadata["refine_steps"] == "1"
 
 
 def test_vectors_round_trip_and_refuse_another_llm(mends, tmp_path):
@@ -103,8 +116,8 @@ def test_loglikelihood_sums_the_continuations_tokens(mends):
 def test_predict_chooses_what_eval_chooses(tmp_path):
     """Vectors distilled through the API, saved where eval looks, then eval's table and predict agree
     on every query, for mend, icl and zero-shot."""
-    from mendctl.evaluate import run_eval
-    from mendctl.workspace import vectors_path
+    from mendctl.commands.eval import run_eval
+    from mendctl.data.workspace import vectors_path
 
     recipe = load_recipe(ROOT / "recipes" / "tiny" / "gpt2.yaml",
                          [f"output_dir={tmp_path}", "tasks.seeds=[100]", "eval.methods=[zero-shot,icl,mend]",
@@ -124,7 +137,8 @@ def test_predict_chooses_what_eval_chooses(tmp_path):
             rows = mend.predict(vectors, queries, method=method, demos=demos[t])
             eval_choice = [q["options"][i] for q, i in zip(queries, scored[method]["predictions"])]
             assert [r["prediction"] for r in rows] == eval_choice, (t, method)
-        assert results["vectors"]["sources"][f"{t}/100"]["source"] == "file"
+        source = results["vectors"]["mend"]["sources"][f"{t}/100"]
+        assert source["source"] == "file" and source["method"] == "mend"  # the row distill's own files make
 
 
 def test_apply_is_predict_on_one_query(mends, tmp_path):

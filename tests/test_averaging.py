@@ -8,9 +8,9 @@ from rich.console import Console
 from safetensors.torch import load_file
 from torch import nn
 
-from mendctl.averaging import WeightAverage
-from mendctl.resume import DamagedCheckpoint
-from mendctl.trainer import train
+from mendctl.training.averaging import WeightAverage
+from mendctl.training.resume import DamagedCheckpoint
+from mendctl.commands.train import train
 
 QUIET = Console(file=io.StringIO())
 

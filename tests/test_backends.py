@@ -3,9 +3,9 @@ import pytest
 import torch
 
 from mendctl import apply, load_vectors
-from mendctl.registry import get_backend
-from mendctl.distiller import distiller_inputs, tokens_read
-from mendctl.vectors import VectorsMismatch, save_vectors
+from mendctl.core.registry import get_backend
+from mendctl.models.distiller import distiller_inputs, tokens_read
+from mendctl.core.vectors import VectorsMismatch, save_vectors
 
 BACKENDS = ("gpt2", "t5", "llama")
 

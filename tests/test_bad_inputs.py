@@ -19,10 +19,10 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
-import mendctl.checkpoint
-import mendctl.trainer
+import mendctl.training.checkpoint
+import mendctl.commands.train
 from mendctl.cli import cli
-from mendctl.lock import output_lock
+from mendctl.core.lock import output_lock
 
 ROOT = Path(__file__).resolve().parents[1]
 GPT2 = "recipes/tiny/gpt2.yaml"
@@ -70,6 +70,13 @@ def text_file(tmp: Path, content: bytes) -> str:
     return f"pretrain.text=[{recipe(tmp, content, 'docs.jsonl')}]"
 
 
+def text_dataset(tmp: Path) -> str:
+    """A local dataset folder for pretrain.hf_dataset: one JSON-lines file of a train split."""
+    (tmp / "ds").mkdir()
+    (tmp / "ds" / "train.jsonl").write_text(json.dumps({"text": "a document " * 20}) + "\n")
+    return str(tmp / "ds")
+
+
 def damaged_config(tmp: Path) -> str:
     d = tmp / "damaged-model"
     d.mkdir()
@@ -81,7 +88,7 @@ def saved_model(tmp: Path, truncate: bool = False) -> str:
     """A tiny GPT-2 saved as a local model folder, its weights optionally cut short."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from mendctl.tokenizer import byte_tokenizer
+    from mendctl.models.tokenizer import byte_tokenizer
 
     d = tmp / "damaged-llm"
     tok = byte_tokenizer()
@@ -146,6 +153,14 @@ CASES = [
     ("llm-context-over-positions", lambda t, o: ["eval", *base(
         t, o, "llm.random_init=null", f"llm.source={positions_dir(t, 256)}")], 2,
      "leave no room for an option in the LLM's 256 positions"),
+    ("distill-variant-same-as-section", lambda t, o: ["distill", *base(t, o, "distill.variants=[{refine_steps: 0}]")],
+     2, "distill.variants[0] makes the same vectors as distill"),
+    ("distill-variant-unknown-key", lambda t, o: ["distill", *base(t, o, "distill.variants=[{checkpoint: x}]")],
+     2, "distill.variants[0].checkpoint: Extra inputs are not permitted"),
+    ("distill-variant-options-without-steps", lambda t, o: ["distill", *base(
+        t, o, "distill.variants=[{refine_on: options}]")], 2,
+     "distill.variants[0].refine_on: options needs distill.variants[0].refine_steps above 0"),
+    ("eval-retime-negative", lambda t, o: ["eval", *base(t, o, "eval.retime_queries=-1")], 2, "eval.retime_queries"),
     ("llm-config-damaged", lambda t, o: ["validate", recipe(t, (ROOT / GPT2).read_text().replace(
         "  random_init: {layers: 2, hidden: 64, heads: 2}", f"  source: {damaged_config(t)}", 1))], 2,
      "llm.source: cannot read"),
@@ -181,6 +196,16 @@ CASES = [
      "docs.jsonl:2: not UTF-8 text"),
     ("pretrain-text-not-string", lambda t, o: ["pretrain", *base(t, o, text_file(t, b'{"text": 3}\n'))], 2,
      'docs.jsonl:1: expected a JSON object with a "text" field holding a string'),
+    ("hf-dataset-folder-missing", lambda t, o: ["pretrain", *base(
+        t, o, "pretrain.text=null", f"pretrain.hf_dataset={t}/none")], 2, "hf_dataset folder does not exist"),
+    ("hf-dataset-split-unknown", lambda t, o: ["pretrain", *base(
+        t, o, "pretrain.text=null", f"pretrain.hf_dataset={text_dataset(t)}", "pretrain.hf_split=nosuch")], 2,
+     "split 'nosuch': Bad split: nosuch"),
+    ("data-metaicl-dir-missing", lambda t, o: ["data", "metaicl", str(t / "none")], 2, "none: not a folder"),
+    ("data-metaicl-partition-unknown", lambda t, o: ["data", "metaicl", str(t), "--partition", "qa_to_q"], 2,
+     "Did you mean 'qa_to_qa'"),
+    ("data-metaicl-incomplete", lambda t, o: ["data", "metaicl", str(t), "--partition", "qa_to_qa"], 2,
+     "meta-test tasks missing (22)"),
     # output folders
     ("output-dir-is-a-file", lambda t, o: ["finetune", *base(t, o.parent / "file", )], 2,
      "exists and is not a folder"),
@@ -268,7 +293,7 @@ def own(tmp: Path, out: Path, command: str, *args, target: Path | None = None) -
 
 def foreign_vectors(tmp: Path) -> str:
     """A vectors file as the tiny llama recipe would write it: another LLM than gpt2's."""
-    from mendctl.vectors import save_vectors
+    from mendctl.core.vectors import save_vectors
 
     path = tmp / "llama.safetensors"
     save_vectors(path, torch.zeros(4, 64), {
@@ -452,7 +477,7 @@ def test_a_second_writer_is_refused_naming_the_holder(tmp_path):
             assert "`mendctl finetune other.yaml`, started" in text
         result = CliRunner().invoke(cli, ["data", "bigbench", str(ROOT / "data"), str(out)])
         assert result.exit_code == 2 and "in use by another mendctl run" in result.output
-    assert not (out / ".mendctl.lock.json").exists()
+    assert not (out / ".mendctl.core.lock.json").exists()
 
 
 def test_a_full_disk_leaves_no_partial_checkpoint(tmp_path, monkeypatch):
@@ -493,7 +518,7 @@ def test_a_failure_of_the_run_itself_exits_1_and_debug_shows_the_traceback(tmp_p
 
     user = CliRunner().invoke(cli, ["--debug", "pretrain", *base(tmp_path, tmp_path / "o2"), "--resume"])
     assert user.exit_code == 2 and "Traceback" in user.output and "--resume: no checkpoint" in user.output
-    monkeypatch.setattr(mendctl.trainer, "train", boom)
+    monkeypatch.setattr(mendctl.commands.train, "train", boom)
     args = ["finetune", *base(tmp_path, tmp_path / "out")]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 1 and "the run failed: RuntimeError: boom" in result.output
@@ -504,9 +529,9 @@ def test_a_failure_of_the_run_itself_exits_1_and_debug_shows_the_traceback(tmp_p
 
 def test_divergence_is_a_failure_of_the_run(tmp_path, monkeypatch):
     def diverge(*args, **kwargs):
-        raise mendctl.trainer.TrainingDiverged("finetune: the loss became nan at step 1")
+        raise mendctl.commands.train.TrainingDiverged("finetune: the loss became nan at step 1")
 
-    monkeypatch.setattr(mendctl.trainer, "train", diverge)
+    monkeypatch.setattr(mendctl.commands.train, "train", diverge)
     result = CliRunner().invoke(cli, ["finetune", *base(tmp_path, tmp_path / "out")])
     assert result.exit_code == 1 and "the loss became nan" in result.output
 
@@ -533,7 +558,7 @@ def test_a_pickle_payload_in_a_checkpoint_is_never_run(trained, tmp_path):
 
 
 def test_an_atomic_write_cut_short_leaves_no_file(tmp_path):
-    from mendctl.fileio import atomic_path
+    from mendctl.core.fileio import atomic_path
 
     target = tmp_path / "vectors" / "x.safetensors"
     with pytest.raises(KeyboardInterrupt):

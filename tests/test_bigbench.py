@@ -303,7 +303,7 @@ def test_iter_passages_limit_spreads_over_tasks(src):
 
 
 def _recipe(tmp_path: Path, src: Path, *overrides: str, train=("alpha",)):
-    from mendctl.config import load_recipe
+    from mendctl.core.config import load_recipe
 
     partition = tmp_path / "p.json"
     partition.write_text(json.dumps({"train": list(train), "test": ["group-sub"]}))
@@ -320,8 +320,8 @@ def _console():
 
 
 def test_prepare_converts_bigbench_once_and_again_for_new_seeds(src, tmp_path):
-    from mendctl.prepare import prepare
-    from mendctl.workspace import data_dir
+    from mendctl.data.prepare import prepare
+    from mendctl.data.workspace import data_dir
 
     recipe = _recipe(tmp_path, src, "tasks.seeds=[100]")
     console = _console()
@@ -342,8 +342,8 @@ def test_prepare_converts_bigbench_once_and_again_for_new_seeds(src, tmp_path):
 
 def test_a_recipe_training_on_all_tasks_converts_every_task_once(src, tmp_path, monkeypatch):
     import mendctl.data.bigbench as bigbench
-    from mendctl.prepare import prepare
-    from mendctl.workspace import data_dir
+    from mendctl.data.prepare import prepare
+    from mendctl.data.workspace import data_dir
 
     asked, real = [], bigbench.convert_bigbench
     monkeypatch.setattr(bigbench, "convert_bigbench", lambda *a, **kw: asked.append(kw["tasks"]) or real(*a, **kw))
@@ -358,8 +358,8 @@ def test_a_recipe_training_on_all_tasks_converts_every_task_once(src, tmp_path, 
 
 
 def test_stage1_passages_leave_out_the_validation_tasks_too(src, tmp_path):
-    from mendctl.prepare import prepare
-    from mendctl.workspace import passages_file
+    from mendctl.data.prepare import prepare
+    from mendctl.data.workspace import passages_file
 
     base = ["pretrain.text=null", "pretrain.bigbench_passages=50"]
     plain, held = (_recipe(tmp_path, src, *base, *more, train=("alpha", "tiny"))
@@ -376,7 +376,7 @@ def test_stage1_passages_leave_out_the_validation_tasks_too(src, tmp_path):
 def test_looking_up_a_path_makes_nothing_and_says_what_is_missing(src, tmp_path, monkeypatch):
     import mendctl.data.bigbench as bigbench
     from mendctl.data.metaicl import DataError
-    from mendctl.workspace import data_dir, passages_file
+    from mendctl.data.workspace import data_dir, passages_file
 
     monkeypatch.setattr(bigbench, "convert_bigbench", lambda *a, **kw: pytest.fail("a lookup converted"))
     monkeypatch.setattr(bigbench, "iter_passages", lambda *a, **kw: pytest.fail("a lookup extracted"))
@@ -393,7 +393,7 @@ def test_looking_up_a_path_makes_nothing_and_says_what_is_missing(src, tmp_path,
 
 
 def test_prepare_makes_only_what_the_command_reads(src, tmp_path):
-    from mendctl.prepare import reads
+    from mendctl.data.prepare import reads
 
     recipe = _recipe(tmp_path, src, "pretrain.text=null", "pretrain.bigbench_passages=50")
     assert reads(recipe, "pretrain") == {"passages"}
@@ -408,7 +408,7 @@ def test_prepare_makes_only_what_the_command_reads(src, tmp_path):
 
 def test_a_task_the_conversion_skips_is_named_with_the_reason(src, tmp_path):
     from mendctl.data.metaicl import DataError
-    from mendctl.prepare import prepare
+    from mendctl.data.prepare import prepare
 
     recipe = _recipe(tmp_path, src, "tasks.seeds=[100]", train=("alpha", "empty"))
     with pytest.raises(DataError, match=r"empty_16384_100_train.jsonl: the BIG-bench conversion wrote no such "

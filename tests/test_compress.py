@@ -4,13 +4,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mendctl import compress as compress_mod
-from mendctl.compress import compress
-from mendctl.config import load_recipe
-from mendctl.scoring import demo_sets
-from mendctl.trained import load_trained
-from mendctl.registry import get_backend
-from mendctl.render import context_ids
+from mendctl.evaluation import compress as compress_mod
+from mendctl.evaluation.compress import compress
+from mendctl.core.config import load_recipe
+from mendctl.evaluation.scoring import demo_sets
+from mendctl.training.trained import load_trained
+from mendctl.core.registry import get_backend
+from mendctl.models.render import context_ids
 
 TINY = Path(__file__).resolve().parent.parent / "recipes" / "tiny"
 

@@ -5,11 +5,11 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from mendctl.config import RecipeError
-from mendctl.examples import TaskExamples, meta_train_tasks
-from mendctl.registry import get_backend
-from mendctl.trainer import train
-from mendctl.workspace import data_dir, partition_for
+from mendctl.core.config import RecipeError
+from mendctl.training.examples import TaskExamples, meta_train_tasks
+from mendctl.core.registry import get_backend
+from mendctl.commands.train import train
+from mendctl.data.workspace import data_dir, partition_for
 
 QUIET = Console(quiet=True)
 VAL_KEYS = {"val_mend_f1", "val_agreement", "val_kl", "val_icl_f1", "val_zero_shot_f1", "val_zero_shot_agreement",
@@ -96,7 +96,7 @@ def test_a_train_task_that_another_partition_tests_may_validate(tiny):
 def test_keep_best_writes_the_distiller_of_the_lowest_validation_kl(tiny):
     from safetensors import safe_open
 
-    from mendctl.checkpoint import load_distiller
+    from mendctl.training.checkpoint import load_distiller
 
     recipe = tiny("gpt2", *CURVES, "finetune.steps=6", "finetune.lr=0.05", "finetune.keep_best=true")
     train(recipe, "finetune", console=QUIET)
@@ -107,8 +107,8 @@ def test_keep_best_writes_the_distiller_of_the_lowest_validation_kl(tiny):
         provenance = json.loads(f.metadata()["provenance"])
     assert provenance["steps"] == best["step"] and provenance["val_kl"] == pytest.approx(best["val_kl"])
     # Loaded and scored again, it gives the curve's value at that step.
-    from mendctl.curves import Validation
-    from mendctl.distiller import distill
+    from mendctl.training.curves import Validation
+    from mendctl.models.distiller import distill
 
     backend = get_backend("gpt2")
     models = backend.build(recipe)
@@ -119,7 +119,7 @@ def test_keep_best_writes_the_distiller_of_the_lowest_validation_kl(tiny):
 
 
 def test_validation_baselines_are_scored_once_across_runs(tiny, monkeypatch):
-    import mendctl.curves as curves
+    import mendctl.training.curves as curves
 
     recipe = tiny("gpt2", *CURVES)
     backend = get_backend("gpt2")
@@ -142,7 +142,7 @@ def test_validation_baselines_are_scored_once_across_runs(tiny, monkeypatch):
 def test_the_zero_shot_bar_is_what_empty_vectors_score(tiny):
     import torch
 
-    from mendctl.curves import Validation
+    from mendctl.training.curves import Validation
 
     recipe = tiny("gpt2", *CURVES)
     backend = get_backend("gpt2")
@@ -161,7 +161,7 @@ def test_keep_best_needs_a_curve(tiny):
 
 
 def test_ce_weight_zero_trains_on_kl_alone_and_still_logs_the_ce(tiny, monkeypatch):
-    import mendctl.trainer as trainer
+    import mendctl.commands.train as trainer
 
     recipe = tiny("gpt2", "finetune.steps=2", "finetune.ce_weight=0")
     seen = []
@@ -180,7 +180,7 @@ def test_ce_weight_zero_trains_on_kl_alone_and_still_logs_the_ce(tiny, monkeypat
 
 
 def test_resume_continues_the_curve(tiny, monkeypatch):
-    import mendctl.trainer as trainer
+    import mendctl.commands.train as trainer
 
     overrides = (*CURVES, "finetune.steps=6", "finetune.save_every=3")
     straight = tiny("gpt2", *overrides)
@@ -225,8 +225,8 @@ def test_two_processes_score_on_the_main_process_only(tmp_path):
 
 
 def test_eval_sets_scores_several_demonstration_sets_a_task_and_averages_them(tiny):
-    from mendctl.curves import Validation
-    from mendctl.distiller import distill
+    from mendctl.training.curves import Validation
+    from mendctl.models.distiller import distill
 
     recipe = tiny("gpt2", *CURVES, "tasks.seeds=[100,13]", "finetune.eval_sets=2")
     backend = get_backend("gpt2")

@@ -7,7 +7,7 @@ from click.testing import CliRunner
 
 from mendctl import load_vectors
 from mendctl.cli import cli
-from mendctl.provenance import file_hash
+from mendctl.core.provenance import file_hash
 
 TEST_TASKS, SEEDS = ("tiny_sentiment", "tiny_compare"), (100, 13)
 
@@ -75,7 +75,7 @@ def test_without_a_trained_distiller_it_says_what_to_run(tmp_path):
 
 
 def test_a_damaged_vectors_file_is_refused_then_distilled_again(trained):
-    from mendctl.vectors import VectorsMismatch
+    from mendctl.core.vectors import VectorsMismatch
 
     base, out = trained
     CliRunner().invoke(cli, ["distill", *base])
@@ -85,7 +85,7 @@ def test_a_damaged_vectors_file_is_refused_then_distilled_again(trained):
         load_vectors(damaged)
     evaluated = CliRunner().invoke(cli, ["eval", *base, "--limit", "2", "eval.methods=[mend]"])
     assert evaluated.exit_code == 0, evaluated.output
-    sources = json.loads((out / "eval" / "results.json").read_text())["vectors"]["sources"]
+    sources = json.loads((out / "eval" / "results.json").read_text())["vectors"]["mend"]["sources"]
     assert sources["tiny_sentiment/100"]["source"] == "distilled"
     assert "not a readable safetensors file" in sources["tiny_sentiment/100"]["reason"]
     assert [k for k, v in sources.items() if v["source"] == "file"] == ["tiny_sentiment/13", "tiny_compare/100",

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from mendctl.config import Recipe
+from mendctl.core.config import Recipe
 
 DOC = (Path(__file__).resolve().parents[1] / "docs" / "recipes.md").read_text()
 

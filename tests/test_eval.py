@@ -10,19 +10,19 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 from rich.console import Console
 
-from mendctl.checkpoint import save_distiller
+from mendctl.training.checkpoint import save_distiller
 from mendctl.cli import cli
-from mendctl.compress import compress
-from mendctl.config import METHODS, load_recipe
+from mendctl.evaluation.compress import compress
+from mendctl.core.config import METHODS, load_recipe
 from mendctl.data.metaicl import DataError, load_split
-from mendctl.distill import run_distill
-from mendctl.scoring import demo_sets, query_set
-from mendctl.trained import UNTRAINED, load_trained
-from mendctl.evaluate import _prefix, run_eval
-from mendctl.metrics import accuracy, macro_f1
-from mendctl.registry import get_backend
-from mendctl.render import context_ids
-from mendctl.workspace import data_dir
+from mendctl.commands.distill import run_distill
+from mendctl.evaluation.scoring import demo_sets, query_set
+from mendctl.training.trained import UNTRAINED, load_trained
+from mendctl.commands.eval import _prefix, run_eval
+from mendctl.evaluation.metrics import accuracy, macro_f1
+from mendctl.core.registry import get_backend
+from mendctl.models.render import context_ids
+from mendctl.data.workspace import data_dir
 
 TINY = Path(__file__).resolve().parent.parent / "recipes" / "tiny"
 DATA = Path(__file__).resolve().parent.parent / "data" / "tiny" / "tasks"
@@ -85,8 +85,10 @@ def test_every_method_runs(backend, tmp_path):
                 "flops_per_query"] > runs["zero-shot"]["flops_per_query"]
             assert runs["icl"]["memory_bytes"] > runs["mend"]["memory_bytes"]
             assert runs["mend"]["distill_flops"] > 0
-            assert 0 <= seed["mend_vs_icl"]["agreement"] <= 1 and seed["mend_vs_icl"]["mean_kl"] >= 0
-    assert {s["source"] for s in on_disk["vectors"]["sources"].values()} == {"distilled"}
+            assert 0 <= seed["vs_icl"]["mend"]["agreement"] <= 1 and seed["vs_icl"]["mend"]["mean_kl"] >= 0
+            assert seed["n_queries"] == 2 and seed["available"] == 12
+    assert {s["source"] for s in on_disk["vectors"]["mend"]["sources"].values()} == {"distilled"}
+    assert on_disk["vectors"]["mend"]["method"] == "mend" and on_disk["partial"] is True
     assert on_disk["aggregate"]["icl"]["flops_ratio_to_icl"] == 1.0
     assert on_disk["aggregate"]["mend"]["flops_ratio_to_icl"] < 1.0
     assert on_disk["memory_kind"] == "estimated" and on_disk["limit"] == 2
@@ -100,7 +102,7 @@ def test_every_method_runs(backend, tmp_path):
     for method in METHODS:
         assert f"| {method} |" in markdown
         assert method in printed
-    assert "distilled on the fly" in printed and str(tmp_path / "vectors") in printed
+    assert "made on the fly" in printed and str(tmp_path / "vectors") in printed
     assert (tmp_path / "eval" / "quality_vs_cost.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -134,7 +136,7 @@ def test_mend_without_vectors_needs_a_trained_distiller(tmp_path):
         run_eval(recipe, limit=1, console=_quiet())
     # Without mend nothing needs a distiller.
     results = run_eval(_recipe("gpt2", tmp_path, "eval.methods=[zero-shot, icl]"), limit=1, console=_quiet())
-    assert set(results["aggregate"]) == {"zero-shot", "icl"} and "mend_vs_icl" not in results
+    assert set(results["aggregate"]) == {"zero-shot", "icl"} and "vs_icl" not in results
 
 
 def test_mend_from_files_equals_mend_on_the_fly(tmp_path):
@@ -142,7 +144,7 @@ def test_mend_from_files_equals_mend_on_the_fly(tmp_path):
     _with_distiller(recipe)
     run_distill(recipe, console=_quiet())
     from_files = run_eval(recipe, limit=4, console=_quiet())
-    assert {s["source"] for s in from_files["vectors"]["sources"].values()} == {"file"}
+    assert {s["source"] for s in from_files["vectors"]["mend"]["sources"].values()} == {"file"}
 
     # Vectors files are enough on their own: no distiller needed.
     shutil.move(recipe.stage_dir("finetune"), tmp_path / "kept")
@@ -152,9 +154,9 @@ def test_mend_from_files_equals_mend_on_the_fly(tmp_path):
     shutil.move(tmp_path / "kept", recipe.stage_dir("finetune"))
     shutil.rmtree(tmp_path / "vectors")
     on_the_fly = run_eval(recipe, limit=4, console=_quiet())
-    assert {s["source"] for s in on_the_fly["vectors"]["sources"].values()} == {"distilled"}
+    assert {s["source"] for s in on_the_fly["vectors"]["mend"]["sources"].values()} == {"distilled"}
     assert _predictions(on_the_fly, "mend") == _predictions(from_files, "mend")
-    kl = lambda results: [s["mend_vs_icl"]["mean_kl"] for t in results["tasks"].values()  # noqa: E731
+    kl = lambda results: [s["vs_icl"]["mend"]["mean_kl"] for t in results["tasks"].values()  # noqa: E731
                           for s in t["seeds"].values()]
     assert kl(on_the_fly) == pytest.approx(kl(from_files), abs=1e-5)
 
@@ -168,7 +170,7 @@ def test_warns_when_vectors_files_come_from_another_distiller(tmp_path):
         models.distiller.placeholders.add_(1.0)  # "retrained" after the vectors were made
     save_distiller(recipe.stage_dir("finetune"), models.distiller, recipe, {})
     console = _quiet()
-    sources = run_eval(recipe, limit=1, console=console)["vectors"]["sources"]
+    sources = run_eval(recipe, limit=1, console=console)["vectors"]["mend"]["sources"]
     assert {s["source"] for s in sources.values()} == {"file"}
     assert "made by another distiller" in console.file.getvalue()
 
@@ -179,7 +181,7 @@ def test_vectors_of_other_demonstrations_are_not_used(tmp_path):
     run_distill(recipe, console=_quiet())
     # Another separator renders other demonstration text: the saved vectors no longer stand for it.
     other = _recipe("gpt2", tmp_path, "eval.methods=[mend]", "template.separator=' | '")
-    sources = run_eval(other, limit=1, console=_quiet())["vectors"]["sources"]
+    sources = run_eval(other, limit=1, console=_quiet())["vectors"]["mend"]["sources"]
     assert all(s["source"] == "distilled" and "other demonstrations" in s["reason"] for s in sources.values())
 
 
@@ -313,7 +315,7 @@ def test_cli_eval(tmp_path):
 
 def _count_scoring(monkeypatch) -> list[int]:
     """Prefix length of every scoring pass run_eval makes."""
-    import mendctl.evaluate as evaluate
+    import mendctl.commands.eval as evaluate
 
     calls, real = [], evaluate.score
     monkeypatch.setattr(evaluate, "score", lambda llm, prefix, *a, **k: calls.append(prefix.shape[0])
@@ -340,15 +342,17 @@ def test_a_second_eval_with_another_distiller_scores_only_mend(tmp_path, monkeyp
 
     calls.clear()
     console = _quiet()
-    second = run_eval(recipe, limit=3, console=console)
+    second = run_eval(_recipe("gpt2", tmp_path, "eval.retime_queries=0"), limit=3, console=console)
     assert calls == [recipe.num_vectors] * 4  # MEND's K vectors, nothing else
-    assert _baselines(second) == _baselines(first)  # scores, predictions and the latency measured the first time
+    # Scores, predictions and the latency measured the first time, which no query of this run timed.
+    assert _baselines(second) == {k: {**v, "timed_queries": 0} for k, v in _baselines(first).items()}
     methods = [s["methods"] for t in second["tasks"].values() for s in t["seeds"].values()]
     assert all(m[b]["from_cache"] for m in methods for b in ("zero-shot", "icl", "icl-truncated"))
     assert not any(m["mend"]["from_cache"] for m in methods)
     assert _predictions(second, "mend") != _predictions(first, "mend") or \
-        second["mend_vs_icl"]["mean_kl"] != first["mend_vs_icl"]["mean_kl"]
-    assert "(cached)" in console.file.getvalue() and "(cached)" in (tmp_path / "eval" / "results.md").read_text()
+        second["vs_icl"]["mend"]["mean_kl"] != first["vs_icl"]["mend"]["mean_kl"]
+    assert "c: scores and latency from the baseline cache" in console.file.getvalue()
+    assert second["aggregate"]["icl"]["latency_ms_per_query"] == first["aggregate"]["icl"]["latency_ms_per_query"]
 
     calls.clear()
     run_eval(_recipe("gpt2", tmp_path, "eval.cache=false"), limit=3, console=_quiet())
@@ -358,7 +362,8 @@ def test_a_second_eval_with_another_distiller_scores_only_mend(tmp_path, monkeyp
 @pytest.mark.parametrize("change", ["template", "data", "limit", "k-of-truncation"])
 def test_a_stale_cache_entry_is_never_used(tmp_path, monkeypatch, change):
     data, partition = _task_copy(tmp_path)
-    base = [f"tasks.data_dir={data}", f"tasks.partition={partition}", "eval.methods=[zero-shot, icl, icl-truncated]"]
+    base = [f"tasks.data_dir={data}", f"tasks.partition={partition}", "eval.methods=[zero-shot, icl, icl-truncated]",
+            "eval.retime_queries=0"]
     run_eval(_recipe("gpt2", tmp_path / "out", *base), limit=3, console=_quiet())
     calls = _count_scoring(monkeypatch)
     run_eval(_recipe("gpt2", tmp_path / "out", *base), limit=3, console=_quiet())
@@ -377,35 +382,11 @@ def test_a_stale_cache_entry_is_never_used(tmp_path, monkeypatch, change):
     assert len(calls) == expected
 
 
-def test_paired_bootstrap_brackets_the_estimate_and_is_reproducible():
-    import random
-
-    from mendctl.bootstrap import Paired, paired_bootstrap
-
-    rng = random.Random(0)
-    tasks = {}
-    for task in ("a", "b"):
-        for _ in range(2):
-            golds = [rng.choice("xyz") for _ in range(40)]
-            good = [g if rng.random() < 0.8 else rng.choice("xyz") for g in golds]
-            poor = [g if rng.random() < 0.5 else rng.choice("xyz") for g in golds]
-            tasks.setdefault(task, []).append(Paired(True, golds, good, poor))
-    ci = paired_bootstrap(tasks, 300, seed=1)
-    estimate = statistics.fmean(statistics.fmean(macro_f1(p.a, p.golds) - macro_f1(p.b, p.golds) for p in seeds)
-                                for seeds in tasks.values())
-    assert ci["estimate"] == pytest.approx(estimate)
-    assert ci["low"] < ci["estimate"] < ci["high"] and ci["low"] > 0  # 0.8 vs 0.5 right: clearly better
-    assert paired_bootstrap(tasks, 300, seed=1) == ci
-    assert paired_bootstrap(tasks, 300, seed=2) != ci
-    same = {t: [Paired(True, p.golds, p.a, p.a) for p in seeds] for t, seeds in tasks.items()}
-    assert paired_bootstrap(same, 50, seed=1) == {"estimate": 0.0, "low": 0.0, "high": 0.0}
-
-
 @pytest.mark.parametrize("classification", [True, False])
 def test_batched_metric_equals_the_metric_on_every_resample(classification):
     import numpy as np
 
-    from mendctl.bootstrap import batch_metric
+    from mendctl.evaluation.bootstrap import batch_metric
 
     rng = np.random.default_rng(0)
     pred, gold = rng.integers(0, 4, 30), rng.integers(0, 3, 30)  # label 3: predicted, never gold
@@ -416,18 +397,28 @@ def test_batched_metric_equals_the_metric_on_every_resample(classification):
 
 
 def test_eval_reports_the_bootstrap_intervals(tmp_path):
-    recipe = _recipe("gpt2", tmp_path, "eval.methods=[zero-shot, icl, mend]", "eval.bootstrap_samples=200")
+    data, partition = _task_copy(tmp_path)
+    for test in data.glob("*/*_test.jsonl"):  # 24 queries a set: enough for an interval
+        test.write_text(test.read_text() * 2)
+    recipe = _recipe("gpt2", tmp_path / "out", f"tasks.data_dir={data}", f"tasks.partition={partition}",
+                     "eval.methods=[zero-shot, icl, mend]", "eval.bootstrap_samples=200")
     _with_distiller(recipe)
     console = _quiet()
-    results = run_eval(recipe, limit=6, console=console)
+    results = run_eval(recipe, console=console)
     b = results["bootstrap"]
-    assert (b["samples"], b["seed"]) == (200, 0)
+    assert (b["samples"], b["seed"]) == (200, 0) and "tasks with replacement" in b["resampled"]
     scores = {m: a["score"] for m, a in results["aggregate"].items()}
-    for baseline in ("icl", "zero-shot"):
-        c = b[f"mend_minus_{baseline}"]
-        assert c["estimate"] == pytest.approx(scores["mend"] - scores[baseline])
+    assert [(d["a"], d["b"]) for d in b["differences"]] == [("mend", "icl"), ("mend", "zero-shot")]
+    for c in b["differences"]:
+        assert c["estimate"] == pytest.approx(scores[c["a"]] - scores[c["b"]])
         assert c["low"] <= c["estimate"] <= c["high"]
-    assert run_eval(recipe, limit=6, console=_quiet())["bootstrap"] == b
-    assert "MEND - icl:" in console.file.getvalue() and "95% CI" in (tmp_path / "eval" / "results.md").read_text()
-    assert "bootstrap" not in run_eval(_recipe("gpt2", tmp_path, "eval.bootstrap_samples=0"), limit=2,
-                                       console=_quiet())
+    assert run_eval(recipe, console=_quiet())["bootstrap"] == b
+    assert "mend - icl:" in console.file.getvalue() and "95% CI [" in (tmp_path / "out/eval/results.md").read_text()
+    # 6 queries a set are too few: the estimate without an interval, and the table says why.
+    console = _quiet()
+    few = run_eval(recipe, limit=6, console=console)["bootstrap"]["differences"]
+    assert all("low" not in d and "too few queries" in d["too_few"] for d in few)
+    assert "95% CI n/a (too few queries: 6 < 20 per set)" in console.file.getvalue()
+    assert "bootstrap" not in run_eval(_recipe("gpt2", tmp_path / "out", f"tasks.data_dir={data}",
+                                               f"tasks.partition={partition}", "eval.bootstrap_samples=0"),
+                                       limit=2, console=_quiet())

@@ -4,7 +4,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, T5Config,
                           T5ForConditionalGeneration)
 
-from mendctl.flops import (Dims, causal_layers_flops, distill_flops, encoder_layers_flops, head_flops,
+from mendctl.evaluation.flops import (Dims, causal_layers_flops, distill_flops, encoder_layers_flops, head_flops,
                            llm_query_flops, query_memory_bytes)
 
 GPT2 = GPT2Config()  # gpt2 small: 12 layers, d 768, ungated MLP of 4d

@@ -49,7 +49,7 @@ metric_list:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A tiny Mend, vectors of its demonstrations in a file, and two local tasks in an include folder."""
-    from mendctl.api import Mend
+    from mendctl.api.mend import Mend
 
     tmp = tmp_path_factory.mktemp("lm_eval")
     data = tmp / "reviews.jsonl"
@@ -76,7 +76,7 @@ def test_simple_evaluate_scores_with_the_vectors(setup):
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    from mendctl.harness import MendLM
+    from mendctl.commands.lm_eval import MendLM
 
     mend, vectors, tmp = setup
     model = MendLM(mend=mend, vectors=vectors, batch_size=3)
@@ -99,7 +99,7 @@ def test_simple_evaluate_scores_with_the_vectors(setup):
 def test_the_model_is_registered_as_mend(setup):
     from lm_eval.api.registry import get_model
 
-    from mendctl.harness import MendLM
+    from mendctl.commands.lm_eval import MendLM
 
     assert get_model("mend") is MendLM
     mend, vectors, _ = setup

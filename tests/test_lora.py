@@ -8,12 +8,12 @@ from rich.console import Console
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-import mendctl.backend
-from mendctl.checkpoint import load_distiller
-from mendctl.config import RecipeError, load_recipe
-from mendctl.distiller import distill
-from mendctl.registry import get_backend
-from mendctl.trainer import train
+import mendctl.models.backend
+from mendctl.training.checkpoint import load_distiller
+from mendctl.core.config import RecipeError, load_recipe
+from mendctl.models.distiller import distill
+from mendctl.core.registry import get_backend
+from mendctl.commands.train import train
 
 QUIET = Console(quiet=True)
 LORA = "distiller.lora={r: 4, alpha: 8, dropout: 0.1}"
@@ -24,13 +24,13 @@ CONTEXTS = ["red apple\nblue sky\n", "one two three four five six"]
 @pytest.fixture
 def spy_build(monkeypatch):
     """The Models each build returns, in order: the trainer's are trained in place."""
-    built, real = [], mendctl.backend.Backend.build
+    built, real = [], mendctl.models.backend.Backend.build
 
     def spy(self, recipe):
         built.append(real(self, recipe))
         return built[-1]
 
-    monkeypatch.setattr(mendctl.backend.Backend, "build", spy)
+    monkeypatch.setattr(mendctl.models.backend.Backend, "build", spy)
     return built
 
 

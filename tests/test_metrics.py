@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from mendctl.metrics import accuracy, agreement, macro_f1, mean_kl
+from mendctl.evaluation.metrics import accuracy, agreement, macro_f1, mean_kl
 
 
 def test_macro_f1_by_hand():

@@ -1,4 +1,4 @@
-"""Tests for mendctl.model_sources: pass-through, GGUF conversion and caching, packaged aliases."""
+"""Tests for mendctl.models.model_sources: pass-through, GGUF conversion and caching, packaged aliases."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from mendctl import model_sources
-from mendctl.model_sources import ModelSourceError, alias_names, cache_dir, resolve_source
+from mendctl.models import model_sources
+from mendctl.models.model_sources import ModelSourceError, alias_names, cache_dir, resolve_source
 
 gguf = pytest.importorskip("gguf")
 
@@ -311,9 +311,9 @@ def test_real_smollm2_alias_runs_a_forward() -> None:
 
 def test_a_recipe_runs_on_a_gguf_llm_and_a_gguf_distiller(cache: Path, tiny_gguf, tmp_path: Path) -> None:
     """`llm: {source: DIR, gguf_file: NAME}` through the llama backend; the distiller body from the same GGUF."""
-    from mendctl.config import load_recipe
-    from mendctl.registry import get_backend
-    from mendctl.distiller import distiller_inputs
+    from mendctl.core.config import load_recipe
+    from mendctl.core.registry import get_backend
+    from mendctl.models.distiller import distiller_inputs
 
     gguf_path, _ = tiny_gguf
     src = [f"llm.source={gguf_path.parent}", f"llm.gguf_file={gguf_path.name}", "llm.random_init=null",

@@ -7,15 +7,15 @@ import pytest
 import torch
 from rich.console import Console
 
-import mendctl.trainer as trainer
-import mendctl.examples as examples_module
-from mendctl import metrics
-from mendctl.examples import TaskExamples
-from mendctl.fill_teacher import fill_teacher
-from mendctl.losses import OptionKL
-from mendctl.registry import get_backend
-from mendctl.stage import build_stage
-from mendctl.trainer import Objective, step_loss, train
+import mendctl.commands.train as trainer
+import mendctl.training.examples as examples_module
+from mendctl.evaluation import metrics
+from mendctl.training.examples import TaskExamples
+from mendctl.commands.teacher import fill_teacher
+from mendctl.training.losses import OptionKL
+from mendctl.core.registry import get_backend
+from mendctl.training.stage import build_stage
+from mendctl.commands.train import Objective, step_loss, train
 
 QUIET = Console(quiet=True)
 

@@ -1,7 +1,7 @@
 """The one padding function: ids and embeddings, right for the LLM, left for the distiller."""
 import torch
 
-from mendctl.padding import pad
+from mendctl.models.padding import pad
 
 
 def test_right_padding_keeps_rows_at_the_start():

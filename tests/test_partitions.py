@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from mendctl.data.bigbench import list_tasks, task_name_from_path
-from mendctl.partitions import TASK_TYPES, Partition, list_partitions, load_partition
+from mendctl.core.partitions import TASK_TYPES, Partition, list_partitions, load_partition
 
 METAICL = [
     "class_to_class",
@@ -22,10 +22,10 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 def test_list_partitions_is_sorted_and_complete():
     names = list_partitions()
     assert names == sorted(names)
-    assert set(names) == set(METAICL) | {"bb_class_to_class"}
+    assert set(names) == set(METAICL) | {"bb_class_to_class", "bb_fresh"}
 
 
-@pytest.mark.parametrize("name", METAICL + ["bb_class_to_class"])
+@pytest.mark.parametrize("name", METAICL + ["bb_class_to_class", "bb_fresh"])
 def test_shipped_partition_is_consistent(name):
     part = load_partition(name)
     assert isinstance(part, Partition) and part.name == name

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from mendctl.registry import UnknownBackend, get_backend, load, registered, resolve_name
+from mendctl.core.registry import UnknownBackend, get_backend, load, registered, resolve_name
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -17,7 +17,7 @@ def third_party(tmp_path, monkeypatch):
     site = tmp_path / "site"
     (site / "acme_mend").mkdir(parents=True)
     (site / "acme_mend" / "__init__.py").write_text(textwrap.dedent('''
-        from backends.gpt2 import Backend as GPT2
+        from mendctl.backends.gpt2 import Backend as GPT2
 
         class Backend(GPT2):
             name = "acme"
@@ -61,7 +61,7 @@ def test_entry_point_backend_is_discovered_and_usable(third_party, tiny):
 
 def test_an_entry_point_that_is_not_a_backend_is_refused_when_loaded(third_party):
     assert resolve_name("rogue") == "rogue"
-    with pytest.raises(TypeError, match="rogue = 'acme_mend:NotABackend'.*not a subclass of mendctl.backend.Backend"):
+    with pytest.raises(TypeError, match="rogue = 'acme_mend:NotABackend'.*not a subclass of mendctl.models.backend.Backend"):
         load("rogue")
 
 
@@ -80,7 +80,7 @@ def test_declared_aliases_and_did_you_mean(declared):
 
 
 def test_recipe_with_unknown_backend_fails_validation(tiny):
-    from mendctl.config import RecipeError
+    from mendctl.core.config import RecipeError
 
     with pytest.raises(RecipeError, match="unknown backend 'acme'"):
         tiny("gpt2", "backend=acme")

@@ -4,10 +4,10 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, GPT2Model, T5Config, T5ForConditionalGeneration
 
-from backends.t5 import T5LM
-from mendctl.distiller import Distiller
-from mendctl.lm import CausalLM
-from mendctl.positions import max_positions
+from mendctl.backends.t5 import T5LM
+from mendctl.models.distiller import Distiller
+from mendctl.models.lm import CausalLM
+from mendctl.core.positions import max_positions
 
 
 def _gpt2(positions: int) -> CausalLM:
@@ -71,9 +71,9 @@ def test_a_run_past_the_models_positions_is_cut_not_crashed(tiny, monkeypatch):
     (validate would refuse this recipe; the run-time cut is what protects hub models it cannot see)."""
     from rich.console import Console
 
-    from backends.gpt2 import Backend
-    from mendctl.evaluate import run_eval
-    from mendctl.trainer import train
+    from mendctl.backends.gpt2 import Backend
+    from mendctl.commands.eval import run_eval
+    from mendctl.commands.train import train
 
     original = Backend.tiny_config
 

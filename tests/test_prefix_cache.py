@@ -5,10 +5,10 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from mendctl import scoring
-from mendctl.lm import CausalLM
-from mendctl.render import Query
-from mendctl.scoring import DemoSet, QuerySet, score
+from mendctl.evaluation import scoring
+from mendctl.models.lm import CausalLM
+from mendctl.models.render import Query
+from mendctl.evaluation.scoring import DemoSet, QuerySet, score
 
 D = 32
 

@@ -5,7 +5,7 @@ import pytest
 from click.testing import CliRunner
 
 from mendctl.cli import cli
-from mendctl.config import DistillerSpec, RecipeError, load_recipe
+from mendctl.core.config import DistillerSpec, RecipeError, load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 

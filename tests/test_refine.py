@@ -7,14 +7,15 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
-from mendctl import flops, load_vectors
+from mendctl import load_vectors
+from mendctl.evaluation import flops
 from mendctl.cli import cli
-from mendctl.config import DistillSpec
-from mendctl.losses import ForwardKL
-from mendctl.refine import leave_one_out, recorded, refine, refine_flops, refinement, refinement_of
-from mendctl.registry import get_backend
-from mendctl.scoring import demo_sets
-from mendctl.vectors import VectorsMismatch, as_metadata
+from mendctl.core.config import DistillSpec
+from mendctl.training.losses import ForwardKL
+from mendctl.training.refine import leave_one_out, recorded, refine, refine_flops, refinement, refinement_of
+from mendctl.core.registry import get_backend
+from mendctl.evaluation.scoring import demo_sets
+from mendctl.core.vectors import VectorsMismatch, as_metadata
 
 
 @pytest.mark.parametrize("backend", ["llama", "t5"])
@@ -42,6 +43,11 @@ def test_refining_lowers_the_kl_to_icl_on_the_demonstrations_and_leaves_the_llm_
     assert kl(fitted) < 0.8 * kl(start)
     assert not fitted.requires_grad and all(torch.equal(v, llm.model.state_dict()[k]) for k, v in before.items())
     assert refine(llm, start, ds.demos[:1], template, tok, 10, 1e-2) is start  # one demonstration: no episode
+    seen = {}
+    again = refine(llm, start, ds.demos, template, tok, 10, 1e-2, after_step=lambda n, v: seen.setdefault(n, v))
+    # one run read at every step: the last is what it returns, and each step is its own copy, not a view
+    assert list(seen) == list(range(1, 11)) and torch.equal(seen[10], again)
+    assert not torch.equal(seen[3], seen[10]) and kl(seen[10]) < kl(seen[1])
     config, ed = llm.model.config, llm.is_encoder_decoder
 
     def query(prefix, x, y):
@@ -78,14 +84,15 @@ def test_distill_and_eval_refine_record_it_and_count_its_cost(tmp_path):
                                      "eval.cache=false"])
         assert result.exit_code == 0, result.output
         costs[steps] = json.loads((out / "eval" / "results.json").read_text())
-    per_set = [c["aggregate"]["mend"]["distill_flops_per_set"] for c in (costs[0], costs[3])]
+    per_set = [costs[0]["aggregate"]["mend"]["distill_flops_per_set"],
+               costs[3]["aggregate"]["mend+fit@3"]["distill_flops_per_set"]]
     assert per_set[1] > per_set[0] > 0
-    assert {s["refine_steps"] for s in costs[3]["vectors"]["sources"].values()} == {3}
+    assert {s["refine_steps"] for s in costs[3]["vectors"]["mend+fit@3"]["sources"].values()} == {3}
 
 
 def test_refining_from_the_anchors_runs_no_distiller_and_starts_at_their_embeddings(tmp_path, tiny):
-    from mendctl.anchors import anchor_embeddings, set_anchors
-    from mendctl.config import RecipeError
+    from mendctl.models.anchors import anchor_embeddings, set_anchors
+    from mendctl.core.config import RecipeError
 
     out = tmp_path / "run"
     base = ["recipes/tiny/llama.yaml", f"output_dir={out}", "distiller.anchor=labels"]
@@ -109,14 +116,15 @@ def test_refining_from_the_anchors_runs_no_distiller_and_starts_at_their_embeddi
     result = runner.invoke(cli, ["eval", *base, "distill.refine_from=anchors", "distill.refine_steps=0",
                                  "eval.methods=[mend]", "eval.cache=false"])
     assert result.exit_code == 0, result.output
-    assert json.loads((out / "eval" / "results.json").read_text())["aggregate"]["mend"]["distill_flops_per_set"] == 0
+    aggregate = json.loads((out / "eval" / "results.json").read_text())["aggregate"]
+    assert list(aggregate) == ["fitted@0"] and aggregate["fitted@0"]["distill_flops_per_set"] == 0
     with pytest.raises(RecipeError, match="refine_from: anchors needs anchors"):
         tiny("llama", "distiller.anchor=none", "distill.refine_from=anchors")
 
 
 def _first_set_episodes(tiny):
     """The tiny llama recipe's models, its first demonstration set, and that set's leave-one-out episodes and options."""
-    from mendctl.refine import demo_options
+    from mendctl.training.refine import demo_options
 
     recipe = tiny("llama")
     models, template = get_backend("llama").build(recipe), get_backend("llama").template(recipe)
@@ -126,8 +134,8 @@ def _first_set_episodes(tiny):
 
 
 def test_refining_on_the_options_lowers_the_option_kl_on_the_demonstrations_and_is_recorded(tiny, tmp_path):
-    from mendctl.config import RecipeError
-    from mendctl.losses import OptionKL
+    from mendctl.core.config import RecipeError
+    from mendctl.training.losses import OptionKL
 
     recipe, models, template, ds, episodes, options = _first_set_episodes(tiny)
     llm, tok = models.llm, models.llm_tokenizer
@@ -165,7 +173,7 @@ def test_refining_on_the_options_lowers_the_option_kl_on_the_demonstrations_and_
 
 
 def test_refining_with_the_label_ce_lowers_the_demonstrations_own_label_loss_and_is_recorded(tiny, tmp_path):
-    from mendctl.config import RecipeError
+    from mendctl.core.config import RecipeError
 
     recipe, models, template, ds, episodes, options = _first_set_episodes(tiny)
     llm, tok = models.llm, models.llm_tokenizer
@@ -193,7 +201,7 @@ def test_refining_with_the_label_ce_lowers_the_demonstrations_own_label_loss_and
     assert load_vectors(path).metadata["refine_ce_weight"] == "0.5"
     result = runner.invoke(cli, ["eval", *base, "distill.refine_ce_weight=0.5", "eval.methods=[mend]", "eval.cache=false"])
     assert result.exit_code == 0, result.output
-    sources = json.loads((out / "eval" / "results.json").read_text())["vectors"]["sources"].values()
+    sources = json.loads((out / "eval" / "results.json").read_text())["vectors"]["fitted@1"]["sources"].values()
     assert {s["refine_ce_weight"] for s in sources} == {0.5}  # read from the files distill wrote
     result = runner.invoke(cli, ["distill", *base])  # back to the KL alone: the files with the label loss are stale
     assert result.exit_code == 0 and "already up to date" not in result.output, result.output
@@ -202,7 +210,7 @@ def test_refining_with_the_label_ce_lowers_the_demonstrations_own_label_loss_and
     save_file({"vectors": made.vectors}, str(path), metadata=made.metadata | {"refine_steps": "many"})
     result = runner.invoke(cli, ["eval", *base, "eval.methods=[mend]", "eval.cache=false"])
     assert result.exit_code == 0, result.output  # the set is distilled anew, saying why
-    sources = json.loads((out / "eval" / "results.json").read_text())["vectors"]["sources"]
+    sources = json.loads((out / "eval" / "results.json").read_text())["vectors"]["fitted@1"]["sources"]
     assert "refine_steps='many'" in sources[f"{ds.task}/{ds.seed}"]["reason"]
     result = runner.invoke(cli, ["distill", *base])
     assert "distilled 1/1" in result.output and load_vectors(path).metadata["refine_steps"] == "1"  # that file alone

@@ -5,9 +5,9 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from mendctl.config import TemplateSpec
-from mendctl.render import context_ids, render_context, render_query
-from mendctl.tokenizer import byte_tokenizer
+from mendctl.core.config import TemplateSpec
+from mendctl.models.render import context_ids, render_context, render_query
+from mendctl.models.tokenizer import byte_tokenizer
 
 DEMOS = [{"input": "the movie was great", "output": "positive"},
          {"input": "what a dull film", "output": "negative"},
@@ -73,7 +73,7 @@ def test_zero_shot_query_has_no_leading_separator(template, tokenizer):
 def test_smollm2_prompt_tokenizes_as_the_whole_string():
     from transformers import AutoTokenizer
 
-    from mendctl.model_sources import resolve_source
+    from mendctl.models.model_sources import resolve_source
 
     tok = AutoTokenizer.from_pretrained(resolve_source("smollm2-135m-instruct").path)
     t = TEMPLATES["llama"]

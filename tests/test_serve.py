@@ -19,9 +19,9 @@ pytest.importorskip("httpx")
 
 from fastapi.testclient import TestClient  # noqa: E402
 
-from mendctl.api import Mend  # noqa: E402
-from mendctl.batching import Batcher  # noqa: E402
-from mendctl.serve import Server, create_app, load_folder  # noqa: E402
+from mendctl.api.mend import Mend  # noqa: E402
+from mendctl.api.batching import Batcher  # noqa: E402
+from mendctl.commands.serve import Server, create_app, load_folder  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 GPT2 = ROOT / "recipes" / "tiny" / "gpt2.yaml"

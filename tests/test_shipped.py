@@ -1,5 +1,5 @@
 """Shipped recipes are reachable from any folder (`ls`, `cp`), and the commands that load no model
-(`validate`, `ls`) import neither torch nor transformers."""
+(`validate`, `ls`) import neither torch nor transformers (nor datasets)."""
 import os
 import subprocess
 import sys
@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from mendctl.cli import cli
 
 ROOT = Path(__file__).resolve().parents[1]
-HEAVY = ("torch", "transformers")
+HEAVY = ("torch", "transformers", "datasets")
 
 
 def run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
@@ -25,8 +25,9 @@ def run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
                           timeout=120)
 
 
-def test_validate_imports_neither_torch_nor_transformers():
-    result = run_cli(["validate", "recipes/tiny/gpt2.yaml", "recipes/llama/smollm2-demo.yaml"], ROOT)
+def test_validate_imports_neither_torch_nor_transformers_nor_datasets():
+    result = run_cli(["validate", "recipes/tiny/gpt2.yaml", "recipes/llama/smollm2-demo.yaml", "recipes/gpt2/metaicl.yaml",
+                      "recipes/t5/metaicl.yaml"], ROOT)
     assert result.returncode == 0, result.stderr
     assert "ok recipes/tiny/gpt2.yaml" in result.stdout
     assert "imported: []" in result.stdout
@@ -35,7 +36,7 @@ def test_validate_imports_neither_torch_nor_transformers():
 def test_ls_lists_shipped_recipes_from_any_folder(tmp_path):
     result = run_cli(["ls"], tmp_path)
     assert result.returncode == 0, result.stderr
-    for word in ("tiny/gpt2", "llama/smollm2-demo", "backends.gpt2:Backend", "class_to_class"):
+    for word in ("tiny/gpt2", "llama/smollm2-demo", "mendctl.backends.gpt2:Backend", "class_to_class"):
         assert word in result.stdout
     assert "imported: []" in result.stdout
 
@@ -60,7 +61,7 @@ def test_cp_copies_a_shipped_recipe_by_name_and_keeps_an_existing_file(tmp_path,
 
 @pytest.mark.parametrize("name, message", [("smolm2-demo", "Did you mean 'smollm2-demo'"),
                                            ("tiny/gtp2", "Did you mean 'tiny/gpt2'"),
-                                           ("nothing-like-it", "Shipped: llama/smollm2-bench")])
+                                           ("nothing-like-it", "Shipped: gpt2/metaicl, llama/llama3.2-1b-metaicl, llama/smollm2-bench")])
 def test_cp_unknown_names_suggest_the_closest(tmp_path, name, message):
     result = CliRunner().invoke(cli, ["cp", name, str(tmp_path / "x.yaml")])
     assert result.exit_code == 2 and message in result.output
@@ -68,9 +69,11 @@ def test_cp_unknown_names_suggest_the_closest(tmp_path, name, message):
 
 
 def test_the_explicit_package_list_names_every_package():
-    # pyproject lists packages by hand (to map mendctl.recipes onto recipes/): a new one must be added there.
+    # pyproject lists packages by hand (to map recipes/ and backends/ into mendctl): a new one must be added there.
     setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
-    found = {p.parent.relative_to(ROOT).as_posix().replace("/", ".")
-             for top in ("mendctl", "backends") for p in (ROOT / top).rglob("__init__.py")}
+    found = {p.parent.relative_to(ROOT).as_posix().replace("/", ".") for p in (ROOT / "mendctl").rglob("__init__.py")}
+    found |= {"mendctl." + p.parent.relative_to(ROOT).as_posix().replace("/", ".")
+              for p in (ROOT / "backends").rglob("__init__.py")}
     assert found | {"mendctl.recipes"} == set(setuptools["packages"])
-    assert setuptools["package-dir"]["mendctl.recipes"] == "recipes"
+    assert setuptools["package-dir"] == {"mendctl.recipes": "recipes", "mendctl.backends": "backends"}
+    assert all(p.startswith("mendctl") for p in setuptools["packages"])  # no top-level package but mendctl

@@ -1,8 +1,8 @@
 """A stage is built once from the recipe: what differs between pretrain and finetune is decided there."""
 import pytest
 
-from mendctl.checkpoint import WEIGHTS
-from mendctl.stage import build_stage
+from mendctl.training.checkpoint import WEIGHTS
+from mendctl.training.stage import build_stage
 
 
 def test_the_stages_differ_in_loss_weights_ce_and_output(tiny):

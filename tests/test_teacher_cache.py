@@ -8,12 +8,12 @@ import torch
 from click.testing import CliRunner
 from rich.console import Console
 
-import mendctl.trainer as trainer
+import mendctl.commands.train as trainer
 from mendctl.cli import cli
-from mendctl.losses import ForwardKL, SparseKL
-from mendctl.model_sources import cache_dir
-from mendctl.teacher_cache import TeacherCache, sparsify
-from mendctl.trainer import train
+from mendctl.training.losses import ForwardKL, SparseKL
+from mendctl.models.model_sources import cache_dir
+from mendctl.training.teacher_cache import TeacherCache, sparsify
+from mendctl.commands.train import train
 
 QUIET = Console(quiet=True)
 ALL = "finetune.teacher_top_k=100000"  # clamped to the vocabulary: the full distribution
@@ -98,10 +98,10 @@ def test_a_second_run_with_other_lr_and_k_reads_the_cache_without_a_teacher_forw
 
 def test_tokens_count_the_teacher_only_for_the_examples_it_read(tiny, tmp_path):
     """tokens/s: an example served from the cache costs no teacher tokens; a miss costs what no cache costs."""
-    from mendctl.registry import get_backend
-    from mendctl.stage import build_stage
-    from mendctl.teacher_cache import CachedTeacher
-    from mendctl.trainer import Objective, step_loss
+    from mendctl.core.registry import get_backend
+    from mendctl.training.stage import build_stage
+    from mendctl.training.teacher_cache import CachedTeacher
+    from mendctl.commands.train import Objective, step_loss
 
     recipe = tiny("gpt2")
     spec, backend = recipe.finetune, get_backend("gpt2")
@@ -147,7 +147,7 @@ def test_a_teacher_made_for_something_else_is_never_used(change, tiny, teachers,
 
 def test_changed_examples_under_the_same_key_are_recomputed(tiny, teachers, tmp_path, monkeypatch):
     """The per-position input hash catches what the key misses (here: the key is made blind to the template)."""
-    import mendctl.teacher_cache as tc
+    import mendctl.training.teacher_cache as tc
 
     monkeypatch.setattr(tc, "teacher_key", lambda *a: {"same": "key"})
     a = tiny("gpt2", "finetune.steps=2", f"output_dir={tmp_path / 'one'}")
@@ -193,10 +193,10 @@ def test_the_teacher_command_fills_what_training_reads(tiny, teachers, tmp_path)
 
 
 def test_an_episode_of_several_queries_reads_its_demonstrations_once_and_loses_what_each_query_alone_would(tiny):
-    from mendctl.registry import get_backend
-    from mendctl.stage import build_stage
-    from mendctl.teacher_cache import teacher_logits
-    from mendctl.trainer import Objective, step_loss
+    from mendctl.core.registry import get_backend
+    from mendctl.training.stage import build_stage
+    from mendctl.training.teacher_cache import teacher_logits
+    from mendctl.commands.train import Objective, step_loss
 
     recipe = tiny("llama", "finetune.queries_per_episode=2")
     backend = get_backend("llama")
@@ -238,10 +238,10 @@ def test_runs_with_other_queries_per_episode_keep_their_teachers_apart(tiny, tea
 
 
 def test_kl_on_output_averages_the_kl_over_the_target_tokens_alone_cached_or_not(tiny, tmp_path):
-    from mendctl.registry import get_backend
-    from mendctl.stage import build_stage
-    from mendctl.teacher_cache import CachedTeacher, teacher_logits
-    from mendctl.trainer import Objective, step_loss
+    from mendctl.core.registry import get_backend
+    from mendctl.training.stage import build_stage
+    from mendctl.training.teacher_cache import CachedTeacher, teacher_logits
+    from mendctl.commands.train import Objective, step_loss
 
     recipe = tiny("llama", "finetune.kl_on=output", ALL)
     stage, backend = build_stage(recipe, "finetune"), get_backend("llama")

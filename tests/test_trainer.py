@@ -13,10 +13,10 @@ from click.testing import CliRunner
 from rich.console import Console
 from safetensors.torch import load_file
 
-import mendctl.backend
+import mendctl.models.backend
 from mendctl.cli import cli
-from mendctl.registry import get_backend
-from mendctl.trainer import TrainingDiverged, train
+from mendctl.core.registry import get_backend
+from mendctl.commands.train import TrainingDiverged, train
 
 BACKENDS = ("gpt2", "t5", "llama")
 QUIET = Console(quiet=True)
@@ -55,13 +55,13 @@ def test_kl_falls_on_a_tiny_overfit_set_and_llm_stays_bit_identical(backend, tin
     doc.write_text((Path("data/tiny/text/moby_dick_excerpt.txt").read_text())[:600])
     recipe = tiny(backend, "pretrain.steps=60", "pretrain.lr=1e-2", f"pretrain.text=[{doc}]", "num_vectors=16")
     built = []
-    real_build = mendctl.backend.Backend.build
+    real_build = mendctl.models.backend.Backend.build
 
     def spy(self, r):
         built.append(real_build(self, r))
         return built[-1]
 
-    monkeypatch.setattr(mendctl.backend.Backend, "build", spy)
+    monkeypatch.setattr(mendctl.models.backend.Backend, "build", spy)
     train(recipe, "pretrain", console=QUIET)
     fresh = real_build(get_backend(backend), recipe)
     for k, v in fresh.llm.model.state_dict().items():
@@ -122,7 +122,7 @@ def test_malformed_jsonl_line_fails_with_file_and_line(tmp_path):
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny, monkeypatch):
-    import mendctl.trainer as trainer
+    import mendctl.commands.train as trainer
 
     recipe = tiny("gpt2", "pretrain.steps=10", "pretrain.save_every=2")
     real = trainer.step_loss
@@ -156,28 +156,28 @@ def test_accelerate_launch_runs_two_processes_on_cpu(tmp_path):
 
 
 def test_streamed_dataset_is_read_in_order_and_skipped_on_resume(monkeypatch, tiny):
-    import mendctl.examples as examples
+    import mendctl.training.examples as examples
 
     opened = []
 
-    def fake_stream(dataset_id, split):
-        opened.append((dataset_id, split))
+    def fake_stream(dataset_id, split, config):
+        opened.append((dataset_id, split, config))
         return iter([f"document number {i} " * 5 for i in range(100)])
 
     monkeypatch.setattr(examples, "iter_hf", fake_stream)
-    recipe = tiny("gpt2", "pretrain.text=null", "pretrain.hf_dataset=allenai/c4")
+    recipe = tiny("gpt2", "pretrain.text=null", "pretrain.hf_dataset=allenai/c4", "pretrain.hf_config=en")
     tok = get_backend("gpt2").build(recipe).llm_tokenizer
     source = examples.TextExamples(recipe.pretrain, tok, 0, False)
     first = [source.get(p) for p in range(3)]
     assert tok.decode(first[2].ctx).startswith("document number 2")
     resumed = examples.TextExamples(recipe.pretrain, tok, 0, False)
     assert resumed.get(2) == first[2]  # a fresh stream skips what the first run consumed
-    assert opened == [("allenai/c4", "train")] * 2
+    assert opened == [("allenai/c4", "train", "en")] * 2
 
 
 @pytest.mark.parametrize("extra", [(), ("finetune.ema=0.9",)])  # with ema, the average resumes too
 def test_ctrl_c_saves_the_last_finished_step_and_resume_matches(tiny, monkeypatch, extra):
-    import mendctl.trainer as trainer
+    import mendctl.commands.train as trainer
 
     overrides = ("finetune.steps=8", "finetune.save_every=3", *extra)
     straight = tiny("gpt2", *overrides)
@@ -210,7 +210,7 @@ def test_ctrl_c_saves_the_last_finished_step_and_resume_matches(tiny, monkeypatc
 def test_trackers_reach_accelerate_when_installed_and_warn_when_not(tiny, monkeypatch):
     import accelerate.utils
 
-    import mendctl.trainer as trainer
+    import mendctl.commands.train as trainer
 
     recipe = tiny("gpt2", "pretrain.steps=2", "pretrain.trackers=[tensorboard,wandb]")
     logged = []

@@ -39,6 +39,7 @@ def test_distill_then_predict_in_a_folder_outside_the_repository(tmp_path, monke
     vectors = Vectors.load(tmp_path / "reviews.safetensors")
     assert vectors.name == "reviews" and vectors.tensor.shape == (4, 64)  # the task name: the file's stem
     assert vectors.metadata["num_demos"] == "2" and vectors.metadata["distiller_hash"] == "untrained"
+    assert vectors.metadata["method"] == "mend"
 
     answered = {}
     for method, extra in (("mend", ["--vectors", "reviews.safetensors"]), ("icl", ["--demos", "reviews.jsonl"]),
@@ -59,7 +60,8 @@ def test_distill_then_predict_in_a_folder_outside_the_repository(tmp_path, monke
         meta = json.loads((tmp_path / f"{method}.jsonl.meta.json").read_text())
         assert meta["method"] == method and meta["provenance"]["versions"]["mendctl"]
         answered[method] = rows
-    assert json.loads((tmp_path / "mend.jsonl.meta.json").read_text())["vectors"]["task"] == "reviews"
+    made = json.loads((tmp_path / "mend.jsonl.meta.json").read_text())["vectors"]
+    assert made["task"] == "reviews" and made["method"] == "mend"
 
     # Like cp: an existing output is kept unless --force.
     again = CliRunner().invoke(cli, ["predict", "gpt2.yaml", "--queries", "queries.jsonl", "--out", "zero-shot.jsonl",

@@ -39,8 +39,8 @@ from typing import Any
 
 from rich.progress import track
 
-from ..partitions import family
-from ..suggest import did_you_mean
+from ..core.partitions import family
+from ..core.suggest import did_you_mean
 from .metaicl import DEFAULT_K, DEFAULT_SEEDS, META_TRAIN_FILE, META_TRAIN_SEED, META_TRAIN_SIZE, split_name, \
     task_file
 

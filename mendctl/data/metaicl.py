@@ -5,14 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-
-# MetaICL's settings, which the schema's defaults, the BIG-bench converter and the file names share:
-# k demonstrations per set, drawn with each of the seeds; a meta-train task's file holds up to
-# META_TRAIN_SIZE examples shuffled with META_TRAIN_SEED, and those two numbers are in its name.
-DEFAULT_K = 16
-DEFAULT_SEEDS: tuple[int, ...] = (100, 13, 21, 42, 87)
-META_TRAIN_SIZE = 16384
-META_TRAIN_SEED = 100
+# MetaICL's settings and file names live in core (the recipe schema's defaults): the readers and the
+# converter find them here too.
+from ..core.task_files import DEFAULT_K, DEFAULT_SEEDS, META_TRAIN_FILE, META_TRAIN_SEED, META_TRAIN_SIZE, split_name
 
 
 class DataError(ValueError):
@@ -62,16 +57,8 @@ def read_examples(path: Path) -> list[dict]:
     return rows
 
 
-def split_name(task: str, k: int, seed: int, split: str) -> str:
-    return f"{task}_{k}_{seed}_{split}.jsonl"
-
-
-# finetune.train_file's default: a pattern, "{task}" standing for each task's name.
-META_TRAIN_FILE = split_name("{task}", META_TRAIN_SIZE, META_TRAIN_SEED, "train")
-
-
 def split_path(data_dir: Path, task: str, k: int, seed: int, split: str) -> Path:
-    from ..partitions import check_task_name
+    from ..core.partitions import check_task_name
 
     # Partitions check their names already; this keeps every caller inside data_dir too.
     check_task_name(task)

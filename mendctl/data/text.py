@@ -46,13 +46,40 @@ def iter_local(paths: list[Path]) -> Iterator[str]:
             yield f.read_text(encoding="utf-8", errors="replace")
 
 
-def iter_hf(dataset_id: str, split: str) -> Iterator[str]:
+HF_DATA_INSTALL = "pip install 'mendctl[hf-data]'"
+
+
+def require_datasets():
+    """The `datasets` package, imported only where stage 1 reads a dataset: validate and the commands
+    that read no stage-1 text neither need it nor pay for its import."""
     try:
         import datasets
     except ImportError:
-        raise DataError("pretrain.hf_dataset needs the `datasets` package: pip install datasets") from None
-    for row in datasets.load_dataset(dataset_id, split=split, streaming=True):
-        yield row["text"]
+        raise DataError(f"pretrain.hf_dataset needs the `datasets` package: {HF_DATA_INSTALL}") from None
+    return datasets
+
+
+def iter_hf(dataset_id: str, split: str, config: str | None = None) -> Iterator[str]:
+    """The "text" field of a dataset's rows, streamed: a hub id (C4: allenai/c4, configuration en) is
+    read as it downloads, never whole; a local folder of data files (or a copy of a hub repository)
+    goes through the same call."""
+    datasets = require_datasets()
+    where = f"pretrain.hf_dataset {dataset_id!r}" + (f" (hf_config {config!r})" if config else "")
+    try:
+        rows = datasets.load_dataset(dataset_id, config, split=split, streaming=True)
+    except FileNotFoundError as e:  # no such hub id or folder, or no data files in it
+        raise DataError(f"{where}: {_first_line(e)}") from None
+    except ValueError as e:  # an unknown configuration or split
+        raise DataError(f"{where}, split {split!r}: {_first_line(e)}") from None
+    for n, row in enumerate(rows, 1):
+        text = row.get("text")
+        if not isinstance(text, str):
+            raise DataError(f"{where}: row {n} has no \"text\" field holding a string (fields: {', '.join(row)})")
+        yield text
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
 
 
 def pieces(texts: Iterator[str], tokenizer, max_length: int) -> list[str]:

@@ -1,0 +1,152 @@
+"""Distilled vectors refined on their own demonstrations (distill.refine_steps).
+
+A few Adam steps on the vectors alone, after the distiller made them: on leave-one-out episodes of
+the set's k demonstrations (the query is demonstration i, the teacher is the LLM reading the other
+k - 1 as ICL), the LLM reading the vectors is brought closer to the LLM reading the demonstrations,
+by the KL over every query token (or, with distill.refine_on: options, over the distribution across
+the demonstration's options). It needs the demonstrations and nothing else, runs once per set,
+and a query then costs what it cost before; the one-off cost is `refine_flops`. With
+distill.refine_from: anchors the steps start from the anchors' embeddings and no distiller runs:
+vectors fitted to each set alone, a per-set prompt tuning.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from pydantic import ValidationError
+
+from ..core.config import DistillSpec, Recipe, TemplateSpec
+from ..core.provenance import text_hash
+from ..core.vectors import VectorsMismatch
+from ..evaluation import flops
+from ..models.anchors import anchor_embeddings, set_anchors
+from ..models.distiller import distill
+from ..models.render import context_ids, render_context, render_query
+from .losses import ForwardKL, OptionKL
+
+REFINE_KEYS = ("refine_steps", "refine_lr", "refine_from", "refine_on", "refine_ce_weight")
+
+
+def refinement(spec: DistillSpec) -> dict:
+    """The distill keys that shape a set's vectors after (or instead of) the distiller."""
+    return {k: getattr(spec, k) for k in REFINE_KEYS}
+
+
+def refinement_of(metadata: dict[str, str], where: str) -> dict:
+    """refinement() of the recipe that made the vectors file `where`, from its metadata; a key it lacks
+    was at its default (files record only what differs, so those made before a key existed stay valid)."""
+    try:
+        return refinement(DistillSpec(**{k: metadata[k] for k in REFINE_KEYS if k in metadata}))
+    except ValidationError as e:
+        bad = "; ".join(f"{err['loc'][0]}={err['input']!r}: {err['msg']}" for err in e.errors())
+        raise VectorsMismatch(f"{where}: its refinement metadata is not valid ({bad})") from None
+
+
+def recorded(spec: DistillSpec) -> dict:
+    """What a vectors file records of refinement(spec): the keys off their defaults."""
+    default = refinement(DistillSpec())
+    return {k: v for k, v in refinement(spec).items() if v != default[k]}
+
+
+def vectors_metadata(recipe: Recipe, models, distiller_hash: str, template: TemplateSpec, ds) -> dict:
+    """What a vectors file records of the set `ds` (a scoring.DemoSet) and of what made its vectors
+    (`distiller_hash` as variants.made_by gives it)."""
+    from .variants import METHOD, method_of  # here, not above: at module level the import chain grows past 9
+
+    return {"backend": recipe.backend, "llm_id": models.llm_id, "llm_config_hash": models.llm_config_hash,
+            "distiller_hash": distiller_hash, "task": ds.task, "seed": ds.seed, "num_demos": len(ds.demos),
+            "demos_hash": text_hash(ds.context), "template": template.model_dump(),
+            # Two anchor modes give different vectors from one untrained distiller (same weights hash).
+            "anchor": recipe.distiller.anchor, **recorded(recipe.distill),
+            METHOD: method_of(refinement(recipe.distill))}
+
+
+def leave_one_out(template: TemplateSpec, demos: list[dict], tokenizer) -> list[tuple[list[int], list[int], list[int]]]:
+    """(teacher context ids, x, y) of each demonstration as the query, the others as its context."""
+    out = []
+    for i, d in enumerate(demos):
+        others = demos[:i] + demos[i + 1:]
+        q = render_query(template, d["input"], [d["output"]], tokenizer, after_context=True)
+        out.append((context_ids(template, render_context(template, others, tokenizer), tokenizer), q.x, q.options[0]))
+    return out
+
+
+def _option_texts(demo: dict) -> list[str]:
+    """A demonstration's options; its own output when it lists none."""
+    return demo.get("options") or [demo["output"]]
+
+
+def demo_options(template: TemplateSpec, demos: list[dict], tokenizer) -> list[list[list[int]]]:
+    """Each demonstration's options as its query's (LLM ids)."""
+    return [render_query(template, d["input"], _option_texts(d), tokenizer, after_context=True).options for d in demos]
+
+
+def refine(llm, vectors: torch.Tensor, demos: list[dict], template: TemplateSpec, tokenizer, steps: int,
+           lr: float, on: str = "tokens", ce_weight: float = 0.0, after_step=None) -> torch.Tensor:
+    """`vectors` [K, d] after `steps` Adam steps on the KL to ICL over the demonstrations' episodes,
+    `on` their next-token distributions ("tokens") or their distributions over the options ("options"),
+    plus (options only) `ce_weight` times the mean token loss of each demonstration's own label.
+    `after_step(n, vectors)`, when given, sees the vectors after each step n (a curve over steps in one run)."""
+    if steps == 0 or len(demos) < 2:  # one demonstration leaves no context to learn from
+        return vectors
+    as_t = lambda ids: torch.tensor(ids, dtype=torch.long, device=llm.device)  # noqa: E731
+    ctxs, xs, ys = zip(*leave_one_out(template, demos, tokenizer))
+    xs, ys, prefixes = [as_t(x) for x in xs], [as_t(y) for y in ys], [llm.embed(as_t(c)) for c in ctxs]
+    if on == "options":
+        options = [[as_t(o) for o in opts] for opts in demo_options(template, demos, tokenizer)]
+        kl = OptionKL()
+        with torch.no_grad():
+            teacher = [llm.option_losses(p, x, o) for p, x, o in zip(prefixes, xs, options)]
+        student = lambda v: [llm.option_losses(v, x, o) for x, o in zip(xs, options)]  # noqa: E731
+        golds = [_option_texts(d).index(d["output"]) for d in demos] if ce_weight else []
+    else:
+        kl = ForwardKL()
+        with torch.no_grad():
+            teacher = llm.target_logits(prefixes, xs, ys).logits
+        student = lambda v: llm.target_logits([v] * len(xs), xs, ys).logits  # noqa: E731
+    fitted = vectors.detach().to(llm.dtype).clone().requires_grad_(True)
+    opt = torch.optim.Adam([fitted], lr=lr)
+    with torch.enable_grad():
+        for n in range(1, steps + 1):
+            now = student(fitted)
+            loss = kl(teacher, now)
+            if ce_weight:
+                loss = loss + ce_weight * torch.stack([s[g] for s, g in zip(now, golds)]).float().mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if after_step is not None:
+                after_step(n, fitted.detach().clone())
+    return fitted.detach()
+
+
+def refine_flops(llm_config, num_vectors: int, demos: list[dict], template: TemplateSpec, tokenizer, steps: int,
+                 is_encoder_decoder: bool, gated_mlp: bool, on: str = "tokens") -> float:
+    """What `refine` costs once per set: the teacher on each episode once, then per step the student's
+    forward and backward (taken as twice the forward) on every episode."""
+    if steps == 0 or len(demos) < 2:
+        return 0.0
+    episodes = leave_one_out(template, demos, tokenizer)
+    read = ([[len(o) for o in opts] for opts in demo_options(template, demos, tokenizer)] if on == "options"
+            else [[len(y)] for _, _, y in episodes])
+
+    def forward(prefix: int, x: list[int], options: list[int]) -> float:
+        return flops.llm_query_flops(llm_config, prefix, len(x), options, is_encoder_decoder, gated_mlp)
+
+    teacher = sum(forward(len(c), x, o) for (c, x, _), o in zip(episodes, read))
+    return teacher + steps * 3 * sum(forward(num_vectors, x, o) for (_, x, _), o in zip(episodes, read))
+
+
+def set_vectors(recipe: Recipe, models, template: TemplateSpec, sets: list, batch_size: int) -> Iterator[torch.Tensor]:
+    """Each demonstration set's vectors as `mendctl distill` writes them and `mendctl eval` makes them
+    when no file has them: distilled (or the anchors) a batch at a time, then refined, set by set."""
+    spec, tok = recipe.distill, models.llm_tokenizer
+    for start in range(0, len(sets), batch_size):
+        chunk = sets[start:start + batch_size]
+        anchors = set_anchors(recipe, template, chunk, tok)
+        starts = (list(anchor_embeddings(models.llm, anchors, recipe.num_vectors)) if spec.refine_from == "anchors"
+                  else distill(models, [ds.context for ds in chunk], recipe.distiller.max_length, batch_size, anchors))
+        for ds, v in zip(chunk, starts):
+            yield refine(models.llm, v, ds.demos, template, tok, spec.refine_steps, spec.refine_lr, spec.refine_on,
+                         spec.refine_ce_weight)
