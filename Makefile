@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet 'torch==$(TORCH)+cpu' 2>/dev/null \
 	  || $(PY) -m pip install --quiet 'torch==$(TORCH)' --index-url $(TORCH_INDEX)
-	$(PY) -m pip install --quiet -e '.[test,gguf,hf-data]'
+	$(PY) -m pip install --quiet -e '.[test,gguf,hf-data,serve,lm-eval]'
 	touch $(STAMP)
 
 test: $(STAMP)

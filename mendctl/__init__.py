@@ -8,8 +8,12 @@ def __getattr__(name):
         from .core import vectors
 
         return getattr(vectors, name)
+    if name in ("Mend", "Vectors"):
+        from .api import mend
+
+        return getattr(mend, name)
     if name == "apply":
-        from .models.apply import apply
+        from .api.apply import apply
 
         return apply
     raise AttributeError(name)

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .core.config import Recipe, RecipeError, load_recipe
+from .core.config import TRAINING_SECTIONS, Recipe, RecipeError, load_recipe
 from .data.metaicl import DEFAULT_K, DEFAULT_SEEDS
 
 # emoji off: `random-init:llama:` is a model name, not an emoji code. User text (paths, names, labels,
@@ -84,9 +84,9 @@ def _fail(message: str, code: int, hint: str = "") -> None:
     sys.exit(code)
 
 
-def _recipe(path: str, overrides: tuple[str, ...]) -> Recipe:
+def _recipe(path: str, overrides: tuple[str, ...], unused: tuple[str, ...] = ()) -> Recipe:
     try:
-        recipe = load_recipe(path, overrides)
+        recipe = load_recipe(path, overrides, unused)
         _check_positions(recipe, path)
         return recipe
     except RecipeError as e:
@@ -229,14 +229,57 @@ def export(recipe: str, checkpoint: str, dest: str, overrides: tuple[str, ...], 
 @cli.command()
 @recipe_arg
 @overrides_arg
-@click.option("--force", is_flag=True, help="Rewrite vectors files that are already up to date.")
-def distill(recipe: str, overrides: tuple[str, ...], force: bool) -> None:
+@click.option("--force", is_flag=True, help="Rewrite vectors files that are already up to date (with --out: overwrite it).")
+@click.option("--demos", type=click.Path(dir_okay=False, path_type=Path),
+              help="Your own demonstrations (JSONL rows: input, output, optional options) instead of the test tasks'.")
+@click.option("--out", type=click.Path(path_type=Path), help="With --demos: the vectors file to write.")
+@click.option("--name", help="With --demos: the task name the file records (default: the demos file's stem).")
+@click.option("--untrained", is_flag=True,
+              help="With --demos: distil with the untrained distiller when none is trained (for trying commands out).")
+def distill(recipe: str, overrides: tuple[str, ...], force: bool, demos: Path | None, out: Path | None,
+            name: str | None, untrained: bool) -> None:
     """Distil each test task's demonstrations into output_dir/vectors/{task}/{seed}.safetensors (and each
-    of distill.variants into its own output_dir/vectors-... folder)."""
-    from .commands.distill import run_distill
+    of distill.variants into its own output_dir/vectors-... folder), or with --demos FILE.jsonl --out
+    FILE.safetensors your own (no partition or task data needed)."""
+    if demos is None:
+        if out is not None or name is not None or untrained:
+            raise UserError("--out, --name and --untrained go with --demos")
+        from .commands.distill import run_distill
 
-    r = _recipe(recipe, overrides)
-    _run_command(r, "distill", run_distill, r, force=force, console=console, lock=r.output_dir)
+        r = _recipe(recipe, overrides)
+        _run_command(r, "distill", run_distill, r, force=force, console=console, lock=r.output_dir)
+        return
+    from .commands.distill_demos import distill_demos
+
+    if out is None:
+        raise UserError("--demos needs --out FILE.safetensors")
+    r = _recipe(recipe, overrides, TRAINING_SECTIONS)
+    _run(distill_demos, r, demos, out, name=name, untrained=untrained, force=force, console=console)
+
+
+@cli.command()
+@recipe_arg
+@overrides_arg
+@click.option("--queries", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="JSONL rows with input, and options to score (else text is generated); other fields are kept.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="The JSONL of answers to write.")
+@click.option("--method", type=click.Choice(["mend", "icl", "zero-shot"]), default="mend", show_default=True,
+              help="What the LLM reads before each query: the vectors, the demonstrations, or nothing.")
+@click.option("--vectors", type=click.Path(dir_okay=False, path_type=Path), help="With --method mend: the vectors file.")
+@click.option("--demos", type=click.Path(dir_okay=False, path_type=Path), help="With --method icl: demonstrations (JSONL).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Queries run together.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Longest generated answer, in tokens (greedy).")
+@click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
+def predict(recipe: str, overrides: tuple[str, ...], queries: Path, out: Path, method: str, vectors: Path | None,
+            demos: Path | None, batch_size: int, max_new_tokens: int, force: bool) -> None:
+    """Answer your own queries (JSONL) after distilled vectors, demonstrations or nothing: the chosen
+    option and each option's probability, or generated text."""
+    from .commands.predict import run_predict
+
+    r = _recipe(recipe, overrides, TRAINING_SECTIONS)
+    _run(run_predict, r, queries, out, method=method, vectors=vectors, demos=demos, batch_size=batch_size,
+         max_new_tokens=max_new_tokens, force=force, console=console)
 
 
 @cli.command("eval")
@@ -251,6 +294,68 @@ def eval_(recipe: str, overrides: tuple[str, ...], limit: int | None) -> None:
 
     r = _recipe(recipe, overrides)
     _run_command(r, "eval", run_eval, r, limit=limit, console=console, lock=r.output_dir)
+
+
+def _need_extra(extra: str, *modules: str) -> None:
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UserError(f"this command needs {', '.join(missing)}: pip install 'mendctl[{extra}]'")
+
+
+def _free_port(host: str, port: int) -> None:
+    """Refuses a port another process holds (or that needs privileges) before any model loads."""
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.bind((host, port))
+    except OSError as e:
+        raise UserError(f"--host {host} --port {port}: cannot listen there ({e.strerror or e})") from None
+
+
+@cli.command()
+@recipe_arg
+@overrides_arg
+@click.option("--vectors", "folder", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Folder of models: NAME.safetensors (vectors, model NAME) and NAME.jsonl (demonstrations, "
+                   "models NAME:icl and NAME:icl-cached).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (loopback: this machine only).")
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True, help="Port to listen on.")
+@click.option("--max-batch", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Concurrent requests answered by one model call, at most.")
+@click.option("--max-wait-ms", type=click.FloatRange(min=0, max=10_000), default=10.0, show_default=True,
+              help="How long a request waits for others to batch with when none is waiting.")
+def serve(recipe: str, overrides: tuple[str, ...], folder: Path, host: str, port: int, max_batch: int,
+          max_wait_ms: float) -> None:
+    """Serve vectors over HTTP: OpenAI-compatible POST /v1/completions, GET /v1/models, GET /health."""
+    _need_extra("serve", "fastapi", "uvicorn")
+    r = _recipe(recipe, overrides, TRAINING_SECTIONS)
+    _free_port(host, port)
+    from .commands.serve import run_serve
+
+    _run(run_serve, r, folder, host, port, max_batch, max_wait_ms, console)
+
+
+@cli.command("lm-eval", context_settings={"ignore_unknown_options": True})
+@recipe_arg
+@click.option("--vectors", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="The vectors file the LLM reads in place of the few-shot context.")
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def lm_eval(recipe: str, vectors: Path, args: tuple[str, ...]) -> None:
+    """Score lm-eval tasks with vectors: `mendctl lm-eval RECIPE [key=value ...] --vectors F --tasks T ...`.
+
+    The arguments after the overrides are lm-eval's own (`lm-eval run --help`): --tasks, --include_path,
+    --limit, --output_path, ...; the model is `mend`, reading RECIPE's LLM and the vectors.
+    """
+    _need_extra("lm-eval", "lm_eval")
+    split = next((i for i, a in enumerate(args) if a.startswith("-") or "=" not in a), len(args))
+    overrides, rest = args[:split], list(args[split:])
+    _recipe(recipe, overrides, TRAINING_SECTIONS)
+    from .commands.lm_eval import run_lm_eval
+
+    _run(run_lm_eval, Path(recipe), overrides, vectors, rest)
 
 
 @cli.command()

@@ -8,6 +8,7 @@ Cases fail early (validation, or the first thing a command reads) to keep the ta
 from __future__ import annotations
 
 import errno
+import importlib.util
 import json
 import os
 import shutil
@@ -300,7 +301,78 @@ CASES = [
      "100.safetensors: the vectors tensor has shape [1, 4, 64], not [K, hidden]"),
     ("vectors-integer", lambda t, o: ["eval", *base(t, o, "eval.methods=[mend]")], 2,
      "100.safetensors: the vectors are int64"),
+    # a user's own demonstrations and queries (distill --demos, predict)
+    ("demos-missing", lambda t, o: own(t, o, "distill", "--demos", t / "none.jsonl"), 2, "none.jsonl: file not found"),
+    ("demos-malformed", lambda t, o: own(t, o, "distill", "--demos", jsonl(t, "d", DEMO, '{"input": "x", "out')), 2,
+     "d.jsonl:2: malformed JSON"),
+    ("demos-missing-output", lambda t, o: own(t, o, "distill", "--demos", jsonl(t, "d", DEMO, '{"input": "x"}')), 2,
+     "d.jsonl:2: missing field output"),
+    ("demos-output-not-an-option", lambda t, o: own(t, o, "distill", "--demos", jsonl(
+        t, "d", '{"input": "x", "output": "c", "options": ["a", "b"]}')), 2, "d.jsonl:1: the output 'c' is not among"),
+    ("demos-empty", lambda t, o: own(t, o, "distill", "--demos", jsonl(t, "d")), 2, "d.jsonl: no demonstrations"),
+    ("demos-without-out", lambda t, o: ["distill", GPT2, f"output_dir={o}", "--demos", jsonl(t, "d", DEMO)], 2,
+     "--demos needs --out"),
+    ("out-without-demos", lambda t, o: ["distill", GPT2, f"output_dir={o}", "--out", str(t / "v.safetensors")], 2,
+     "--out, --name and --untrained go with --demos"),
+    ("demos-no-trained-distiller", lambda t, o: ["distill", GPT2, f"output_dir={o}", "--demos", jsonl(t, "d", DEMO),
+                                                 "--out", str(t / "v.safetensors")], 2, "no trained distiller under"),
+    ("demos-bad-name", lambda t, o: own(t, o, "distill", "--demos", jsonl(t, "d", DEMO), "--name", "../up"), 2,
+     "--name: '../up' is not a valid task name"),
+    ("demos-out-exists", lambda t, o: own(t, o, "distill", "--demos", jsonl(t, "d", DEMO), target=t / "file"), 2,
+     "file exists: pass --force to overwrite it"),
+    ("demos-out-is-a-folder", lambda t, o: own(t, o, "distill", "--demos", jsonl(t, "d", DEMO), target=t), 2,
+     "--out names a folder"),
+    ("queries-missing", lambda t, o: own(t, o, "predict", "--method", "zero-shot", "--queries", t / "q.jsonl"), 2,
+     "q.jsonl: file not found"),
+    ("queries-malformed", lambda t, o: own(t, o, "predict", "--method", "zero-shot", "--queries", jsonl(
+        t, "q", '{"input": "a"}', '{"input": "b"}', "[1, 2")), 2, "q.jsonl:3: malformed JSON"),
+    ("queries-missing-input", lambda t, o: own(t, o, "predict", "--method", "zero-shot", "--queries", jsonl(
+        t, "q", '{"text": "a"}')), 2, "q.jsonl:1: missing field input"),
+    ("queries-options-not-a-list", lambda t, o: own(t, o, "predict", "--method", "zero-shot", "--queries", jsonl(
+        t, "q", '{"input": "a", "options": "yes"}')), 2, "q.jsonl:1: options must be a non-empty list of strings"),
+    ("queries-empty", lambda t, o: own(t, o, "predict", "--method", "zero-shot", "--queries", jsonl(t, "q", "")), 2,
+     "q.jsonl: no queries"),
+    ("predict-icl-without-demos", lambda t, o: own(t, o, "predict", "--method", "icl", "--queries", jsonl(
+        t, "q", QUERY)), 2, "--method icl needs --demos"),
+    ("predict-mend-without-vectors", lambda t, o: own(t, o, "predict", "--queries", jsonl(t, "q", QUERY)), 2,
+     "--method mend needs --vectors"),
+    ("predict-unknown-method", lambda t, o: own(t, o, "predict", "--method", "few-shot", "--queries", jsonl(
+        t, "q", QUERY)), 2, "Invalid value for '--method'"),
+    ("predict-vectors-other-llm", lambda t, o: own(t, o, "predict", "--vectors", foreign_vectors(t), "--queries", jsonl(
+        t, "q", QUERY)), 2, "was distilled for LLM random-init:llama:seed=0"),
+    ("predict-vectors-garbage", lambda t, o: own(t, o, "predict", "--vectors", recipe(t, b"junk", "v.safetensors"),
+                                                 "--queries", jsonl(t, "q", QUERY)), 2, "not a readable safetensors file"),
+    ("predict-out-exists", lambda t, o: own(t, o, "predict", "--method", "zero-shot", "--queries", jsonl(t, "q", QUERY),
+                                            target=t / "file"), 2, "file exists: pass --force"),
+    ("predict-batch-size-zero", lambda t, o: own(t, o, "predict", "--method", "zero-shot", "--queries", jsonl(
+        t, "q", QUERY), "--batch-size", "0"), 2, "Invalid value for '--batch-size'"),
 ]
+
+DEMO = '{"input": "good", "output": "yes", "options": ["yes", "no"]}'
+QUERY = '{"id": 1, "input": "fine", "options": ["yes", "no"]}'
+
+
+def jsonl(tmp: Path, stem: str, *lines: str) -> str:
+    return recipe(tmp, "".join(line + "\n" for line in lines), f"{stem}.jsonl")
+
+
+def own(tmp: Path, out: Path, command: str, *args, target: Path | None = None) -> list[str]:
+    """`command` on the tiny recipe with the user's own files, --out beside them (or `target`)."""
+    target = target or tmp / ("v.safetensors" if command == "distill" else "answers.jsonl")
+    extra = ["--untrained"] if command == "distill" else []
+    return [command, GPT2, f"output_dir={out}", *map(str, args), *extra, "--out", str(target)]
+
+
+def foreign_vectors(tmp: Path) -> str:
+    """A vectors file as the tiny llama recipe would write it: another LLM than gpt2's."""
+    from mendctl.core.vectors import save_vectors
+
+    path = tmp / "llama.safetensors"
+    save_vectors(path, torch.zeros(4, 64), {
+        "backend": "llama", "llm_id": "random-init:llama:seed=0", "llm_config_hash": "0123456789abcdef",
+        "distiller_hash": "untrained", "task": "mine", "num_demos": 1, "demos_hash": "0", "template": {},
+        "anchor": "none"})
+    return str(path)
 
 
 def alias_bomb() -> str:
@@ -366,6 +438,69 @@ def snapshot(tmp: Path, out: Path) -> dict[str, float]:
     files = {str(p): p.stat().st_mtime for p in tmp.rglob("*") if out not in p.parents and p != out}
     files.update({f"repo:{p.name}": 0.0 for p in ROOT.iterdir()})
     return files
+
+
+def served_folder(tmp: Path, name: str = "", content: bytes = b"") -> str:
+    """A folder for `mendctl serve --vectors`, holding one file `name` (or nothing)."""
+    folder = tmp / "served"
+    folder.mkdir(exist_ok=True)
+    if name:
+        (folder / name).write_bytes(content)
+    return str(folder)
+
+
+_HELD: list = []  # sockets kept listening while a case runs
+
+
+def taken_port() -> str:
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen()
+    _HELD.append(s)
+    return str(s.getsockname()[1])
+
+
+def serve(t: Path, o: Path, folder: str, *args: str) -> list[str]:
+    return ["serve", GPT2, f"output_dir={o}", "--vectors", folder, *args]
+
+
+def lm_eval(t: Path, o: Path, vectors: str, *args: str) -> list[str]:
+    return ["lm-eval", GPT2, f"output_dir={o}", "--vectors", vectors, *args]
+
+
+SERVE_CASES = [
+    ("serve-folder-missing", lambda t, o: serve(t, o, str(t / "none")), 2, "none: no such folder"),
+    ("serve-folder-empty", lambda t, o: serve(t, o, served_folder(t)), 2,
+     "no vectors (.safetensors) or demonstrations (.jsonl) to serve"),
+    ("serve-vectors-garbage", lambda t, o: serve(t, o, served_folder(t, "v.safetensors", b"junk")), 2,
+     "not a readable safetensors file"),
+    ("serve-demos-malformed", lambda t, o: serve(t, o, served_folder(t, "d.jsonl", b'{"input": "x", "out\n')), 2,
+     "d.jsonl:1: malformed JSON"),
+    ("serve-port-taken", lambda t, o: serve(t, o, served_folder(t), "--port", taken_port()), 2, "cannot listen there"),
+    ("serve-port-out-of-range", lambda t, o: serve(t, o, served_folder(t), "--port", "70000"), 2,
+     "Invalid value for '--port'"),
+    ("serve-max-batch-zero", lambda t, o: serve(t, o, served_folder(t), "--max-batch", "0"), 2,
+     "Invalid value for '--max-batch'"),
+    ("serve-bad-override", lambda t, o: serve(t, o, served_folder(t), "seed=-1"), 2, "seed: Input should be greater"),
+]
+LM_EVAL_CASES = [
+    ("lm-eval-vectors-missing", lambda t, o: lm_eval(t, o, str(t / "v.safetensors"), "--tasks", "x"), 2,
+     "v.safetensors: no such file"),
+    ("lm-eval-vectors-garbage", lambda t, o: lm_eval(t, o, recipe(t, b"junk", "v.safetensors"), "--tasks", "x"), 2,
+     "not a readable safetensors file"),
+    ("lm-eval-model-given", lambda t, o: lm_eval(t, o, other_recipe_weights(t), "--model", "hf"), 2,
+     "--model: the model is mend here"),
+    ("lm-eval-unknown-argument", lambda t, o: lm_eval(t, o, other_recipe_weights(t), "--bogus"), 2,
+     "lm-eval: unrecognized arguments: --bogus"),
+    ("lm-eval-bad-override", lambda t, o: ["lm-eval", GPT2, f"output_dir={o}", "seed=-1", "--vectors", "v"], 2,
+     "seed: Input should be greater"),
+]
+if all(importlib.util.find_spec(m) for m in ("fastapi", "uvicorn")):
+    CASES += SERVE_CASES
+if importlib.util.find_spec("lm_eval"):
+    CASES += LM_EVAL_CASES
 
 
 @pytest.mark.parametrize("name, setup, code, phrase", CASES, ids=[c[0] for c in CASES])

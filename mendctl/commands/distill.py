@@ -8,27 +8,16 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import Progress
 
-from ..core.config import Recipe, TemplateSpec
-from ..core.provenance import text_hash, weights_fingerprint
+from ..core.config import Recipe
+from ..core.provenance import weights_fingerprint
 from ..core.registry import get_backend
 from ..core.vectors import (WEIGHTS_KEY, BadVectors, VectorsMismatch, as_metadata, check_tensor, load_vectors,
                             read_metadata, save_vectors, weights_match)
 from ..data.workspace import vectors_path
-from ..evaluation.scoring import DemoSet, demo_sets
-from ..models.backend import Models
-from ..training.refine import recorded, refinement, refinement_of, set_vectors
+from ..evaluation.scoring import demo_sets
+from ..training.refine import refinement, refinement_of, set_vectors, vectors_metadata
 from ..training.trained import load_trained
-from ..training.variants import METHOD, made_by, method_of, needing_distiller, variants
-
-
-def vectors_metadata(recipe: Recipe, models: Models, weights: str, distiller_hash: str, template: TemplateSpec,
-                     ds: DemoSet) -> dict:
-    return {"backend": recipe.backend, "llm_id": models.llm_id, "llm_config_hash": models.llm_config_hash,
-            WEIGHTS_KEY: weights, "distiller_hash": distiller_hash, "task": ds.task, "seed": ds.seed,
-            "num_demos": len(ds.demos), "demos_hash": text_hash(ds.context), "template": template.model_dump(),
-            # Two anchor modes give different vectors from one untrained distiller (same weights hash).
-            "anchor": recipe.distiller.anchor, **recorded(recipe.distill),
-            METHOD: method_of(refinement(recipe.distill))}
+from ..training.variants import METHOD, made_by, needing_distiller, variants
 
 
 def _up_to_date(path: Path, meta: dict, recipe: Recipe) -> bool:
@@ -58,7 +47,7 @@ def run_distill(recipe: Recipe, force: bool = False, console: Console | None = N
     paths = []
     for variant in variants(recipe):
         vrecipe = variant.recipe
-        metas = [vectors_metadata(vrecipe, models, weights, made_by(vrecipe.distill, distiller_hash), template, ds)
+        metas = [vectors_metadata(vrecipe, models, made_by(vrecipe.distill, distiller_hash), template, ds, weights)
                  for ds in sets]
         vpaths = [vectors_path(recipe, ds.task, ds.seed, variant.folder) for ds in sets]
         todo = [i for i, m in enumerate(metas) if force or not _up_to_date(vpaths[i], m, vrecipe)]

@@ -490,6 +490,10 @@ class RecipeError(Exception):
         return "\n".join(lines)
 
 
+# What distilling a user's own demonstrations and answering queries never read: without them a
+# recipe needs no task data, partition or training text (`load_recipe(..., unused=...)`).
+TRAINING_SECTIONS = ("tasks", "pretrain", "finetune")
+
 MAX_RECIPE_BYTES = 1 << 20  # a recipe is a page of YAML; megabytes of it are a mistake (and slow to parse)
 
 
@@ -591,7 +595,9 @@ def validate_data(data: Any, source: str, root: yaml.Node | None = None, overrid
         raise RecipeError(source, problems) from None
 
 
-def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+def load_recipe(path: str | Path, overrides: list[str] = (), unused: tuple[str, ...] = ()) -> Recipe:
+    """The recipe at `path` with `overrides` applied; the top-level sections in `unused` (ones the
+    caller never reads, say tasks and training) are left out, so their paths need not exist."""
     path = Path(path)
     if not path.is_file():
         raise RecipeError(str(path), [(str(path), "", "recipe file not found")])
@@ -626,6 +632,7 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     except ValueError as e:
         raise RecipeError(str(path), [("command line", "", str(e))]) from None
     overridden = {o.split("=", 1)[0].strip() for o in overrides}
+    data = {k: v for k, v in data.items() if k not in unused}
     return validate_data(data, str(path), root, overridden)
 
 

@@ -76,15 +76,21 @@ def as_metadata(values: dict) -> dict[str, str]:
     return {k: json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else str(v) for k, v in values.items()}
 
 
-def save_vectors(path: Path, vectors: torch.Tensor, metadata: dict) -> None:
+def file_metadata(vectors: torch.Tensor, metadata: dict) -> dict[str, str]:
+    """`metadata` as a vectors file holds it: strings, with the format's own keys."""
     meta = as_metadata(metadata)
     meta.update(format_version=FORMAT_VERSION, mendctl_version=__version__, num_vectors=str(vectors.shape[0]),
                 dtype=str(vectors.dtype).removeprefix("torch."))
-    # A distiller that made nan (say, from a diverged checkpoint) must not leave a file that eval would use.
-    check_tensor(vectors, meta, str(path))
     missing = [k for k in REQUIRED if k not in meta]
     if missing:
         raise ValueError(f"vectors metadata lacks {missing}")
+    return meta
+
+
+def save_vectors(path: Path, vectors: torch.Tensor, metadata: dict) -> None:
+    meta = file_metadata(vectors, metadata)
+    # A distiller that made nan (say, from a diverged checkpoint) must not leave a file that eval would use.
+    check_tensor(vectors, meta, str(path))
     save_safetensors(Path(path), {"vectors": vectors.detach().cpu().contiguous()}, meta)
 
 

@@ -19,7 +19,8 @@ import torch
 from pydantic import ValidationError
 
 from ..core.config import DistillSpec, Recipe, TemplateSpec
-from ..core.vectors import VectorsMismatch
+from ..core.provenance import text_hash
+from ..core.vectors import WEIGHTS_KEY, VectorsMismatch
 from ..evaluation import flops
 from ..models.anchors import anchor_embeddings, set_anchors
 from ..models.distiller import distill
@@ -55,6 +56,19 @@ def recorded(spec: DistillSpec) -> dict:
     """What a vectors file records of refinement(spec): the keys off their defaults."""
     default = refinement(DistillSpec())
     return {k: v for k, v in refinement(spec).items() if v != default[k]}
+
+
+def vectors_metadata(recipe: Recipe, models, distiller_hash: str, template: TemplateSpec, ds, weights: str) -> dict:
+    """What a vectors file records of the set `ds` (a scoring.DemoSet) and of what made its vectors
+    (`distiller_hash` as variants.made_by gives it; `weights`, the LLM weights' fingerprint)."""
+    from .variants import METHOD, method_of  # here, not above: at module level the import chain grows past 9
+
+    return {"backend": recipe.backend, "llm_id": models.llm_id, "llm_config_hash": models.llm_config_hash,
+            WEIGHTS_KEY: weights, "distiller_hash": distiller_hash, "task": ds.task, "seed": ds.seed,
+            "num_demos": len(ds.demos), "demos_hash": text_hash(ds.context), "template": template.model_dump(),
+            # Two anchor modes give different vectors from one untrained distiller (same weights hash).
+            "anchor": recipe.distiller.anchor, **recorded(recipe.distill),
+            METHOD: method_of(refinement(recipe.distill))}
 
 
 def leave_one_out(template: TemplateSpec, demos: list[dict], tokenizer) -> list[tuple[list[int], list[int], list[int]]]:
