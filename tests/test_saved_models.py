@@ -87,7 +87,13 @@ def test_gpt2s_1024_positions_bound_the_recipe_before_any_model_loads(saved, tmp
 
 @pytest.mark.parametrize("backend", ["gpt2", "t5"])
 def test_saved_models_train_in_bf16_then_distill_and_eval(saved, backend, tmp_path, monkeypatch):
+    from accelerate.state import AcceleratorState
+
     import mendctl.commands.train as trainer
+
+    # Accelerate keeps one state per process: an earlier test's run without mixed precision would refuse bf16,
+    # as a second command in one Python process would (each mendctl command runs in a process of its own).
+    AcceleratorState._reset_state(True)
 
     autocast = []
     real = trainer.step_loss

@@ -175,7 +175,7 @@ def _convert_once(gguf_path: Path, fingerprint: str, dtype: str, model_class=Non
         console = Console(stderr=True)
         # A plain line too: the spinner alone leaves no trace in logs or non-terminal output.
         console.print(f"converting {gguf_path.name} to safetensors once, cached at {target}", markup=False)
-        from .fileio import full_disk_said
+        from ..core.fileio import full_disk_said
 
         with console.status(f"converting {gguf_path.name}"), full_disk_said(target.parent):
             _convert(gguf_path, staging, torch_dtype, model_class)
