@@ -85,15 +85,20 @@ def test_gpt2s_1024_positions_bound_the_recipe_before_any_model_loads(saved, tmp
     assert keys("pretrain.max_length=1024") == set()
 
 
-@pytest.mark.parametrize("backend", ["gpt2", "t5"])
-def test_saved_models_train_in_bf16_then_distill_and_eval(saved, backend, tmp_path, monkeypatch):
+@pytest.fixture
+def fresh_accelerate():
+    """Accelerate keeps one state per process: a run without mixed precision before this one would refuse
+    bf16, and this one's bf16 would be refused by the next (each mendctl command runs in its own process)."""
     from accelerate.state import AcceleratorState
 
-    import mendctl.commands.train as trainer
-
-    # Accelerate keeps one state per process: an earlier test's run without mixed precision would refuse bf16,
-    # as a second command in one Python process would (each mendctl command runs in a process of its own).
     AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)
+
+
+@pytest.mark.parametrize("backend", ["gpt2", "t5"])
+def test_saved_models_train_in_bf16_then_distill_and_eval(saved, backend, tmp_path, monkeypatch, fresh_accelerate):
+    import mendctl.commands.train as trainer
 
     autocast = []
     real = trainer.step_loss
