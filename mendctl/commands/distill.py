@@ -12,7 +12,7 @@ from ..core.config import Recipe
 from ..core.provenance import weights_fingerprint
 from ..core.registry import get_backend
 from ..core.vectors import (WEIGHTS_KEY, BadVectors, VectorsMismatch, as_metadata, check_tensor, load_vectors,
-                            read_metadata, save_vectors, weights_match)
+                            save_vectors, weights_match)
 from ..data.workspace import vectors_path
 from ..evaluation.scoring import demo_sets
 from ..training.refine import refinement, refinement_of, set_vectors, vectors_metadata

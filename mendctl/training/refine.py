@@ -12,7 +12,6 @@ vectors fitted to each set alone, a per-set prompt tuning.
 from __future__ import annotations
 
 import json
-
 from collections.abc import Iterator
 
 import torch
