@@ -54,20 +54,20 @@ def check_queries(queries, what: str = "queries") -> list[dict]:
     return _check(queries, what, "queries", ("input",))
 
 
-def read_demos(path: str | Path) -> list[dict]:
+def _read(path: str | Path, what: str, check) -> list[dict]:
     path = Path(path)
     rows = read_jsonl(path)
     if not rows:
-        raise DataError(f"{path}: no demonstrations (an empty file)")
-    return check_demos(rows, str(path))
+        raise DataError(f"{path}: no {what} (an empty file)")
+    return check(rows, str(path))
+
+
+def read_demos(path: str | Path) -> list[dict]:
+    return _read(path, "demonstrations", check_demos)
 
 
 def read_queries(path: str | Path) -> list[dict]:
-    path = Path(path)
-    rows = read_jsonl(path)
-    if not rows:
-        raise DataError(f"{path}: no queries (an empty file)")
-    return check_queries(rows, str(path))
+    return _read(path, "queries", check_queries)
 
 
 def public(row: dict) -> dict:
