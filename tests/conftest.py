@@ -29,6 +29,8 @@ def _private_cache(request, tmp_path_factory, monkeypatch):
     # Tests must not share (or pollute) the user's teacher cache; the real model still lives in the real one.
     if "real_model" not in request.keywords:
         monkeypatch.setenv("MENDCTL_CACHE", str(tmp_path_factory.mktemp("cache")))
+        # Nor the machine's BIG-bench copy: the tests of fetching decide where it comes from.
+        monkeypatch.delenv("MENDCTL_BIGBENCH", raising=False)
 
 
 @pytest.fixture(autouse=True, scope="module")

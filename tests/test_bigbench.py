@@ -414,3 +414,14 @@ def test_a_task_the_conversion_skips_is_named_with_the_reason(src, tmp_path):
     with pytest.raises(DataError, match=r"empty_16384_100_train.jsonl: the BIG-bench conversion wrote no such "
                                         r"file.*empty: "):
         prepare(recipe, "finetune", console=_console())
+
+
+def test_fetch_takes_the_copy_named_by_the_environment_without_pip(tmp_path, monkeypatch):
+    local = tmp_path / "bigbench"
+    local.mkdir()
+    monkeypatch.setattr(bigbench.subprocess, "run", lambda *a, **kw: pytest.fail("pip ran despite a local copy"))
+    monkeypatch.setenv("MENDCTL_BIGBENCH", str(local))
+    assert fetch_bigbench(tmp_path / "cache") == local
+    monkeypatch.setenv("MENDCTL_BIGBENCH", str(tmp_path / "absent"))
+    with pytest.raises(bigbench.FetchError, match="MENDCTL_BIGBENCH=.*absent: no such file"):
+        fetch_bigbench(tmp_path / "cache")

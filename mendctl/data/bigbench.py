@@ -441,12 +441,22 @@ def _run_old_pip(args: list[str], cache_dir: Path) -> subprocess.CompletedProces
     return subprocess.run([sys.executable, str(wheel / "pip"), *args], capture_output=True, text=True)
 
 
+LOCAL_ENV = "MENDCTL_BIGBENCH"
+
+
 def fetch_bigbench(cache_dir: Path) -> Path:
     """Return the path of the BIG-bench sdist in ``cache_dir``, downloading it if absent.
 
     Runs ``pip download --no-deps bigbench==1.0.0`` (the package is never installed).
     Raises ``FetchError`` with pip's output when the download fails.
+    Where the environment variable ``MENDCTL_BIGBENCH`` names a copy already on disk (a folder of
+    task.json files or the sdist tarball) that copy is returned and nothing is downloaded: a machine
+    whose package index lacks the sdist still runs every recipe that says ``fetch``.
     """
+    if local := os.environ.get(LOCAL_ENV):
+        if not Path(local).exists():
+            raise FetchError(f"{LOCAL_ENV}={local}: no such file or folder (a BIG-bench task folder or the sdist)")
+        return Path(local)
     cache_dir = Path(cache_dir)
     tarball = cache_dir / SDIST_NAME
     if tarball.is_file():
@@ -460,7 +470,8 @@ def fetch_bigbench(cache_dir: Path) -> Path:
         result = _run_old_pip(args, cache_dir)
     if result.returncode != 0:
         message = (result.stderr or result.stdout).strip()
-        raise FetchError(f"pip download of bigbench=={BIGBENCH_VERSION} failed:\n{message}")
+        raise FetchError(f"pip download of bigbench=={BIGBENCH_VERSION} failed:\n{message}\n"
+                         f"(a copy already on disk, a task folder or the sdist, serves in its place: {LOCAL_ENV}=PATH)")
     if not tarball.is_file():
         present = sorted(p.name for p in cache_dir.iterdir())
         raise RuntimeError(

@@ -8,6 +8,7 @@ nothing.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from rich.console import Console
@@ -64,10 +65,10 @@ def bigbench_source(recipe: Recipe, console: Console) -> Path:
     if src != "fetch":
         return Path(src)
     from ..models.model_sources import cache_dir
-    from .bigbench import SDIST_NAME, BIGBENCH_VERSION, fetch_bigbench
+    from .bigbench import LOCAL_ENV, SDIST_NAME, BIGBENCH_VERSION, fetch_bigbench
 
     folder = cache_dir() / "bigbench"
-    if not (folder / SDIST_NAME).is_file():
+    if not (folder / SDIST_NAME).is_file() and not os.environ.get(LOCAL_ENV):
         console.print(f"fetching BIG-bench: pip download --no-deps bigbench=={BIGBENCH_VERSION} into {folder} (once)",
                       markup=False)
     return fetch_bigbench(folder)
