@@ -62,6 +62,21 @@ def test_refining_lowers_the_kl_to_icl_on_the_demonstrations_and_leaves_the_llm_
     assert refine_flops(config, recipe.num_vectors, ds.demos, template, tok, 0, ed, models.gated_mlp) == 0
 
 
+def test_a_fit_on_fewer_episodes_reads_only_the_first_ones_each_with_all_the_others(tiny, monkeypatch):
+    recipe = tiny("llama")
+    models, template = get_backend("llama").build(recipe), get_backend("llama").template(recipe)
+    llm, tok = models.llm, models.llm_tokenizer
+    ds = demo_sets(recipe, template, tok)[0]
+    prefixes, real = [], llm.option_losses
+    monkeypatch.setattr(llm, "option_losses", lambda p, x, o: prefixes.append(p.shape[0]) or real(p, x, o))
+    start = torch.randn(recipe.num_vectors, llm.hidden_size) * 0.1
+    fitted = refine(llm, start, ds.demos, template, tok, 3, 1e-2, on="options", ce_weight=0.1, episodes=2)
+    contexts = [len(c) for c, _, _ in leave_one_out(template, ds.demos, tok)[:2]]
+    # the teacher on the first two episodes (their whole leave-one-out contexts), then the student on those two a step
+    assert prefixes == contexts + [recipe.num_vectors] * 2 * 3 and len(ds.demos) > 2
+    assert not torch.equal(fitted, refine(llm, start, ds.demos, template, tok, 3, 1e-2, on="options", ce_weight=0.1))
+
+
 def test_distill_and_eval_refine_record_it_and_count_its_cost(tmp_path):
     out = tmp_path / "run"
     base = ["recipes/tiny/llama.yaml", f"output_dir={out}"]

@@ -91,23 +91,26 @@ def demo_options(template: TemplateSpec, demos: list[dict], tokenizer) -> list[l
 
 
 def refine(llm, vectors: torch.Tensor, demos: list[dict], template: TemplateSpec, tokenizer, steps: int,
-           lr: float, on: str = "tokens", ce_weight: float = 0.0, after_step=None) -> torch.Tensor:
+           lr: float, on: str = "tokens", ce_weight: float = 0.0, after_step=None,
+           episodes: int | None = None) -> torch.Tensor:
     """`vectors` [K, d] after `steps` Adam steps on the KL to ICL over the demonstrations' episodes,
     `on` their next-token distributions ("tokens") or their distributions over the options ("options"),
     plus (options only) `ce_weight` times the mean token loss of each demonstration's own label.
-    `after_step(n, vectors)`, when given, sees the vectors after each step n (a curve over steps in one run)."""
+    `after_step(n, vectors)`, when given, sees the vectors after each step n (a curve over steps in one run).
+    `episodes`: only the first that many demonstrations' episodes (each still with all the others as its
+    context), a cheaper fit at the cost of fewer queries to fit on."""
     if steps == 0 or len(demos) < 2:  # one demonstration leaves no context to learn from
         return vectors
     as_t = lambda ids: torch.tensor(ids, dtype=torch.long, device=llm.device)  # noqa: E731
-    ctxs, xs, ys = zip(*leave_one_out(template, demos, tokenizer))
+    ctxs, xs, ys = zip(*leave_one_out(template, demos, tokenizer)[:episodes])
     xs, ys, prefixes = [as_t(x) for x in xs], [as_t(y) for y in ys], [llm.embed(as_t(c)) for c in ctxs]
     if on == "options":
-        options = [[as_t(o) for o in opts] for opts in demo_options(template, demos, tokenizer)]
+        options = [[as_t(o) for o in opts] for opts in demo_options(template, demos, tokenizer)[:episodes]]
         kl = OptionKL()
         with torch.no_grad():
             teacher = [llm.option_losses(p, x, o) for p, x, o in zip(prefixes, xs, options)]
         student = lambda v: [llm.option_losses(v, x, o) for x, o in zip(xs, options)]  # noqa: E731
-        golds = [_option_texts(d).index(d["output"]) for d in demos] if ce_weight else []
+        golds = [_option_texts(d).index(d["output"]) for d in demos[:episodes]] if ce_weight else []
     else:
         kl = ForwardKL()
         with torch.no_grad():
