@@ -18,18 +18,13 @@ Anchors", EMNLP 2023). Options are scored as eval scores them (mean per-token lo
 (mean over sets, then tasks) and agreement with ICL, beside zero-shot, ICL and icl-truncated. A causal
 LLM only. Nothing is trained; no test task is read.
 """
-import json
 import statistics
 
 import torch
-import torch.nn.functional as F
-from recipe_args import build, parser
+from recipe_args import MethodTable, baseline_runs, build, parser
 
-from mendctl.core.provenance import stamp
 from mendctl.data.workspace import data_dir
-from mendctl.evaluation import metrics
-from mendctl.evaluation.scoring import demo_set, predicted, query_set, score
-from mendctl.models.padding import pad
+from mendctl.evaluation.scoring import demo_set, query_set
 from mendctl.models.render import _fill, context_ids
 
 
@@ -94,32 +89,10 @@ def kv_predictions(llm, ids: list[int], keep: list[int], qs, compact: bool = Fal
         out = base(inputs_embeds=llm.embed(x)[None], attention_mask=torch.ones(1, n + x.shape[0], dtype=torch.long,
                    device=x.device), position_ids=pos, cache=cache, use_cache=True)
         options = [torch.tensor(o, dtype=torch.long, device=llm.device) for o in q.options]
-        losses = options_after(llm, out.cache, n + x.shape[0], start + x.shape[0], out.last_hidden_state[:, -1], options)
+        losses = llm._options_after(out.cache, n + x.shape[0], out.last_hidden_state[:, -1], options,
+                                    start=start + x.shape[0])
         preds.append(int(losses.argmin()))
     return preds
-
-
-def options_after(llm, cache, c: int, p: int, last, options):
-    """FrozenLM._options_after with the options at positions from `p` while the cache holds `c`."""
-    first = F.log_softmax(llm.head(last), -1)[0]
-    loss_sum = torch.stack([-first[o[0]] for o in options])
-    lengths = torch.tensor([o.shape[0] for o in options], device=last.device)
-    longer = [i for i, o in enumerate(options) if o.shape[0] > 1]
-    if longer:
-        ids, mask = pad([options[i][:-1] for i in longer], llm.pad_token_id)
-        nexts, _ = pad([options[i][1:] for i in longer], llm.pad_token_id)
-        n = len(longer)
-        if n > 1:
-            cache.batch_repeat_interleave(n)
-        full_mask = torch.cat([mask.new_ones(n, c), mask], dim=1)
-        pos = (p + torch.arange(ids.shape[1], device=ids.device)).unsqueeze(0).expand(n, -1)
-        hidden = llm._base()(inputs_embeds=llm.embed(ids), attention_mask=full_mask, position_ids=pos,
-                             cache=cache).last_hidden_state
-        rows, cols = torch.nonzero(mask, as_tuple=True)
-        logp = F.log_softmax(llm.head(hidden[rows, cols]), -1)
-        tok_loss = -logp.gather(1, nexts[rows, cols].unsqueeze(1)).squeeze(1)
-        loss_sum = loss_sum.index_add(0, torch.tensor(longer, device=rows.device)[rows], tok_loss)
-    return loss_sum / lengths
 
 
 def main() -> None:
@@ -133,42 +106,22 @@ def main() -> None:
     llm, tok, root, k = models.llm, models.llm_tokenizer, data_dir(recipe), recipe.tasks.k
     tasks = args.tasks.split(",") if args.tasks else recipe.tasks.validation
     modes = args.modes.split(",")
-    per_task: dict[str, dict[str, list[float]]] = {}
-    agree: dict[str, list[float]] = {}
-    kept: dict[str, list[int]] = {}
+    table, kept = MethodTable(), {}
     for task in tasks:
-        f1s = per_task.setdefault(task, {})
         for seed in recipe.tasks.seeds[: args.sets]:
             ds = demo_set(root, task, k, seed, template, tok)
             qs = query_set(root, ds, k, template, tok, args.queries)
             ids = context_ids(template, ds.context, tok)
-            runs = {}
-            with torch.no_grad():
-                for method in ("zero-shot", "icl", "icl-truncated"):
-                    pre = [] if method == "zero-shot" else ids[-recipe.num_vectors:] if method == "icl-truncated" else ids
-                    runs[method] = score(llm, llm.embed(torch.tensor(pre, dtype=torch.long, device=llm.device)), qs,
-                                         models.gated_mlp).predictions
+            runs = baseline_runs(recipe, models, template, qs)
             for mode in modes:
                 name, compact = mode.removesuffix("@compact"), mode.endswith("@compact")
                 keep = positions(template, tok, ds.context, ds.demos, name, recipe.num_vectors, llm.bos_len)
                 kept.setdefault(mode, []).append(len(keep))
                 runs[mode] = kv_predictions(llm, ids, keep, qs, compact)
-            for name, preds in runs.items():
-                f1s.setdefault(name, []).append(metrics.macro_f1(predicted(preds, qs), qs.golds))
-                agree.setdefault(name, []).append(metrics.agreement(runs["icl"], preds))
-            print(task, seed, {n: round(100 * v[-1], 1) for n, v in f1s.items()}, flush=True)
-        summary = {n: statistics.fmean(statistics.fmean(per_task[t][n]) for t in per_task) for n in f1s}
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({
-            "recipe": args.recipe, "overrides": args.set, "queries": args.queries, "sets": args.sets,
-            "macro_f1": summary, "agreement_with_icl": {n: statistics.fmean(v) for n, v in agree.items()},
-            "positions_kept": {m: statistics.fmean(v) for m, v in kept.items()},
-            "per_task": per_task, **stamp()}, indent=2) + "\n")
-    print("| method | macro-F1 | agreement with ICL |")
-    print("|---|---|---|")
-    for n in summary:
-        print(f"| {n} | {100 * summary[n]:.1f} | {statistics.fmean(agree[n]):.2f} |")
-
+            table.add(qs, runs)
+        table.write(args.out, recipe=args.recipe, overrides=args.set, queries=args.queries, sets=args.sets,
+                    positions_kept={m: statistics.fmean(v) for m, v in kept.items()})
+    table.print()
 
 if __name__ == "__main__":
     main()

@@ -12,17 +12,12 @@ its last position, as eval scores options (mean per-token loss). Reported per la
 over sets, then tasks), agreement with ICL; beside zero-shot, ICL and icl-truncated. A causal LLM
 only. Nothing is trained; no test task is read.
 """
-import json
-import statistics
-
 import torch
-from recipe_args import build, parser
+from recipe_args import MethodTable, baseline_runs, build, parser
 
-from mendctl.evaluation import metrics
-from mendctl.core.provenance import stamp
-from mendctl.models.render import context_ids, render_context, render_query
-from mendctl.evaluation.scoring import demo_set, predicted, query_set, score
 from mendctl.data.workspace import data_dir
+from mendctl.evaluation.scoring import demo_set, query_set
+from mendctl.models.render import context_ids, render_context, render_query
 
 
 class Patch:
@@ -84,40 +79,21 @@ def main() -> None:
     recipe, models, template = build(args, "eval")
     llm, tok, root, k = models.llm, models.llm_tokenizer, data_dir(recipe), recipe.tasks.k
     patch = Patch(llm._base().layers, args.mode)
-    per_task: dict[str, dict[str, list[float]]] = {}
-    agree: dict[str, list[float]] = {}
+    table = MethodTable()
     for task in recipe.tasks.validation:
-        f1s = per_task.setdefault(task, {})
         for seed in recipe.tasks.seeds[: args.sets]:
             ds = demo_set(root, task, k, seed, template, tok)
             qs = query_set(root, ds, k, template, tok, args.queries)
+            runs = baseline_runs(recipe, models, template, qs)
             with torch.no_grad():
-                runs = {}
-                for method in ("zero-shot", "icl", "icl-truncated"):
-                    ids = context_ids(template, ds.context, tok) if method != "zero-shot" else []
-                    ids = ids[-recipe.num_vectors:] if method == "icl-truncated" else ids
-                    runs[method] = score(llm, llm.embed(torch.tensor(ids, dtype=torch.long, device=llm.device)), qs,
-                                         models.gated_mlp).predictions
                 vectors = task_vectors(llm, template, ds.demos, tok, layers)
             for l in layers:
                 patch.layer, patch.vector = l, vectors[l]
                 runs[f"layer{l}"] = patched_predictions(llm, qs, patch)
-            for name, preds in runs.items():
-                f1s.setdefault(name, []).append(metrics.macro_f1(predicted(preds, qs), qs.golds))
-                agree.setdefault(name, []).append(metrics.agreement(runs["icl"], preds))
-            print(task, seed, {n: round(100 * v[-1], 1) for n, v in f1s.items()}, flush=True)
-        summary = {n: statistics.fmean(statistics.fmean(per_task[t][n]) for t in per_task) for n in f1s}
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({
-            "recipe": args.recipe, "overrides": args.set, "mode": args.mode, "queries": args.queries,
-            "sets": args.sets, "layers": layers, "macro_f1": summary,
-            "agreement_with_icl": {n: statistics.fmean(v) for n, v in agree.items()},
-            "per_task": per_task, **stamp()}, indent=2) + "\n")
-    print("| method | macro-F1 | agreement with ICL |")
-    print("|---|---|---|")
-    for n in summary:
-        print(f"| {n} | {100 * summary[n]:.1f} | {statistics.fmean(agree[n]):.2f} |")
-
+            table.add(qs, runs)
+        table.write(args.out, recipe=args.recipe, overrides=args.set, mode=args.mode, queries=args.queries,
+                    sets=args.sets, layers=layers)
+    table.print()
 
 if __name__ == "__main__":
     main()

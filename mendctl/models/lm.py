@@ -285,9 +285,11 @@ class CausalLM(FrozenLM):
         out = self._base()(inputs_embeds=ctx, use_cache=True)
         return self._options_after(out.cache, ctx.shape[1], out.last_hidden_state[:, -1], options)
 
-    def _options_after(self, cache, c: int, last: torch.Tensor, options: list[torch.Tensor]) -> torch.Tensor:
+    def _options_after(self, cache, c: int, last: torch.Tensor, options: list[torch.Tensor],
+                       start: int | None = None) -> torch.Tensor:
         """The options' mean losses after a context of `c` positions: its keys and values in `cache`
-        (consumed), `last` [1, d] the hidden state of its last position."""
+        (consumed), `last` [1, d] the hidden state of its last position. `start`: the position the
+        options begin at where it is not `c` (a cache that kept only some of a longer context's positions)."""
         first = F.log_softmax(self.head(last), -1)[0]
         loss_sum = torch.stack([-first[o[0]] for o in options])
         lengths = torch.tensor([o.shape[0] for o in options], device=last.device)
@@ -302,7 +304,8 @@ class CausalLM(FrozenLM):
             if n > 1:
                 cache.batch_repeat_interleave(n)
             full_mask = torch.cat([mask.new_ones(n, c), mask], dim=1)
-            pos = (c + torch.arange(ids.shape[1], device=ids.device)).unsqueeze(0).expand(n, -1)
+            first_pos = c if start is None else start
+            pos = (first_pos + torch.arange(ids.shape[1], device=ids.device)).unsqueeze(0).expand(n, -1)
             hidden = self._base()(inputs_embeds=self.embed(ids), attention_mask=full_mask, position_ids=pos,
                                   cache=cache).last_hidden_state
             # Token j + 1 of an option is predicted from its hidden[j]; only those rows reach the head.
