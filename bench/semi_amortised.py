@@ -5,7 +5,7 @@ trained distiller's vectors and from the anchors alone.
 
 The recipe's trained distiller (distill.checkpoint, or the finetune output `mendctl distill` would
 load) makes each validation set's vectors in one pass; the anchors are the vectors an untrained
-distiller starts from. From each start, one run of `refine` (the recipe's distill.refine_on,
+distiller starts from (with distill.refine_from: anchors, the anchors alone, and no distiller is needed). From each start, one run of `refine` (the recipe's distill.refine_on,
 refine_lr and refine_ce_weight) on the set's own demonstrations is read at every listed step, so
 the curve costs the largest step once. Each point is scored as the learning curves score a distiller
 (finetune.eval_sets sets a task, finetune.eval_queries queries a set): macro-F1, agreement with ICL
@@ -42,8 +42,11 @@ def main() -> None:
     spec, tok, llm, ft = recipe.distill, models.llm_tokenizer, models.llm, recipe.finetune
     validation = Validation(recipe, models, template, ft.eval_queries, ft.eval_sets)
     demos = [qs.demos for qs in validation.sets]
-    starts = {"distiller": distill(models, validation.contexts, recipe.distiller.max_length, spec.batch_size,
-                                   validation.anchors)}
+    # A recipe that fits from the anchors (distill.refine_from: anchors) has no distiller start: its curve is
+    # the anchors' alone, with no trained distiller needed (the fitted ceiling at a recipe's num_vectors).
+    starts = {} if spec.refine_from == "anchors" else {
+        "distiller": distill(models, validation.contexts, recipe.distiller.max_length, spec.batch_size,
+                             validation.anchors)}
     if validation.anchors is not None:  # a distiller with no anchor has no untrained start to fit from
         starts["anchors"] = list(anchor_embeddings(llm, validation.anchors, recipe.num_vectors))
     llm_config, d = llm.model.config, models.distiller
