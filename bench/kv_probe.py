@@ -123,5 +123,6 @@ def main() -> None:
                     positions_kept={m: statistics.fmean(v) for m, v in kept.items()})
     table.print()
 
+
 if __name__ == "__main__":
     main()

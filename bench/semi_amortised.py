@@ -5,7 +5,8 @@ trained distiller's vectors and from the anchors alone.
 
 The recipe's trained distiller (distill.checkpoint, or the finetune output `mendctl distill` would
 load) makes each validation set's vectors in one pass; the anchors are the vectors an untrained
-distiller starts from (with distill.refine_from: anchors, the anchors alone, and no distiller is needed). From each start, one run of `refine` (the recipe's distill.refine_on,
+distiller starts from (with distill.refine_from: anchors, the anchors alone, and no distiller is
+needed). From each start, one run of `refine` (the recipe's distill.refine_on,
 refine_lr and refine_ce_weight) on the set's own demonstrations is read at every listed step, so
 the curve costs the largest step once. Each point is scored as the learning curves score a distiller
 (finetune.eval_sets sets a task, finetune.eval_queries queries a set): macro-F1, agreement with ICL

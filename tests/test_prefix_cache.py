@@ -224,8 +224,9 @@ def test_options_scored_after_a_cache_at_shifted_positions_take_their_start_from
     # the options continue from where the context and query really sit (start), not from the cache's length.
     torch.manual_seed(0)
     # weights large enough that attention depends on position at all (the default init attends nearly uniformly)
-    config = LlamaConfig(vocab_size=100, hidden_size=D, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.5)
+    config = LlamaConfig(vocab_size=100, hidden_size=D, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         initializer_range=0.5)
     lm, gen = CausalLM(LlamaForCausalLM(config), pad_token_id=0), torch.Generator().manual_seed(0)
     prefix, x = torch.randn(7, D, generator=gen), torch.randint(3, 100, (3,), generator=gen)
     options = [torch.randint(3, 100, (n,), generator=gen) for n in (1, 4, 2)]
@@ -234,9 +235,10 @@ def test_options_scored_after_a_cache_at_shifted_positions_take_their_start_from
         want = lm.option_losses(prefix, x, options)
 
         def shifted(start):
-            cache = lm._base()(inputs_embeds=prefix[None], position_ids=(s + torch.arange(c))[None], use_cache=True).cache
-            out = lm._base()(inputs_embeds=lm.embed(x)[None], attention_mask=torch.ones(1, c + len(x), dtype=torch.long),
-                             position_ids=(s + c + torch.arange(len(x)))[None], cache=cache, use_cache=True)
+            base = lm._base()
+            cache = base(inputs_embeds=prefix[None], position_ids=(s + torch.arange(c))[None], use_cache=True).cache
+            out = base(inputs_embeds=lm.embed(x)[None], attention_mask=torch.ones(1, c + len(x), dtype=torch.long),
+                       position_ids=(s + c + torch.arange(len(x)))[None], cache=cache, use_cache=True)
             return lm._options_after(out.cache, c + len(x), out.last_hidden_state[:, -1], options, start=start)
 
         torch.testing.assert_close(shifted(s + c + len(x)), want, rtol=1e-4, atol=1e-4)
