@@ -70,6 +70,19 @@ def test_kl_falls_on_a_tiny_overfit_set_and_llm_stays_bit_identical(backend, tin
     assert sum(kl[-5:]) / 5 < 0.6 * kl[0], kl
 
 
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_lr_warms_up_then_decays_to_zero_by_the_chosen_schedule(schedule, tiny):
+    import math
+
+    recipe = tiny("gpt2", "pretrain.steps=6", "pretrain.warmup_steps=2", "pretrain.lr=1e-3",
+                  f"pretrain.lr_schedule={schedule}")
+    train(recipe, "pretrain", console=QUIET)
+    # A record holds the lr of the step after it: the schedule's value after `step` scheduler steps.
+    decay = {"linear": lambda t: 1 - t, "cosine": lambda t: 0.5 * (1 + math.cos(math.pi * t))}[schedule]
+    expected = [1e-3 * (s / 2 if s < 2 else decay((s - 2) / 4)) for s in range(1, 7)]
+    assert [m["lr"] for m in metrics(recipe.output_dir, "pretrain")] == pytest.approx(expected, abs=1e-12)
+
+
 # gpt2 computes its teacher every step; llama reads it from the cache and trains LoRA adapters (dropout on, so
 # the RNG matters) on the LLM's own shared layers, its checkpoints holding only the adapters.
 @pytest.mark.parametrize("recipe,extra", [("gpt2", ["finetune.teacher_cache=false"]),

@@ -273,6 +273,8 @@ class TrainSpec(Strict):
     lr: Float = Field(gt=0)
     weight_decay: Float = Field(0.0, ge=0)
     warmup_steps: Int = Field(0, ge=0)
+    lr_schedule: Literal["linear", "cosine"] = Field(
+        "linear", description="the decay after warm-up, to 0 at the last step: linear or half a cosine")
     max_grad_norm: Float | None = Field(1.0, gt=0)
     temperature: Float = Field(1.0, gt=0)
     teacher_cache: Bool = Field(True, description="reuse the teacher's top-k distributions across runs (cache_dir()/teacher)")
