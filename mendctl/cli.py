@@ -439,7 +439,9 @@ def data() -> None:
 @click.option("--tasks", help="Comma-separated task names (default: all).")
 @click.option("--fetch", is_flag=True, help="Download the bigbench==1.0.0 sdist with pip into the cache and use it as SRC.")
 @click.option("--k", default=DEFAULT_K, show_default=True, help="Demonstrations per train/dev split.")
-def data_bigbench(paths: tuple[str, ...], tasks: str | None, fetch: bool, k: int) -> None:
+@click.option("--per-example-options", is_flag=True,
+              help="Keep examples whose options differ from their task's first, each with its own options.")
+def data_bigbench(paths: tuple[str, ...], tasks: str | None, fetch: bool, k: int, per_example_options: bool) -> None:
     """Convert BIG-bench task files (a folder, or the sdist tarball) into the MetaICL layout in OUT.
 
     `mendctl data bigbench SRC OUT`, or `mendctl data bigbench --fetch OUT`.
@@ -453,7 +455,7 @@ def data_bigbench(paths: tuple[str, ...], tasks: str | None, fetch: bool, k: int
         raise UserError(f"SRC does not exist: {paths[0]}")
     source = _run(fetch_bigbench, cache_dir() / "bigbench") if fetch else Path(paths[0])
     report = _run(convert_bigbench, source, Path(paths[-1]), tasks=tasks.split(",") if tasks else None, k=k,
-                  progress=True, lock=Path(paths[-1]))
+                  progress=True, per_example_options=per_example_options, lock=Path(paths[-1]))
     console.print(report.summary(), markup=False)
 
 

@@ -244,6 +244,25 @@ def test_remapped_episodes_replace_each_label_by_one_word_in_demonstrations_and_
     assert 8 < changed < 32
 
 
+def test_remapping_leaves_an_episode_whose_demonstrations_answer_from_other_options(tiny, tmp_path):
+    root = tmp_path / "tasks"
+    shutil.copytree("data/tiny/tasks", root)
+    (root / "tiny_quiz").mkdir()
+    # every question its own two answers (a converted task with bigbench_options: per_example)
+    rows = [{"input": f"q{i}", "output": f"a{i}", "options": [f"a{i}", f"b{i}"]} for i in range(30)]
+    (root / "tiny_quiz" / "tiny_quiz_16384_100_train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = tiny("llama", f"tasks.data_dir={root}", "finetune.remap_labels=1")
+    models = get_backend("llama").build(recipe)
+    episodes = _examples(recipe, models, ["tiny_quiz"])
+    tok = models.llm_tokenizer
+    for position in range(6):
+        e = episodes.get(position)
+        n = int(tok.decode(e.x).strip()[1:])
+        assert tok.decode(e.y).strip() == f"a{n}"  # the row's own answer, not a word
+        assert {tok.decode(o).strip() for o in e.options} == {f"a{n}", f"b{n}"}
+        assert all(line.rsplit(" ", 1)[1] == "a" + line.split()[0][1:] for line in e.distiller_text.split("\n"))
+
+
 def test_all_train_tasks_take_every_classification_task_but_the_test_ones(tiny, tmp_path):
     root = tmp_path / "tasks"
     shutil.copytree("data/tiny/tasks", root)

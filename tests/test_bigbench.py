@@ -181,6 +181,29 @@ def test_skip_counts_are_exact(src, tmp_path):
     assert "2 tasks converted, 2 skipped" in summary
 
 
+def test_per_example_options_keep_each_example_with_its_own(src, tmp_path):
+    report = _convert(src, tmp_path / "out", per_example_options=True)
+    assert report.tasks["alpha"]["written"] == N_ALPHA + 3 and report.tasks["alpha"]["skipped_option_set"] == 0
+    d = tmp_path / "out" / "alpha"
+    every = _read(d / "alpha_16384_100_train.jsonl") + _read(d / f"alpha_{K}_100_test.jsonl")
+    options = {r["input"]: r["options"] for r in every}
+    assert [options[f"alpha other options {i}"] for i in range(3)] == [["yes", "no", "maybe"]] * 3
+    assert all(o == ["yes", "no"] for i, o in options.items() if "other options" not in i)
+    fixed = tmp_path / "fixed"
+    _convert(src, fixed)
+    from click.testing import CliRunner
+    from mendctl.cli import cli
+
+    result = CliRunner().invoke(cli, ["data", "bigbench", str(src), str(tmp_path / "cli"), f"--k={K}",
+                                      "--tasks=alpha", "--per-example-options"])
+    assert result.exit_code == 0, result.output
+    kept = _read(tmp_path / "cli" / "alpha" / "alpha_16384_100_train.jsonl") + _read(
+        tmp_path / "cli" / "alpha" / f"alpha_{K}_100_test.jsonl")
+    assert sum(r["options"] == ["yes", "no", "maybe"] for r in kept) == 3
+    # a task whose examples share their options comes out byte for byte as before
+    assert _tree(tmp_path / "out" / "group-sub") == _tree(fixed / "group-sub")
+
+
 def test_small_task_test_split_shrinks(src, tmp_path):
     report = convert_bigbench(
         src, tmp_path / "out", tasks=["alpha"], k=K, seeds=SEEDS, test_size=1000
@@ -355,6 +378,24 @@ def test_a_recipe_training_on_all_tasks_converts_every_task_once(src, tmp_path, 
     assert asked[1:] == [None] and (out / ".all-tasks-converted").is_file()  # every task, once
     prepare(everything, "finetune", console=_console())
     assert len(asked) == 2
+
+
+def test_per_example_options_convert_into_a_folder_of_their_own(src, tmp_path):
+    from mendctl.core.config import RecipeError
+    from mendctl.data.prepare import prepare
+    from mendctl.data.workspace import data_dir
+
+    fixed = _recipe(tmp_path, src, "tasks.seeds=[100]")
+    varied = _recipe(tmp_path, src, "tasks.seeds=[100]", "tasks.bigbench_options=per_example")
+    for recipe in (fixed, varied):
+        prepare(recipe, "finetune", console=_console())
+    assert data_dir(varied) == tmp_path / "run" / "data-per-example-options" != data_dir(fixed)
+    counts = {len(r["options"]) for r in _read(data_dir(varied) / "alpha" / "alpha_16384_100_train.jsonl")
+              + _read(data_dir(varied) / "alpha" / f"alpha_{K}_100_test.jsonl")}
+    assert counts == {2, 3}
+    assert {len(r["options"]) for r in _read(data_dir(fixed) / "alpha" / "alpha_16384_100_train.jsonl")} == {2}
+    with pytest.raises(RecipeError, match="bigbench_options"):
+        _recipe(tmp_path, src, "tasks.bigbench=null", f"tasks.data_dir={tmp_path}", "tasks.bigbench_options=per_example")
 
 
 def test_stage1_passages_leave_out_the_validation_tasks_too(src, tmp_path):

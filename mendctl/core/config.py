@@ -205,6 +205,9 @@ class TasksSpec(Strict):
     data_dir: ExistingPath | None = None
     bigbench: Literal["fetch"] | ExistingPath | None = Field(
         None, description="convert BIG-bench into output_dir/data first: a task directory, the sdist, or 'fetch'")
+    bigbench_options: Literal["fixed", "per_example"] = Field(
+        "fixed", description="fixed: keep a task's examples whose options are its first example's; per_example: "
+        "keep every multiple-choice example with its own options (converted into output_dir/data-per-example-options)")
     partition: str
     k: Int = Field(DEFAULT_K, ge=1)
     seeds: list[Int] = Field(default_factory=lambda: list(DEFAULT_SEEDS), min_length=1)
@@ -215,6 +218,8 @@ class TasksSpec(Strict):
     def _one_source(self) -> "TasksSpec":
         if (self.data_dir is None) == (self.bigbench is None):
             raise ValueError("set exactly one of data_dir, bigbench")
+        if self.bigbench is None and self.bigbench_options != "fixed":
+            raise ValueError("bigbench_options chooses how tasks.bigbench is converted; tasks.data_dir is read as it is")
         return self
 
     @model_validator(mode="after")

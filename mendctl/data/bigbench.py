@@ -20,6 +20,10 @@ their option set differs, when they have no unique gold option (no positive maxi
 a tie at the maximum), or when their input repeats an earlier example's input (so a test input
 can never also be a demonstration). Inputs are used as written (whitespace-stripped), without
 BIG-bench's task prefix or appended choices.
+
+With ``per_example_options`` an example whose option set differs is kept with its own options
+(in its ``target_scores`` order) instead: the tasks whose every question has its own answers
+(147 of the sdist's 320 multiple-choice tasks) become usable as meta-train data.
 """
 
 from __future__ import annotations
@@ -157,6 +161,7 @@ def _resolve_names(requested: Iterable[str], available: Iterable[str], what: str
 class _Example:
     input: str
     output: str
+    options: list[str]
 
 
 @dataclass
@@ -188,7 +193,7 @@ def _task_json(raw: bytes, where: str) -> dict[str, Any]:
     return data
 
 
-def _usable_examples(data: dict[str, Any]) -> _TaskExamples:
+def _usable_examples(data: dict[str, Any], per_example_options: bool = False) -> _TaskExamples:
     multiple_choice = [
         ex
         for ex in data.get("examples", [])
@@ -199,7 +204,7 @@ def _usable_examples(data: dict[str, Any]) -> _TaskExamples:
     seen_inputs: set[str] = set()
     for ex in multiple_choice:
         scores = ex["target_scores"]
-        if set(scores) != set(options):
+        if set(scores) != set(options) and not per_example_options:
             result.skipped_option_set += 1
             continue
         gold = _unique_gold(scores)
@@ -211,7 +216,9 @@ def _usable_examples(data: dict[str, Any]) -> _TaskExamples:
             result.skipped_duplicate += 1
             continue
         seen_inputs.add(text)
-        result.examples.append(_Example(text, gold))
+        # The task's order where the set is the task's: one label order for every line, as before.
+        own = options if set(scores) == set(options) else list(scores)
+        result.examples.append(_Example(text, gold, own))
     return result
 
 
@@ -237,13 +244,11 @@ def _make_splits(n: int, k: int, seeds: Sequence[int], test_size: int) -> _Split
     return _Splits(test=test, pool=pool, per_seed=per_seed)
 
 
-def _records(
-    task: str, options: list[str], examples: list[_Example], idx: Iterable[int]
-) -> list[str]:
+def _records(task: str, examples: list[_Example], idx: Iterable[int]) -> list[str]:
     lines = []
     for i in idx:
         record = {"task": task, "input": examples[i].input, "output": examples[i].output,
-                  "options": options}
+                  "options": examples[i].options}
         lines.append(json.dumps(record, ensure_ascii=False))
     return lines
 
@@ -264,17 +269,17 @@ def _write_lines_atomic(path: Path, lines: list[str]) -> None:
 def _write_task(out: Path, task: str, found: _TaskExamples, splits: _Splits, k: int) -> None:
     task_dir = out / task
     task_dir.mkdir(parents=True, exist_ok=True)
-    opts, exs = found.options, found.examples
-    test_lines = _records(task, opts, exs, splits.test)
+    exs = found.examples
+    test_lines = _records(task, exs, splits.test)
     for seed, (train, dev) in splits.per_seed.items():
-        _write_lines_atomic(task_dir / split_name(task, k, seed, "train"), _records(task, opts, exs, train))
-        _write_lines_atomic(task_dir / split_name(task, k, seed, "dev"), _records(task, opts, exs, dev))
+        _write_lines_atomic(task_dir / split_name(task, k, seed, "train"), _records(task, exs, train))
+        _write_lines_atomic(task_dir / split_name(task, k, seed, "dev"), _records(task, exs, dev))
         _write_lines_atomic(task_dir / split_name(task, k, seed, "test"), test_lines)
     meta_train = list(splits.pool)
     random.Random(META_TRAIN_SEED).shuffle(meta_train)
     _write_lines_atomic(
         task_file(out, task, META_TRAIN_FILE),
-        _records(task, opts, exs, meta_train[:META_TRAIN_SIZE]),
+        _records(task, exs, meta_train[:META_TRAIN_SIZE]),
     )
 
 
@@ -346,6 +351,7 @@ def convert_bigbench(
     seeds: Sequence[int] = DEFAULT_SEEDS,
     test_size: int = DEFAULT_TEST_SIZE,
     progress: bool = False,
+    per_example_options: bool = False,
 ) -> ConversionReport:
     """Convert BIG-bench tasks from ``src`` into MetaICL-layout JSONL files under ``out``.
 
@@ -353,8 +359,9 @@ def convert_bigbench(
     "fact_checker-fever"); an unknown name raises ``ValueError``. The test split holds
     ``min(test_size, n - 2k)`` of a task's n usable examples, chosen with a fixed seed and
     shared by all seeds; per seed, train and dev (k each, disjoint) come from the rest.
-    Tasks with at most 2k usable examples are skipped and reported. The output is
-    byte-identical for identical inputs and settings.
+    Tasks with at most 2k usable examples are skipped and reported. ``per_example_options``
+    keeps the examples whose options differ from the task's first, each with its own. The
+    output is byte-identical for identical inputs and settings.
     """
     seeds = _check_settings(k, seeds, test_size)
     out = Path(out)
@@ -368,7 +375,7 @@ def convert_bigbench(
         selected = [name for name in files if name in wanted]
         for name in track(selected, description="BIG-bench", disable=not progress):
             check_task_name(name, f"{src}: task folder")
-            found = _usable_examples(_task_json(files[name](), f"{src}: {name}/{_TASK_FILE}"))
+            found = _usable_examples(_task_json(files[name](), f"{src}: {name}/{_TASK_FILE}"), per_example_options)
             reason = _skip_reason(found, k)
             if reason:
                 skipped[name] = reason

@@ -89,7 +89,8 @@ def _convert(recipe: Recipe, console: Console) -> None:
     # Every partition task, not only those missing a file: conversion is deterministic, so files
     # already there come out the same.
     report = convert_bigbench(src, out, tasks=None if everything else [*partition.train, *partition.test],
-                              k=tasks.k, seeds=tuple(tasks.seeds), progress=True)
+                              k=tasks.k, seeds=tuple(tasks.seeds), progress=True,
+                              per_example_options=tasks.bigbench_options == "per_example")
     console.print(report.summary(), markup=False, highlight=False)
     if everything:
         (out / ALL_TASKS_MARKER).touch()

@@ -24,8 +24,10 @@ def partition_for(recipe: Recipe) -> Partition:
 
 
 def converted_dir(recipe: Recipe) -> Path:
-    """Where prepare converts tasks.bigbench into the MetaICL layout."""
-    return recipe.output_dir / "data"
+    """Where prepare converts tasks.bigbench into the MetaICL layout: a folder per tasks.bigbench_options, as
+    the two conversions write different files under the same names."""
+    per_example = _tasks(recipe).bigbench_options == "per_example"
+    return recipe.output_dir / ("data-per-example-options" if per_example else "data")
 
 
 # finetune.train_tasks: all trains on every task the conversion finds, so all of BIG-bench is

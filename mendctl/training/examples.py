@@ -177,7 +177,9 @@ class TaskExamples:
         remap = rng.random() < self.remap
         options = rows[q].get("options") or []
         mapping = {}
-        if remap and 2 <= len(options) <= len(REMAP_WORDS):
+        # Only where the demonstrations answer from the query's options: a task whose every question has
+        # its own answers would get words that no demonstration ties to anything.
+        if remap and 2 <= len(options) <= len(REMAP_WORDS) and all(d["output"] in options for d in demos):
             # One consistent mapping for the whole episode: the target is only predictable from
             # the demonstrations' new labels, never from what the distiller remembers of the task.
             mapping = dict(zip(options, rng.sample(REMAP_WORDS, len(options))))
