@@ -395,7 +395,8 @@ def test_per_example_options_convert_into_a_folder_of_their_own(src, tmp_path):
     assert counts == {2, 3}
     assert {len(r["options"]) for r in _read(data_dir(fixed) / "alpha" / "alpha_16384_100_train.jsonl")} == {2}
     with pytest.raises(RecipeError, match="bigbench_options"):
-        _recipe(tmp_path, src, "tasks.bigbench=null", f"tasks.data_dir={tmp_path}", "tasks.bigbench_options=per_example")
+        _recipe(tmp_path, src, "tasks.bigbench=null", f"tasks.data_dir={tmp_path}",
+                "tasks.bigbench_options=per_example")
 
 
 def test_stage1_passages_leave_out_the_validation_tasks_too(src, tmp_path):
