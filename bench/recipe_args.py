@@ -43,6 +43,13 @@ class MethodTable:
             self.agree.setdefault(name, []).append(metrics.agreement(runs["icl"], preds))
         print(qs.demos.task, qs.demos.seed, {n: round(100 * v[-1], 1) for n, v in f1s.items()}, flush=True)
 
+    def f1(self) -> dict[str, float]:
+        """Each method's macro-F1: the mean over a task's sets, then over the tasks."""
+        import statistics
+
+        mean, per_task = statistics.fmean, self.per_task
+        return {n: mean(mean(per_task[t][n]) for t in per_task) for n in next(iter(per_task.values()))}
+
     def write(self, path: Path, **about) -> None:
         """The summary so far with `about` (the run's arguments) and provenance in `path`."""
         import json
@@ -50,19 +57,18 @@ class MethodTable:
 
         from mendctl.core.provenance import stamp
 
-        per_task, mean = self.per_task, statistics.fmean
-        self.f1 = {n: mean(mean(per_task[t][n]) for t in per_task) for n in next(iter(per_task.values()))}
+        mean = statistics.fmean
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({**about, "macro_f1": self.f1,
+        path.write_text(json.dumps({**about, "macro_f1": self.f1(),
                                     "agreement_with_icl": {n: mean(v) for n, v in self.agree.items()},
-                                    "per_task": per_task, **stamp()}, indent=2) + "\n")
+                                    "per_task": self.per_task, **stamp()}, indent=2) + "\n")
 
     def print(self) -> None:
         import statistics
 
         print("| method | macro-F1 | agreement with ICL |")
         print("|---|---|---|")
-        for n, f1 in self.f1.items():
+        for n, f1 in self.f1().items():
             print(f"| {n} | {100 * f1:.1f} | {statistics.fmean(self.agree[n]):.2f} |")
 
 

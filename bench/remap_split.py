@@ -1,12 +1,11 @@
 """A stage-2 run's training KL and CE split by label remapping: steps whose episodes all kept their labels
-against steps whose episodes all had them remapped, in blocks of steps. It replays the draws of
-`TaskExamples.get` (task, query, demonstrations, then the remap coin; uniform task sampling, one query an
-episode) from the recipe and seed, so it reads no model.
+against steps whose episodes all had them remapped, in blocks of steps. Each step's episodes are drawn
+again by the trainer's own `TaskExamples.draw` (task, query, demonstrations, remap coin) from the recipe
+and seed, so it reads no model. One process, as the run was.
 
     .venv/bin/python bench/remap_split.py RECIPE --set key=value ... --metrics RUN/finetune/metrics.jsonl
 """
 import json
-import random
 import statistics
 import sys
 from pathlib import Path
@@ -15,18 +14,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from recipe_args import parser  # noqa: E402
 
 from mendctl.core.config import load_recipe  # noqa: E402
+from mendctl.core.registry import get_backend  # noqa: E402
 from mendctl.data.workspace import data_dir, partition_for  # noqa: E402
-from mendctl.data.metaicl import read_examples, task_file  # noqa: E402
-from mendctl.training.examples import meta_train_tasks  # noqa: E402
-
-
-def remapped(recipe, sizes: dict[str, int], names: list[str], episode: int) -> bool:
-    spec = recipe.finetune
-    rng = random.Random(f"{recipe.seed}:{episode}")
-    n = sizes[rng.choice(names)]
-    q = rng.randrange(n)
-    rng.sample([i for i in range(n) if i != q], recipe.tasks.k)
-    return rng.random() < spec.remap_labels
+from mendctl.training.examples import TaskExamples, meta_train_tasks  # noqa: E402
 
 
 def main() -> None:
@@ -35,18 +25,19 @@ def main() -> None:
     ap.add_argument("--block", type=int, default=300, help="steps a row")
     args = ap.parse_args()
     recipe = load_recipe(args.recipe, args.set)
-    spec = recipe.finetune
-    if spec.task_sampling != "uniform" or spec.queries_per_episode != 1 or spec.grad_accum != 1:
-        sys.exit("replays uniform task sampling, one query an episode, no accumulation only")
-    root = data_dir(recipe)
-    names = sorted(meta_train_tasks(spec, root, partition_for(recipe), recipe.tasks))
-    sizes = {t: len(read_examples(task_file(root, t, spec.train_file))) for t in names}
+    spec, root = recipe.finetune, data_dir(recipe)
+    names = meta_train_tasks(spec, root, partition_for(recipe), recipe.tasks)
+    # no tokenizer: draw() renders nothing
+    examples = TaskExamples(spec, recipe.tasks, root, names, get_backend(recipe.backend).template(recipe), None,
+                            recipe.seed)
+    per_step = spec.batch_size * spec.grad_accum
     steps = [r for r in map(json.loads, args.metrics.read_text().splitlines()) if "loss" in r]
     blocks: dict[tuple[int, str], list[dict]] = {}
     for r in steps:
-        first = (r["step"] - 1) * spec.batch_size
-        flips = sum(remapped(recipe, sizes, names, e) for e in range(first, first + spec.batch_size))
-        kind = "plain" if flips == 0 else "remapped" if flips == spec.batch_size else "mixed"
+        first = (r["step"] - 1) * per_step
+        episodes = {p // spec.queries_per_episode for p in range(first, first + per_step)}
+        flips = sum(examples.draw(e)[-1] for e in episodes)
+        kind = "plain" if flips == 0 else "remapped" if flips == len(episodes) else "mixed"
         blocks.setdefault(((r["step"] - 1) // args.block, kind), []).append(r)
     rows = []
     for b in sorted({b for b, _ in blocks}):
@@ -57,7 +48,7 @@ def main() -> None:
                                            if got}}
         rows.append(row)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"tasks": names, "blocks": rows}, indent=2) + "\n")
+    args.out.write_text(json.dumps({"tasks": sorted(names), "blocks": rows}, indent=2) + "\n")
     print("| steps | plain: steps, KL, CE (ICL's CE) | remapped: steps, KL, CE (ICL's CE) |\n|---|---|---|")
     for row in rows:
         cells = [f"{row[k]['n']}, {row[k]['kl']:.3f}, {row[k]['ce']:.2f} ({row[k]['teacher_ce']:.2f})"

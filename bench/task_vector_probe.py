@@ -95,5 +95,6 @@ def main() -> None:
                     sets=args.sets, layers=layers)
     table.print()
 
+
 if __name__ == "__main__":
     main()

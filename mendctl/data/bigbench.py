@@ -204,7 +204,8 @@ def _usable_examples(data: dict[str, Any], per_example_options: bool = False) ->
     seen_inputs: set[str] = set()
     for ex in multiple_choice:
         scores = ex["target_scores"]
-        if set(scores) != set(options) and not per_example_options:
+        shared = set(scores) == set(options)
+        if not shared and not per_example_options:
             result.skipped_option_set += 1
             continue
         gold = _unique_gold(scores)
@@ -217,7 +218,7 @@ def _usable_examples(data: dict[str, Any], per_example_options: bool = False) ->
             continue
         seen_inputs.add(text)
         # The task's order where the set is the task's: one label order for every line, as before.
-        own = options if set(scores) == set(options) else list(scores)
+        own = options if shared else list(scores)
         result.examples.append(_Example(text, gold, own))
     return result
 

@@ -165,16 +165,22 @@ class TaskExamples:
             return rng.choice(self.families[rng.choice(self.family_names)])
         return rng.choice(self.names)
 
-    def get(self, position: int) -> Example:
-        episode, j = divmod(position, self.queries)
+    def draw(self, episode: int) -> tuple[random.Random, str, int, list[int], bool]:
+        """An episode's first draws: its generator (which draws the rest), task, query row, demonstration
+        rows and remap coin."""
         rng = random.Random(f"{self.seed}:{episode}")
         name = self._task(rng)
-        rows = self.tasks[name]
-        q = rng.randrange(len(rows))
-        picked = rng.sample([i for i in range(len(rows)) if i != q], self.k)
-        demos = [rows[i] for i in picked]
+        n = len(self.tasks[name])
+        q = rng.randrange(n)
+        picked = rng.sample([i for i in range(n) if i != q], self.k)
         # Drawn whatever remap_labels is, so that changing it leaves every other draw as it was.
-        remap = rng.random() < self.remap
+        return rng, name, q, picked, rng.random() < self.remap
+
+    def get(self, position: int) -> Example:
+        episode, j = divmod(position, self.queries)
+        rng, name, q, picked, remap = self.draw(episode)
+        rows = self.tasks[name]
+        demos = [rows[i] for i in picked]
         options = rows[q].get("options") or []
         mapping = {}
         # Only where the demonstrations answer from the query's options: a task whose every question has
