@@ -18,7 +18,8 @@ regress them, and score it on the validation tasks along the way.
    goes to DIR/best.safetensors (loadable as distill.checkpoint).
 
 Also written: DIR/distances.json, ||target - anchors|| / ||anchors|| per vector over all targets, with
-and without remapped labels (lever a: does max_correction's bound hold them?). No test task is read.
+and without remapped labels, and the share beyond distiller.max_correction (lever a: does the bound hold
+them?). With --train-steps 0 the script stops there. No test task is read.
 """
 import json
 import random
@@ -80,11 +81,14 @@ def make_targets(args, recipe, models, template, path) -> list[dict]:
     return targets
 
 
-def distances(targets: list[dict], anchors: torch.Tensor) -> dict:
+def distances(targets: list[dict], anchors: torch.Tensor, bound: float | None) -> dict:
+    """‖target − anchor‖ / ‖anchor‖ per vector, over all targets and split by remapping; with `bound`
+    (distiller.max_correction), the share of vectors beyond it too."""
     def summary(values):
         values = sorted(values)
+        outside = {} if bound is None else {"outside_bound": sum(v > bound for v in values) / len(values)}
         return {"n": len(values), "median": values[len(values) // 2], "p90": values[int(0.9 * len(values))],
-                "max": values[-1]} if values else {}
+                "max": values[-1], **outside} if values else {}
 
     out = {}
     for name, keep in (("all", lambda t: True), ("remapped", lambda t: t["remapped"]),
@@ -114,7 +118,10 @@ def main() -> None:
     llm, d, ft = models.llm, models.distiller, recipe.finetune
     targets = make_targets(args, recipe, models, template, out / "targets.pt")
     anchors = anchor_embeddings(llm, [t["anchor_ids"] for t in targets], recipe.num_vectors).float()
-    (out / "distances.json").write_text(json.dumps(distances(targets, anchors), indent=1) + "\n")
+    (out / "distances.json").write_text(
+        json.dumps(distances(targets, anchors, recipe.distiller.max_correction), indent=1) + "\n")
+    if args.train_steps == 0:
+        return  # the targets and their distances were all that was asked
     held = set(range(0, len(targets), 10))
     train = [i for i in range(len(targets)) if i not in held]
 

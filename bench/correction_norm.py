@@ -5,7 +5,7 @@
 For each distiller file (built with its own distiller keys, as bench/choose_distiller.py builds it),
 the norm of vector - anchor per slot on each validation demonstration set (`finetune.eval_sets` sets a
 task), beside the anchors' own norm: a correction near the anchor's norm puts the vector as far from
-its token as another token is. Writes bench/results/correction_norm/correction_norm.json, or --out.
+its token as another token is; and the share of the corrections that all sets have in common. Writes bench/results/correction_norm/correction_norm.json, or --out.
 """
 import json
 
@@ -30,10 +30,16 @@ def main() -> None:
             with torch.no_grad():
                 vectors = torch.stack(distill(models, validation.contexts, recipe.distiller.max_length, 4,
                                               validation.anchors))
-            moved = (vectors - anchors).norm(dim=-1)  # [sets, K]
+            correction = vectors - anchors  # [sets, K, d]
+            moved = correction.norm(dim=-1)  # [sets, K]
+            # The share of the corrections' squared norm that each slot's mean over sets carries: near 1,
+            # the distiller moves every set's vectors alike whatever its demonstrations.
+            shared = (correction.mean(0).pow(2).sum(-1) / correction.pow(2).sum(-1).mean(0)).mean()
             out[str(path)] = {"sha256_16": file_hash(path), "max_correction": recipe.distiller.max_correction,
                               "anchor_norm": anchors.norm(dim=-1).mean().item(),
                               "correction_norm": moved.mean().item(), "correction_norm_max": moved.max().item(),
+                              "correction_over_anchor": (moved / anchors.norm(dim=-1)).mean().item(),
+                              "correction_shared": shared.item(),
                               "correction_norm_per_slot": [round(x, 3) for x in moved.mean(0).tolist()]}
             print(path, json.dumps({k: v for k, v in out[str(path)].items() if k != "correction_norm_per_slot"}))
     args.out.parent.mkdir(parents=True, exist_ok=True)
