@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 from pydantic import ValidationError
@@ -90,6 +91,53 @@ def demo_options(template: TemplateSpec, demos: list[dict], tokenizer) -> list[l
     return [render_query(template, d["input"], _option_texts(d), tokenizer, after_context=True).options for d in demos]
 
 
+@dataclass
+class OptionEpisodes:
+    """A set's leave-one-out episodes scored on their options: each query's input and options, ICL's
+    option losses on it (the teacher) and its gold option."""
+
+    xs: list[torch.Tensor]
+    options: list[list[torch.Tensor]]
+    teacher: list[torch.Tensor]
+    golds: list[int | None]  # None: the demonstration's output is not among its options
+
+    def loss(self, student: list[torch.Tensor], ce_weight: float) -> torch.Tensor:
+        """The option KL to ICL of the student's option losses, plus `ce_weight` times the gold options' mean."""
+        loss = OptionKL()(self.teacher, student)
+        if ce_weight:
+            if None in self.golds:
+                raise ValueError("a label loss needs every demonstration's output among its options")
+            loss = loss + ce_weight * torch.stack([s[g] for s, g in zip(student, self.golds)]).float().mean()
+        return loss
+
+
+@torch.no_grad()
+def option_episodes(llm, demos: list[dict], template: TemplateSpec, tokenizer, episodes: int | None = None,
+                    ) -> OptionEpisodes:
+    """The OptionEpisodes of the first `episodes` demonstrations (all by default)."""
+    as_t = lambda ids: torch.tensor(ids, dtype=torch.long, device=llm.device)  # noqa: E731
+    ctxs, xs, _ = zip(*leave_one_out(template, demos, tokenizer)[:episodes])
+    xs = [as_t(x) for x in xs]
+    options = [[as_t(o) for o in opts] for opts in demo_options(template, demos, tokenizer)[:episodes]]
+    teacher = [llm.option_losses(llm.embed(as_t(c)), x, o) for c, x, o in zip(ctxs, xs, options)]
+    golds = [opts.index(d["output"]) if d["output"] in opts else None
+             for d, opts in ((d, _option_texts(d)) for d in demos[:episodes])]
+    return OptionEpisodes(xs, options, teacher, golds)
+
+
+def adam_steps(params: list[torch.Tensor], loss_of, steps: int, lr: float, after_step=None) -> None:
+    """`steps` Adam steps on `params` down `loss_of()`; `after_step(n)`, when given, after each step n."""
+    opt = torch.optim.Adam(params, lr=lr)
+    with torch.enable_grad():
+        for n in range(1, steps + 1):
+            loss = loss_of()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if after_step is not None:
+                after_step(n)
+
+
 def refine(llm, vectors: torch.Tensor, demos: list[dict], template: TemplateSpec, tokenizer, steps: int,
            lr: float, on: str = "tokens", ce_weight: float = 0.0, after_step=None,
            episodes: int | None = None) -> torch.Tensor:
@@ -101,34 +149,20 @@ def refine(llm, vectors: torch.Tensor, demos: list[dict], template: TemplateSpec
     context), a cheaper fit at the cost of fewer queries to fit on."""
     if steps == 0 or len(demos) < 2:  # one demonstration leaves no context to learn from
         return vectors
-    as_t = lambda ids: torch.tensor(ids, dtype=torch.long, device=llm.device)  # noqa: E731
-    ctxs, xs, ys = zip(*leave_one_out(template, demos, tokenizer)[:episodes])
-    xs, ys, prefixes = [as_t(x) for x in xs], [as_t(y) for y in ys], [llm.embed(as_t(c)) for c in ctxs]
-    if on == "options":
-        options = [[as_t(o) for o in opts] for opts in demo_options(template, demos, tokenizer)[:episodes]]
-        kl = OptionKL()
-        with torch.no_grad():
-            teacher = [llm.option_losses(p, x, o) for p, x, o in zip(prefixes, xs, options)]
-        student = lambda v: [llm.option_losses(v, x, o) for x, o in zip(xs, options)]  # noqa: E731
-        golds = [_option_texts(d).index(d["output"]) for d in demos[:episodes]] if ce_weight else []
-    else:
-        kl = ForwardKL()
-        with torch.no_grad():
-            teacher = llm.target_logits(prefixes, xs, ys).logits
-        student = lambda v: llm.target_logits([v] * len(xs), xs, ys).logits  # noqa: E731
     fitted = vectors.detach().to(llm.dtype).clone().requires_grad_(True)
-    opt = torch.optim.Adam([fitted], lr=lr)
-    with torch.enable_grad():
-        for n in range(1, steps + 1):
-            now = student(fitted)
-            loss = kl(teacher, now)
-            if ce_weight:
-                loss = loss + ce_weight * torch.stack([s[g] for s, g in zip(now, golds)]).float().mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            if after_step is not None:
-                after_step(n, fitted.detach().clone())
+    if on == "options":
+        ep = option_episodes(llm, demos, template, tokenizer, episodes)
+        loss_of = lambda: ep.loss([llm.option_losses(fitted, x, o) for x, o in zip(ep.xs, ep.options)],  # noqa: E731
+                                  ce_weight)
+    else:
+        as_t = lambda ids: torch.tensor(ids, dtype=torch.long, device=llm.device)  # noqa: E731
+        ctxs, xs, ys = zip(*leave_one_out(template, demos, tokenizer)[:episodes])
+        xs, ys = [as_t(x) for x in xs], [as_t(y) for y in ys]
+        with torch.no_grad():
+            teacher = llm.target_logits([llm.embed(as_t(c)) for c in ctxs], xs, ys).logits
+        loss_of = lambda: ForwardKL()(teacher, llm.target_logits([fitted] * len(xs), xs, ys).logits)  # noqa: E731
+    adam_steps([fitted], loss_of, steps, lr,
+               None if after_step is None else lambda n: after_step(n, fitted.detach().clone()))
     return fitted.detach()
 
 
