@@ -241,3 +241,31 @@ def test_eval_sets_scores_several_demonstration_sets_a_task_and_averages_them(ti
         assert mean[key] == pytest.approx((scores[0][key] + scores[1][key]) / 2, abs=1e-6), key
     with pytest.raises(RecipeError, match="eval_sets=3: tasks.seeds names 2"):
         tiny("gpt2", *CURVES, "tasks.seeds=[100,13]", "finetune.eval_sets=3")
+
+
+def test_common_share_tells_one_shift_from_corrections_of_their_own():
+    import torch
+
+    from mendctl.training.curves import common_share
+
+    g = torch.Generator().manual_seed(0)
+    shift = torch.randn(4, 32, generator=g)
+    assert common_share(shift.expand(10, 4, 32)) == pytest.approx(1.0)
+    # 200 unrelated corrections share about 1/200 of their squared norm
+    assert common_share(torch.randn(200, 4, 32, generator=g)) < 0.02
+    # a shift under small noise of each set's own is still mostly shared
+    assert 0.8 < common_share(shift + 0.3 * torch.randn(50, 4, 32, generator=g)) < 1.0
+    assert common_share(torch.zeros(5, 4, 32)) == 0.0
+
+
+def test_an_anchored_distiller_logs_how_far_its_vectors_move_and_how_much_all_sets_share(tiny):
+    recipe = tiny("llama", *CURVES, "distiller.anchor=last", "distiller.max_correction=0.3", "finetune.steps=2",
+                  "finetune.lr=1e-2")
+    train(recipe, "finetune", console=QUIET)
+    curve = _curve(recipe)
+    # the untrained distiller gives its anchors back: nothing moved
+    assert curve[0]["val_correction"] == 0.0 and curve[0]["val_correction_shared"] == 0.0
+    last = curve[-1]
+    assert 0 < last["val_correction"] <= 0.3 + 1e-6
+    assert 0 < last["val_correction_shared"] <= 1 + 1e-6
+    # (an unanchored distiller logs neither: test_curves_are_logged_every_eval_every_steps_and_plotted)

@@ -19,10 +19,24 @@ from ..core.fileio import atomic_path
 from ..data.workspace import data_dir
 from ..evaluation import eval_cache, metrics
 from ..evaluation.scoring import MethodRun, QuerySet, demo_set, predicted, query_set, score
-from ..models.anchors import set_anchors
+from ..models.anchors import anchor_embeddings, set_anchors
 from ..models.backend import Models
 from ..models.distiller import distill
 from ..models.render import context_ids
+
+
+def common_share(corrections: torch.Tensor) -> float:
+    """The share of corrections [sets, K, d] (vectors minus anchors) that every set has in common: the
+    squared norm of each slot's mean over the sets over the slot's mean squared norm, averaged over the
+    slots. About 1/sets for corrections unrelated to one another, 1 for one shift whatever the set (a
+    distiller that learnt a prompt for its training tasks instead of reading the demonstrations); 0
+    where nothing moved."""
+    c = corrections.float()
+    total = c.pow(2).sum(-1).mean(0)  # [K]
+    moved = total > 0
+    if not moved.any():
+        return 0.0
+    return (c.mean(0).pow(2).sum(-1)[moved] / total[moved]).mean().item()
 
 
 def _f1(run: MethodRun, qs: QuerySet) -> float:
@@ -74,8 +88,17 @@ class Validation:
         return [qs.demos.context for qs in self.sets]
 
     def score_distiller(self, max_length: int, batch_size: int) -> dict:
-        """`score` of the vectors the models' distiller makes of the validation demonstrations now."""
-        return self.score(distill(self.models, self.contexts, max_length, batch_size, self.anchors))
+        """`score` of the vectors the models' distiller makes of the validation demonstrations now; for an
+        anchored distiller also how far they moved from their anchors, and how much of it all sets share."""
+        vectors = distill(self.models, self.contexts, max_length, batch_size, self.anchors)
+        scores = self.score(vectors)
+        if self.anchors is not None:
+            anchors = anchor_embeddings(self.models.llm, self.anchors, vectors[0].shape[0]).float()
+            corrections = torch.stack(vectors).float() - anchors
+            norm = anchors.norm(dim=-1)
+            scores["val_correction"] = (corrections.norm(dim=-1)[norm > 0] / norm[norm > 0]).mean().item()
+            scores["val_correction_shared"] = common_share(corrections)
+        return scores
 
     @torch.no_grad()
     def score(self, vectors: list[torch.Tensor]) -> dict:
