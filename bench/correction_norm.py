@@ -5,7 +5,9 @@
 For each distiller file (built with its own distiller keys, as bench/choose_distiller.py builds it),
 the norm of vector - anchor per slot on each validation demonstration set (`finetune.eval_sets` sets a
 task), beside the anchors' own norm: a correction near the anchor's norm puts the vector as far from
-its token as another token is; and the share of the corrections that all sets have in common. Writes bench/results/correction_norm/correction_norm.json, or --out.
+its token as another token is; and the share of the corrections that all sets have in common
+(`common_share`, as the learning curves log it). Writes bench/results/correction_norm/correction_norm.json,
+or --out.
 """
 import json
 
@@ -14,6 +16,7 @@ import torch
 from mendctl.models.anchors import anchor_embeddings
 from mendctl.training.checkpoint import load_distiller
 from mendctl.models.distiller import distill
+from mendctl.training.curves import common_share
 from mendctl.core.provenance import file_hash, stamp
 
 from choose_distiller import by_recipe, distiller_args
@@ -32,14 +35,11 @@ def main() -> None:
                                               validation.anchors))
             correction = vectors - anchors  # [sets, K, d]
             moved = correction.norm(dim=-1)  # [sets, K]
-            # The share of the corrections' squared norm that each slot's mean over sets carries: near 1,
-            # the distiller moves every set's vectors alike whatever its demonstrations.
-            shared = (correction.mean(0).pow(2).sum(-1) / correction.pow(2).sum(-1).mean(0)).mean()
             out[str(path)] = {"sha256_16": file_hash(path), "max_correction": recipe.distiller.max_correction,
                               "anchor_norm": anchors.norm(dim=-1).mean().item(),
                               "correction_norm": moved.mean().item(), "correction_norm_max": moved.max().item(),
                               "correction_over_anchor": (moved / anchors.norm(dim=-1)).mean().item(),
-                              "correction_shared": shared.item(),
+                              "correction_shared": common_share(correction),
                               "correction_norm_per_slot": [round(x, 3) for x in moved.mean(0).tolist()]}
             print(path, json.dumps({k: v for k, v in out[str(path)].items() if k != "correction_norm_per_slot"}))
     args.out.parent.mkdir(parents=True, exist_ok=True)
