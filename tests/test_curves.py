@@ -1,4 +1,5 @@
 """Learning curves: validation tasks held out of stage 2 and scored every eval_every steps."""
+import io
 import json
 from pathlib import Path
 
@@ -261,8 +262,10 @@ def test_common_share_tells_one_shift_from_corrections_of_their_own():
 def test_an_anchored_distiller_logs_how_far_its_vectors_move_and_how_much_all_sets_share(tiny):
     recipe = tiny("llama", *CURVES, "distiller.anchor=last", "distiller.max_correction=0.3", "finetune.steps=2",
                   "finetune.lr=1e-2")
-    train(recipe, "finetune", console=QUIET)
+    out = io.StringIO()
+    train(recipe, "finetune", console=Console(file=out, width=300))
     curve = _curve(recipe)
+    assert f"correction {curve[-1]['val_correction']:.3f} of the anchors" in out.getvalue()
     # the untrained distiller gives its anchors back: nothing moved
     assert curve[0]["val_correction"] == 0.0 and curve[0]["val_correction_shared"] == 0.0
     last = curve[-1]

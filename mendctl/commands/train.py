@@ -451,7 +451,10 @@ class _Report:
             self.console.print(f"{name} step {record['step']} validation: mend macro-F1 "
                                f"{100 * record['val_mend_f1']:.1f} (icl {100 * record['val_icl_f1']:.1f}, "
                                f"zero-shot {100 * record['val_zero_shot_f1']:.1f}), agreement "
-                               f"{100 * record['val_agreement']:.1f}%, KL {record['val_kl']:.4f}")
+                               f"{100 * record['val_agreement']:.1f}%, KL {record['val_kl']:.4f}"
+                               + (f", correction {record['val_correction']:.3f} of the anchors "
+                                  f"({100 * record['val_correction_shared']:.0f}% shared by all sets)"
+                                  if "val_correction" in record else ""))
         # Without a terminal the bar is invisible: a plain line every 5% keeps logs informative.
         if not self.console.is_terminal and (record["step"] % max(1, total // 20) == 0 or record["step"] == total):
             self.console.print(f"{name} step {record['step']}/{total}  {text}")
