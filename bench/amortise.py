@@ -18,8 +18,8 @@ regress them, and score it on the validation tasks along the way.
    goes to DIR/best.safetensors (loadable as distill.checkpoint).
 
 Also written: DIR/distances.json, ||target - anchors|| / ||anchors|| per vector over all targets, with
-and without remapped labels, and the share beyond distiller.max_correction (lever a: does the bound hold
-them?). With --train-steps 0 the script stops there. No test task is read.
+and without remapped labels, the share beyond distiller.max_correction (lever a: does the bound hold
+them?) and the share of the corrections common to all targets. With --train-steps 0 the script stops there. No test task is read.
 """
 import json
 import random
@@ -39,7 +39,7 @@ from mendctl.models.anchors import anchor_embeddings, anchor_ids, label_ids
 from mendctl.models.distiller import distiller_inputs
 from mendctl.models.render import context_ids, render_context
 from mendctl.training.checkpoint import write_distiller
-from mendctl.training.curves import Validation
+from mendctl.training.curves import Validation, common_share
 from mendctl.training.examples import REMAP_WORDS, meta_train_tasks
 from mendctl.training.refine import refine
 
@@ -83,7 +83,8 @@ def make_targets(args, recipe, models, template, path) -> list[dict]:
 
 def distances(targets: list[dict], anchors: torch.Tensor, bound: float | None) -> dict:
     """‖target − anchor‖ / ‖anchor‖ per vector, over all targets and split by remapping; with `bound`
-    (distiller.max_correction), the share of vectors beyond it too."""
+    (distiller.max_correction), the share of vectors beyond it too; and the share of the corrections
+    that all targets have in common (`common_share`)."""
     def summary(values):
         values = sorted(values)
         outside = {} if bound is None else {"outside_bound": sum(v > bound for v in values) / len(values)}
@@ -99,6 +100,8 @@ def distances(targets: list[dict], anchors: torch.Tensor, bound: float | None) -
                 norm = a.norm(dim=-1)
                 values += ((t["target"] - a).norm(dim=-1)[norm > 0] / norm[norm > 0]).tolist()
         out[name] = summary(values)
+    corrections = torch.stack([t["target"] for t in targets]) - anchors
+    out["correction_shared"] = common_share(corrections)  # about 1/len(targets) when each set's own
     return out
 
 
