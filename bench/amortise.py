@@ -19,7 +19,8 @@ regress them, and score it on the validation tasks along the way.
 
 Also written: DIR/distances.json, ||target - anchors|| / ||anchors|| per vector over all targets, with
 and without remapped labels, the share beyond distiller.max_correction (lever a: does the bound hold
-them?) and the share of the corrections common to all targets. With --train-steps 0 the script stops there. No test task is read.
+them?) and the share of the corrections common to all targets. With --train-steps 0 the script stops
+there. No test task is read.
 """
 import json
 import random
@@ -39,7 +40,7 @@ from mendctl.models.anchors import anchor_embeddings, anchor_ids, label_ids
 from mendctl.models.distiller import distiller_inputs
 from mendctl.models.render import context_ids, render_context
 from mendctl.training.checkpoint import write_distiller
-from mendctl.training.curves import Validation, common_share
+from mendctl.training.curves import Validation, common_share, correction_ratios
 from mendctl.training.examples import REMAP_WORDS, meta_train_tasks
 from mendctl.training.refine import refine
 
@@ -97,8 +98,7 @@ def distances(targets: list[dict], anchors: torch.Tensor, bound: float | None) -
         values = []
         for t, a in zip(targets, anchors):
             if keep(t):
-                norm = a.norm(dim=-1)
-                values += ((t["target"] - a).norm(dim=-1)[norm > 0] / norm[norm > 0]).tolist()
+                values += correction_ratios(t["target"], a).tolist()
         out[name] = summary(values)
     corrections = torch.stack([t["target"] for t in targets]) - anchors
     out["correction_shared"] = common_share(corrections)  # about 1/len(targets) when each set's own

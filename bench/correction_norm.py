@@ -16,7 +16,7 @@ import torch
 from mendctl.models.anchors import anchor_embeddings
 from mendctl.training.checkpoint import load_distiller
 from mendctl.models.distiller import distill
-from mendctl.training.curves import common_share
+from mendctl.training.curves import common_share, correction_ratios
 from mendctl.core.provenance import file_hash, stamp
 
 from choose_distiller import by_recipe, distiller_args
@@ -38,7 +38,7 @@ def main() -> None:
             out[str(path)] = {"sha256_16": file_hash(path), "max_correction": recipe.distiller.max_correction,
                               "anchor_norm": anchors.norm(dim=-1).mean().item(),
                               "correction_norm": moved.mean().item(), "correction_norm_max": moved.max().item(),
-                              "correction_over_anchor": (moved / anchors.norm(dim=-1)).mean().item(),
+                              "correction_over_anchor": correction_ratios(vectors, anchors).mean().item(),
                               "correction_shared": common_share(correction),
                               "correction_norm_per_slot": [round(x, 3) for x in moved.mean(0).tolist()]}
             print(path, json.dumps({k: v for k, v in out[str(path)].items() if k != "correction_norm_per_slot"}))

@@ -62,11 +62,26 @@ def positions(template, tok, context: str, demos: list[dict], mode: str, k: int,
     return keep + [bos + i for i in sorted(chosen)]
 
 
+def losses_after(llm, kv, x: torch.Tensor, options: list[torch.Tensor], start: int | None = None) -> torch.Tensor:
+    """The options' mean per-token losses after the positions whose keys and values `kv` holds (each layer's
+    (keys, values) [1, kv heads, n, head size]) and then the query input `x`, which begins at position
+    `start` (n unless the kept positions sit where a longer context had them)."""
+    from transformers import DynamicCache
+
+    n = kv[0][0].shape[2]
+    start = n if start is None else start
+    cache = DynamicCache(ddp_cache_data=kv)
+    pos = (start + torch.arange(x.shape[0], device=x.device))[None]
+    out = llm._base()(inputs_embeds=llm.embed(x)[None], attention_mask=torch.ones(1, n + x.shape[0], dtype=torch.long,
+                      device=x.device), position_ids=pos, cache=cache, use_cache=True)
+    return llm._options_after(out.cache, n + x.shape[0], out.last_hidden_state[:, -1], options,
+                              start=start + x.shape[0])
+
+
 @torch.no_grad()
 def kv_predictions(llm, ids: list[int], keep: list[int], qs, compact: bool = False) -> list[int]:
     """`compact`: the kept keys rotated to positions 0..n-1 (rotary embeddings rotate by position, so a
     key moves by one more rotation) and the query right after them; otherwise all stay where ICL has them."""
-    from transformers import DynamicCache
     from transformers.models.llama.modeling_llama import rotate_half
 
     base = llm._base()
@@ -83,14 +98,8 @@ def kv_predictions(llm, ids: list[int], keep: list[int], qs, compact: bool = Fal
         start = n
     preds = []
     for q in qs.queries:
-        x = torch.tensor(q.x, dtype=torch.long, device=llm.device)
-        cache = DynamicCache(ddp_cache_data=kv)
-        pos = (start + torch.arange(x.shape[0], device=x.device))[None]
-        out = base(inputs_embeds=llm.embed(x)[None], attention_mask=torch.ones(1, n + x.shape[0], dtype=torch.long,
-                   device=x.device), position_ids=pos, cache=cache, use_cache=True)
         options = [torch.tensor(o, dtype=torch.long, device=llm.device) for o in q.options]
-        losses = llm._options_after(out.cache, n + x.shape[0], out.last_hidden_state[:, -1], options,
-                                    start=start + x.shape[0])
+        losses = losses_after(llm, kv, torch.tensor(q.x, dtype=torch.long, device=llm.device), options, start)
         preds.append(int(losses.argmin()))
     return preds
 

@@ -24,6 +24,7 @@ import json
 import time
 
 import torch
+from kv_probe import losses_after
 from recipe_args import parser
 
 from mendctl.core.config import load_recipe
@@ -41,18 +42,6 @@ def prefix_kv(llm, embeds: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tenso
     """Each layer's (keys, values) [1, kv heads, BOS + K, head size] after BOS + `embeds`."""
     out = llm._base()(inputs_embeds=llm.with_bos(embeds)[None], use_cache=True)
     return [(layer.keys, layer.values) for layer in out.cache.layers]
-
-
-def losses_after(llm, kv, x: torch.Tensor, options: list[torch.Tensor]) -> torch.Tensor:
-    """The options' mean per-token losses after the positions `kv` holds and the query input `x`."""
-    from transformers import DynamicCache
-
-    n = kv[0][0].shape[2]
-    cache = DynamicCache(ddp_cache_data=kv)
-    pos = (n + torch.arange(x.shape[0], device=x.device))[None]
-    out = llm._base()(inputs_embeds=llm.embed(x)[None], attention_mask=torch.ones(1, n + x.shape[0], dtype=torch.long,
-                      device=x.device), position_ids=pos, cache=cache, use_cache=True)
-    return llm._options_after(out.cache, n + x.shape[0], out.last_hidden_state[:, -1], options)
 
 
 class PerLayer(torch.nn.Module):

@@ -7,16 +7,14 @@ and seed, so it reads no model. One process, as the run was.
 """
 import json
 import statistics
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from recipe_args import parser  # noqa: E402
+from recipe_args import parser
 
-from mendctl.core.config import load_recipe  # noqa: E402
-from mendctl.core.registry import get_backend  # noqa: E402
-from mendctl.data.workspace import data_dir, partition_for  # noqa: E402
-from mendctl.training.examples import TaskExamples, meta_train_tasks  # noqa: E402
+from mendctl.core.config import load_recipe
+from mendctl.core.registry import get_backend
+from mendctl.data.workspace import data_dir, partition_for
+from mendctl.training.examples import TaskExamples, meta_train_tasks
 
 
 def main() -> None:

@@ -25,6 +25,13 @@ from ..models.distiller import distill
 from ..models.render import context_ids
 
 
+def correction_ratios(vectors: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
+    """‖vector − anchor‖ / ‖anchor‖ of every slot [..., K, d] whose anchor is not zero (a zero anchor, a
+    left pad, gets no correction), flattened."""
+    norm = anchors.float().norm(dim=-1)
+    return ((vectors.float() - anchors.float()).norm(dim=-1) / norm)[norm > 0]
+
+
 def common_share(corrections: torch.Tensor) -> float:
     """The share of corrections [sets, K, d] (vectors minus anchors) that every set has in common: the
     squared norm of each slot's mean over the sets over the slot's mean squared norm, averaged over the
@@ -94,10 +101,9 @@ class Validation:
         scores = self.score(vectors)
         if self.anchors is not None:
             anchors = anchor_embeddings(self.models.llm, self.anchors, vectors[0].shape[0]).float()
-            corrections = torch.stack(vectors).float() - anchors
-            norm = anchors.norm(dim=-1)
-            scores["val_correction"] = (corrections.norm(dim=-1)[norm > 0] / norm[norm > 0]).mean().item()
-            scores["val_correction_shared"] = common_share(corrections)
+            stacked = torch.stack(vectors).float()
+            scores["val_correction"] = correction_ratios(stacked, anchors).mean().item()
+            scores["val_correction_shared"] = common_share(stacked - anchors)
         return scores
 
     @torch.no_grad()
